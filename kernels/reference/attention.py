@@ -1,0 +1,49 @@
+"""Attention without rotary (NoPE), GQA, over a paged KV cache.
+
+Cache layout per layer: k_cache, v_cache (num_blocks, block_size, H_kv, Dh). A sequence's block table
+(list of block ids) maps position p to block table[p // block_size], offset p % block_size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def write_kv(k_cache, v_cache, k, v, block_table: torch.Tensor, start_pos: int) -> None:
+    """Write k, v (T, H_kv, Dh) of positions start_pos..start_pos+T-1 into the paged cache."""
+    bs = k_cache.shape[1]
+    pos = torch.arange(start_pos, start_pos + k.shape[0], device=k.device)
+    blocks = block_table[pos // bs]
+    k_cache[blocks, pos % bs] = k.to(k_cache.dtype)
+    v_cache[blocks, pos % bs] = v.to(v_cache.dtype)
+
+
+def gather_kv(k_cache, v_cache, block_table: torch.Tensor, length: int):
+    """The first `length` positions of a sequence as contiguous (length, H_kv, Dh) tensors."""
+    bs = k_cache.shape[1]
+    pos = torch.arange(length, device=k_cache.device)
+    blocks = block_table[pos // bs]
+    return k_cache[blocks, pos % bs], v_cache[blocks, pos % bs]
+
+
+def attention_prefill(q, k, v, *, start_pos: int = 0):
+    """Causal GQA. q (T, H, Dh) holds positions start_pos..start_pos+T-1; k, v (S, H_kv, Dh) hold
+    positions 0..S-1 with S = start_pos + T. Returns (T, H, Dh)."""
+    T, H, Dh = q.shape
+    S, Hkv = k.shape[0], k.shape[1]
+    rep = H // Hkv
+    kf = k.float().repeat_interleave(rep, dim=1)                      # (S, H, Dh)
+    vf = v.float().repeat_interleave(rep, dim=1)
+    scores = torch.einsum("thd,shd->hts", q.float(), kf) / math.sqrt(Dh)
+    qpos = torch.arange(start_pos, start_pos + T, device=q.device)[:, None]
+    kpos = torch.arange(S, device=q.device)[None, :]
+    scores = scores.masked_fill((kpos > qpos)[None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hts,shd->thd", probs, vf).to(q.dtype)
+
+
+def paged_attention(q, k_cache, v_cache, block_table: torch.Tensor, *, start_pos: int):
+    """Queries at positions start_pos.. attend to the cache (which already holds their own k, v)."""
+    k, v = gather_kv(k_cache, v_cache, block_table, start_pos + q.shape[0])
+    return attention_prefill(q, k, v, start_pos=start_pos)

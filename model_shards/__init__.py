@@ -1,0 +1,1 @@
+"""hybridserve: model_shards."""

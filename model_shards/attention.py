@@ -1,0 +1,34 @@
+"""Grouped-query attention without rotary embeddings (NoPE) over a paged KV cache."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import ops
+
+from .batch import BatchLayout
+from .cache import PagedKVCache
+from .config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.H, self.Hkv, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.H * self.Dh, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=False)
+        self.o_proj = nn.Linear(self.H * self.Dh, cfg.hidden_size, bias=False)
+
+    def forward(self, h: torch.Tensor, batch: BatchLayout, cache: PagedKVCache) -> torch.Tensor:
+        """h (T, d) -> (T, d). Writes each sequence's new k, v at its positions, then attends causally."""
+        T = h.shape[0]
+        q = self.q_proj(h).view(T, self.H, self.Dh)
+        k = self.k_proj(h).view(T, self.Hkv, self.Dh)
+        v = self.v_proj(h).view(T, self.Hkv, self.Dh)
+        out = torch.empty_like(q)
+        for s in batch.seqs:
+            rows = slice(s.offset, s.end)
+            ops.write_kv(cache.k, cache.v, k[rows], v[rows], s.block_table, s.start_pos)
+            out[rows] = ops.paged_attention(q[rows], cache.k, cache.v, s.block_table, start_pos=s.start_pos)
+        return self.o_proj(out.reshape(T, self.H * self.Dh))

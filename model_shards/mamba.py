@@ -1,0 +1,87 @@
+"""Mamba-2 mixer over a ragged batch, with recurrent state kept in a MambaStateCache slot per sequence."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import ops
+
+from .batch import BatchLayout
+from .cache import MambaStateCache
+from .config import ModelConfig
+
+
+class GatedRMSNorm(nn.Module):
+    def __init__(self, dim: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return ops.gated_rms_norm(x, z, self.weight, group_size=self.group_size, eps=self.eps)
+
+
+class Mamba2Mixer(nn.Module):
+    """in_proj -> [z | xBC | dt]; xBC -> causal conv + SiLU -> x, B, C; SSD; gated norm with z; out_proj.
+
+    Parameter names follow the checkpoint (`backbone.layers.{i}.mixer.*`).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
+        self.H, self.P, self.N, self.G = H, P, N, G
+        self.in_proj = nn.Linear(cfg.hidden_size, cfg.mamba_in_proj_dim, bias=False)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.conv_kernel, groups=cfg.conv_dim,
+                                bias=cfg.use_conv_bias)  # holds weight (C, 1, K) and bias; never called
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(H))
+        self.dt_bias = nn.Parameter(torch.ones(H))
+        self.norm = GatedRMSNorm(cfg.d_inner, cfg.d_inner // G, cfg.layer_norm_epsilon)
+        self.out_proj = nn.Linear(cfg.d_inner, cfg.hidden_size, bias=False)
+
+    def forward(self, h: torch.Tensor, batch: BatchLayout, cache: MambaStateCache) -> torch.Tensor:
+        """h (T, d) -> (T, d). Reads and advances each sequence's state slot (or its scratch)."""
+        cfg = self.cfg
+        zxbcdt = self.in_proj(h)                                             # (T, d_inner + conv_dim + H)
+        z, xBC, dt = torch.split(zxbcdt, [cfg.d_inner, cfg.conv_dim, self.H], dim=-1)
+        A = -torch.exp(self.A_log.float())                                   # (H,)
+        conv_w = self.conv1d.weight[:, 0, :]                                 # (C, K)
+        y = torch.empty(h.shape[0], cfg.d_inner, dtype=h.dtype, device=h.device)
+        for s in batch.seqs:
+            rows = slice(s.offset, s.end)
+            fresh = s.start_pos == 0
+            conv0 = None if fresh else cache.conv[s.mamba_slot]
+            ssm0 = None if fresh else cache.ssm[s.mamba_slot]
+            if s.keep_states or s.num_tokens == 1:
+                if fresh:
+                    conv0 = cache.conv.new_zeros(cache.conv.shape[1:])
+                    ssm0 = cache.ssm.new_zeros(cache.ssm.shape[1:])
+                xbc, conv_states = ops.causal_conv1d_update(xBC[rows], conv0, conv_w, self.conv1d.bias)
+                x, B, C = self._split_xbc(xbc)
+                ys, ssm_states = ops.ssd_state_update(ssm0, x, dt[rows], A, B, C, self.D, self.dt_bias,
+                                                      dt_limit=cfg.time_step_limit)
+                if s.keep_states:
+                    cache.scratch_conv[s.mamba_slot, :s.num_tokens] = conv_states
+                    cache.scratch_ssm[s.mamba_slot, :s.num_tokens] = ssm_states
+                else:
+                    cache.conv[s.mamba_slot] = conv_states[-1]
+                    cache.ssm[s.mamba_slot] = ssm_states[-1]
+            else:
+                xbc, conv_state = ops.causal_conv1d(xBC[rows], conv_w, self.conv1d.bias, conv0)
+                x, B, C = self._split_xbc(xbc)
+                ys, ssm_state = ops.ssd_chunk_scan(x, dt[rows], A, B, C, self.D, self.dt_bias,
+                                                   chunk_size=cfg.chunk_size, initial_state=ssm0,
+                                                   dt_limit=cfg.time_step_limit)
+                cache.conv[s.mamba_slot] = conv_state.float()
+                cache.ssm[s.mamba_slot] = ssm_state
+            y[rows] = ys.reshape(s.num_tokens, cfg.d_inner).to(h.dtype)
+        return self.out_proj(self.norm(y, z))
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        """(T, conv_dim) -> x (T, H, P), B (T, G, N), C (T, G, N)."""
+        T = xbc.shape[0]
+        GN = self.G * self.N
+        x, B, C = torch.split(xbc, [self.H * self.P, GN, GN], dim=-1)
+        return x.reshape(T, self.H, self.P), B.reshape(T, self.G, self.N), C.reshape(T, self.G, self.N)

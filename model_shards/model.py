@@ -1,0 +1,100 @@
+"""The hybrid model, or any contiguous slice of it: plain torch, no knowledge of parallelism.
+
+A pipeline stage builds `HybridModel(cfg, layers=range(a, b), ...)` and owns only those layers; the
+single-process model owns all of them plus embedding, head and MTP block. Parameter names equal the
+checkpoint's (`backbone.layers.{i}...`, `lm_head.weight`, `mtp.layers...`), experts aside (stacked).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .batch import BatchLayout
+from .cache import HybridCache
+from .config import ModelConfig
+from .layers import Block, RMSNorm
+from .mtp import MTPBlock
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: range, with_embeddings: bool, with_norm: bool,
+                 expert_range: tuple[int, int] | None):
+        super().__init__()
+        if with_embeddings:
+            self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # A ModuleDict keyed by the global layer index keeps checkpoint names on every stage.
+        self.layers = nn.ModuleDict({str(i): Block(cfg, cfg.layer_kind(i), expert_range) for i in layers})
+        if with_norm:
+            self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+
+
+class HybridModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: range | None = None, *, first: bool | None = None,
+                 last: bool | None = None, with_mtp: bool | None = None,
+                 expert_range: tuple[int, int] | None = None):
+        super().__init__()
+        layers = range(cfg.num_hidden_layers) if layers is None else layers
+        self.cfg = cfg
+        self.layer_ids = list(layers)
+        self.first = layers.start == 0 if first is None else first
+        self.last = layers.stop == cfg.num_hidden_layers if last is None else last
+        with_mtp = (self.last and cfg.has_mtp) if with_mtp is None else with_mtp
+        # The last stage needs the embedding too when it runs the MTP block (shared weights).
+        self.backbone = Backbone(cfg, layers, self.first or with_mtp, self.last, expert_range)
+        if self.last:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = MTPBlock(cfg) if with_mtp else None
+
+    # ---- construction helpers --------------------------------------------------------------------
+    def make_cache(self, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int = 1,
+                   device="cpu", kv_dtype=torch.float32) -> HybridCache:
+        return HybridCache(self.cfg, self.layer_ids, num_blocks=num_blocks, block_size=block_size,
+                           num_slots=num_slots, max_verify_positions=max_verify_positions,
+                           with_mtp=self.mtp is not None, kv_dtype=kv_dtype, device=device)
+
+    # ---- forward pieces ----------------------------------------------------------------------------
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embeddings(token_ids)
+
+    def forward(self, x: torch.Tensor, batch: BatchLayout, cache: HybridCache) -> torch.Tensor:
+        """x: token ids (T,) on the first stage, hidden states (T, d) elsewhere -> hidden (T, d)
+        after this slice's layers (before norm_f)."""
+        h = self.embed(x) if self.first else x
+        for i, layer in self.backbone.layers.items():
+            i = int(i)
+            h = layer(h, batch, cache.mamba.get(i) or cache.kv.get(i))
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states before norm_f (T, d) -> logits (T, V) float32."""
+        return self.lm_head(self.backbone.norm_f(h)).float()
+
+    def mtp_hidden_input(self, h: torch.Tensor) -> torch.Tensor:
+        """The h_t the MTP block reads: before or after norm_f, as the config says."""
+        return self.backbone.norm_f(h) if self.cfg.mtp_use_final_norm_hidden else h
+
+    def mtp_forward(self, next_tokens: torch.Tensor, h_prev: torch.Tensor, batch: BatchLayout,
+                    cache: HybridCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP application. next_tokens (T,) are tokens t+1; h_prev (T, d). Returns (h_out, logits (T, V))."""
+        h_out, normed = self.mtp(self.embed(next_tokens), h_prev, batch, cache.kv.get("mtp"))
+        return h_out, self.lm_head(normed).float()
+
+    @torch.no_grad()
+    def init_random(self, seed: int, std: float = 0.02) -> "HybridModel":
+        """Random weights with the shapes of a real checkpoint, for tests (no zeros, healthy dt)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.rand(p.shape, generator=g) * 15 + 1))
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.rand(p.shape, generator=g) * 2 - 1.5)
+            elif name.endswith(("norm.weight", "norm_f.weight", "enorm.weight", "hnorm.weight", "final_layernorm.weight")):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".D"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.01)
+        return self

@@ -1,0 +1,48 @@
+"""The multi-token-prediction block: one extra (attention, MoE) stack that predicts token t+2.
+
+x = eh_proj([enorm(embed(token_{t+1})), hnorm(h_t)]); attention layer; MoE layer; final_layernorm;
+the model's shared lm_head. Applied recursively for k > 1 drafts (its own output as the next h).
+Checkpoint names: mtp.layers.0.{enorm,hnorm,eh_proj,norm,mixer.*}, mtp.layers.1.{norm,mixer.*,final_layernorm}.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .batch import BatchLayout
+from .cache import PagedKVCache
+from .config import ATTENTION, ModelConfig
+from .layers import Block, RMSNorm
+
+
+class MTPLayer(Block):
+    """A Block; the first also fuses embedding and hidden state, the last adds the final norm."""
+
+    def __init__(self, cfg: ModelConfig, kind: str, first: bool, last: bool):
+        super().__init__(cfg, kind)
+        d, eps = cfg.hidden_size, cfg.layer_norm_epsilon
+        if first:
+            self.enorm = RMSNorm(d, eps)
+            self.hnorm = RMSNorm(d, eps)
+            self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        if last:
+            self.final_layernorm = RMSNorm(d, eps)
+
+
+class MTPBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        pat = cfg.mtp_hybrid_override_pattern
+        self.layers = nn.ModuleList(MTPLayer(cfg, k, i == 0, i == len(pat) - 1) for i, k in enumerate(pat))
+
+    def forward(self, emb_next: torch.Tensor, h_prev: torch.Tensor, batch: BatchLayout,
+                kv: PagedKVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """emb_next (T, d) embeddings of tokens t+1, h_prev (T, d) hidden states at t.
+
+        Returns (h_out (T, d) before the final norm: the next recursion's h_prev; normed (T, d) for lm_head).
+        """
+        first = self.layers[0]
+        h = first.eh_proj(torch.cat([first.enorm(emb_next), first.hnorm(h_prev)], dim=-1))
+        for layer in self.layers:
+            h = layer(h, batch, kv if layer.kind == ATTENTION else None)
+        return h, self.layers[-1].final_layernorm(h)

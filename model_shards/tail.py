@@ -1,0 +1,148 @@
+"""What the last pipeline stage does after its layers: verify, sample, and draft with the MTP block.
+
+Shared by the single-process generator (the oracle) and the cluster's last stage, so both make the
+same choices. Only token ids and counts leave this module; logits and draft distributions stay here.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import speculative
+from .batch import BatchLayout, SeqSlice
+from .cache import HybridCache
+from .model import HybridModel
+from .sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class TailRequest:
+    """Per sequence of the batch (same order as the layout).
+
+    input_ids:  the tokens of this pass (the last len(drafts) of them are drafts under verification)
+    sample:     produce a token (final prefill chunk, decode, verification); False for earlier chunks
+    next_token: for a non-final prefill chunk, the prompt token after it (the MTP block needs it)
+    num_drafts: how many drafts to propose after sampling (0: MTP off for this sequence)
+    """
+
+    seq_id: int
+    input_ids: list[int]
+    drafts: list[int]
+    sample: bool
+    next_token: int | None
+    params: SamplingParams
+    seed: int
+    num_drafts: int
+
+
+@dataclasses.dataclass
+class TailResult:
+    seq_id: int
+    new_tokens: list[int]
+    num_accepted: int
+    drafts: list[int]
+
+
+class DraftStore:
+    """Draft distributions (random sampling only) kept on the last stage until verified."""
+
+    def __init__(self):
+        self._probs: dict[int, torch.Tensor] = {}
+
+    def put(self, seq_id: int, q: torch.Tensor | None) -> None:
+        if q is None:
+            self._probs.pop(seq_id, None)
+        else:
+            self._probs[seq_id] = q
+
+    def take(self, seq_id: int) -> torch.Tensor | None:
+        return self._probs.pop(seq_id, None)
+
+    def drop(self, seq_id: int) -> None:
+        self._probs.pop(seq_id, None)
+
+    def __len__(self) -> int:
+        return len(self._probs)
+
+
+@torch.no_grad()
+def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: BatchLayout,
+             reqs: list[TailRequest], store: DraftStore) -> list[TailResult]:
+    """h (T, d): the last layer's output for the whole batch (before norm_f)."""
+    results = [TailResult(r.seq_id, [], 0, []) for r in reqs]
+    # 1. Verify drafts / sample one token, from logits of only the rows that need them.
+    rows, owners = [], []
+    for j, (s, r) in enumerate(zip(batch.seqs, reqs)):
+        if r.sample:
+            n = 1 + len(r.drafts)
+            rows.extend(range(s.end - n, s.end))
+            owners.append((j, n))
+    logits = model.logits(h[rows]) if rows else None                    # (rows, V)
+    at = 0
+    for j, n in owners:
+        r, s = reqs[j], batch.seqs[j]
+        seed_pos = s.start_pos + s.num_tokens - len(r.drafts)          # tokens committed before this pass
+        gen = speculative.step_generator(r.seed, seed_pos)
+        if r.drafts:
+            toks, acc = speculative.verify(logits[at:at + n], r.drafts, store.take(r.seq_id), r.params, gen)
+        else:
+            tok, _ = speculative.sample(logits[at], r.params, gen)
+            toks, acc = [tok], 0
+        results[j].new_tokens, results[j].num_accepted = toks, acc
+        at += n
+    if model.mtp is not None:
+        _mtp_draft(model, cache, h, batch, reqs, results, store)
+    return results
+
+
+def _mtp_draft(model, cache, h, batch, reqs, results, store) -> None:
+    """Feed the MTP block every newly settled (h_t, token_{t+1}) pair, then draft recursively."""
+    pair_rows, pair_tokens, seqs, drafting = [], [], [], []
+    for j, (s, r, res) in enumerate(zip(batch.seqs, reqs, results)):
+        if r.num_drafts <= 0 or (not r.sample and r.next_token is None):
+            continue
+        m = res.num_accepted + 1 if r.drafts else s.num_tokens        # settled positions s.start_pos..+m-1
+        extra = res.new_tokens[-1] if r.sample else r.next_token
+        seqs.append(SeqSlice(len(pair_rows), m, s.start_pos, s.mamba_slot, s.block_table))
+        pair_rows.extend(range(s.offset, s.offset + m))
+        pair_tokens.extend(r.input_ids[1:m] + [extra])
+        if r.sample:
+            drafting.append((j, len(seqs) - 1))
+    if not seqs:
+        return
+    h_prev = model.mtp_hidden_input(h[pair_rows])
+    h_mtp, logits = model.mtp_forward(torch.tensor(pair_tokens), h_prev, BatchLayout(seqs), cache)
+    # Recursive drafting: k steps, each one token per drafting sequence.
+    last = {j: seqs[i].end - 1 for j, i in drafting}                 # row of each sequence's newest MTP output
+    cur_h, cur_logits = h_mtp, logits
+    pos = {j: seqs[i].start_pos + seqs[i].num_tokens for j, i in drafting}  # MTP position of the next draft step
+    qs: dict[int, list] = {j: [] for j, _ in drafting}
+    max_k = max((reqs[j].num_drafts for j, _ in drafting), default=0)
+    for step in range(max_k):
+        active = [j for j, _ in drafting if reqs[j].num_drafts > step]
+        toks = []
+        for j in active:
+            r = reqs[j]
+            committed = batch.seqs[j].end - batch.seqs[j].offset + batch.seqs[j].start_pos \
+                - len(r.drafts) + len(results[j].new_tokens)
+            gen = speculative.step_generator(r.seed, committed, stream=1 + step)
+            tok, q = speculative.sample(cur_logits[last[j]], r.params, gen)
+            results[j].drafts.append(tok)
+            qs[j].append(q)
+            toks.append(tok)
+        if step + 1 == max_k:
+            break
+        active = [j for j in active if reqs[j].num_drafts > step + 1]
+        if not active:
+            break
+        layout = BatchLayout([SeqSlice(n, 1, pos[j], batch.seqs[j].mamba_slot, batch.seqs[j].block_table)
+                              for n, j in enumerate(active)])
+        prev_h = torch.stack([cur_h[last[j]] for j in active])
+        tok_t = torch.tensor([results[j].drafts[-1] for j in active])
+        cur_h, cur_logits = model.mtp_forward(tok_t, prev_h, layout, cache)
+        for n, j in enumerate(active):
+            last[j] = n
+            pos[j] += 1
+    for j, _ in drafting:
+        store.put(reqs[j].seq_id, None if reqs[j].params.greedy else torch.stack(qs[j]))
