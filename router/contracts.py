@@ -1,0 +1,102 @@
+"""The contracts between the engine loop and the workers: one dataclass each, msgpack on the wire.
+
+The scheduler writes a StepPlan; every pipeline stage reads it (stage 0 the token ids, every stage
+the positions, slots, block tables and commits, the last stage the sampling fields); the last stage
+answers with a StepResult of token ids and counts. No torch here: this module is imported by the
+scheduler, which must stay free of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+
+
+@dataclasses.dataclass
+class SeqStep:
+    """One sequence's work in a step.
+
+    input_ids:    tokens of this pass; the last len(drafts) are drafts under verification
+    start_pos:    tokens the caches already hold for this sequence
+    mamba_slot:   its Mamba state row on every stage
+    block_table:  KV block ids covering every position this pass may write (drafting included)
+    drafts:       drafts being verified (greedy: exact match; random: rejection sampling)
+    sample:       produce a token (False only for a prompt chunk that is not the last)
+    next_token:   for a non-final prompt chunk, the next prompt token (the MTP block pairs it)
+    commit_index: before this pass, commit the Mamba state kept after that position of the previous
+                  verification (the accepted count); -1 when there is nothing to commit
+    params:       SamplingParams.to_dict()
+    seed:         the request's sampling seed
+    num_drafts:   drafts to propose after this pass (0: MTP off)
+    """
+
+    seq_id: int
+    input_ids: list[int]
+    start_pos: int
+    mamba_slot: int
+    block_table: list[int]
+    drafts: list[int] = dataclasses.field(default_factory=list)
+    sample: bool = True
+    next_token: int | None = None
+    commit_index: int = -1
+    params: dict = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    num_drafts: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """One batch for the pipeline. `released`: sequences that ended; stages drop what they keep for them."""
+
+    step_id: int
+    microbatch: int
+    seqs: list[SeqStep]
+    released: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+
+@dataclasses.dataclass
+class SeqOutput:
+    seq_id: int
+    new_tokens: list[int]
+    num_accepted: int
+    drafts: list[int]
+
+
+@dataclasses.dataclass
+class StepResult:
+    step_id: int
+    microbatch: int
+    outputs: list[SeqOutput]
+    error: str | None = None
+
+
+def _to_plain(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(x) for x in obj]
+    return obj
+
+
+def encode(obj) -> bytes:
+    return msgpack.packb(_to_plain(obj), use_bin_type=True)
+
+
+def decode_plan(data: bytes) -> StepPlan:
+    d = msgpack.unpackb(data, raw=False)
+    d["seqs"] = [SeqStep(**s) for s in d["seqs"]]
+    return StepPlan(**d)
+
+
+def decode_result(data: bytes) -> StepResult:
+    d = msgpack.unpackb(data, raw=False)
+    d["outputs"] = [SeqOutput(**o) for o in d["outputs"]]
+    return StepResult(**d)

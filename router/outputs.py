@@ -1,0 +1,51 @@
+"""What the engine hands to the front doors (HTTP, gRPC): streamed request updates and its stats."""
+from __future__ import annotations
+
+import dataclasses
+
+
+class QueueFullError(RuntimeError):
+    """The engine's queue limit is reached; the front door answers 429 / RESOURCE_EXHAUSTED."""
+
+    def __init__(self, limit: int, retry_after_s: float = 1.0):
+        super().__init__(f"queue is full ({limit} requests waiting); retry later")
+        self.limit, self.retry_after_s = limit, retry_after_s
+
+
+class EngineDeadError(RuntimeError):
+    """A stage or expert-shard actor died; requests in flight fail with this."""
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """One update of a request's stream: the tokens new since the last update.
+
+    finish_reason: None while running; "stop" (eos or a stop token), "length" (max_tokens),
+    "abort" (cancelled), "error" (see `error`).
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class EngineStats:
+    waiting: int = 0
+    running: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    mamba_slots_total: int = 0
+    mamba_slots_used: int = 0
+    steps: int = 0
+    # MTP: drafts proposed and accepted, per draft position (index 0 = first draft).
+    drafted_per_position: list[int] = dataclasses.field(default_factory=list)
+    accepted_per_position: list[int] = dataclasses.field(default_factory=list)
+    healthy: bool = True
