@@ -1,0 +1,69 @@
+"""The Ray actors of a replica: one per pipeline stage and one per expert-parallel rank of each stage.
+
+Plans and results cross the process boundary as msgpack bytes; hidden states as tensors through the
+object store (the engine passes each stage's output ObjectRef straight to the next stage).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+import torch
+
+
+def _setup(threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=os.environ.get("HYBRIDSERVE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@ray.remote(max_restarts=0)
+class ExpertShardActor:
+    def __init__(self, folder: str, layers: tuple[int, int], expert_range: tuple[int, int], threads: int = 1):
+        _setup(threads)
+        from model_shards.weights import read_config
+
+        from .expert_shard import ExpertShard
+
+        self.shard = ExpertShard.load(read_config(folder), folder, range(*layers), expert_range)
+
+    def compute(self, layer: int, x_lat, topk_weights, topk_ids):
+        return self.shard.compute(layer, x_lat, topk_weights, topk_ids)
+
+    def ping(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(max_restarts=0)
+class StageActor:
+    def __init__(self, folder: str, layers: tuple[int, int], *, shards: list | None,
+                 shard_ranges: list[tuple[int, int]] | None, num_blocks: int, block_size: int, num_slots: int,
+                 max_verify_positions: int, threads: int = 1):
+        _setup(threads)
+        from model_shards.config import MOE
+        from model_shards.weights import load_checkpoint
+
+        from .remote_experts import RemoteExperts
+        from .worker import StageWorker
+
+        rng = range(*layers)
+        # With expert shards the stage holds no routed experts itself (an empty expert range).
+        model = load_checkpoint(folder, layers=rng, expert_range=(0, 0) if shards else None)
+        if shards:
+            for i, block in model.backbone.layers.items():
+                if block.kind == MOE:
+                    block.mixer.experts = RemoteExperts(int(i), shards, shard_ranges)
+        self.worker = StageWorker(model, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
+                                  max_verify_positions=max_verify_positions)
+
+    def run(self, plan_bytes: bytes, hidden=None):
+        """One pass: hidden states out (not last) or msgpack StepResult bytes (last stage)."""
+        from router.contracts import decode_plan, encode
+
+        out = self.worker.execute(decode_plan(plan_bytes), hidden)
+        return out if isinstance(out, torch.Tensor) else encode(out)
+
+    def stats(self) -> dict:
+        return {"busy_s": self.worker.busy_s, "steps": self.worker.num_steps, "drafts_kept": len(self.worker.store),
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}

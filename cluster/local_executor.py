@@ -1,0 +1,36 @@
+"""The whole model in this process: the single-process engine (and the oracle's setup)."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import torch
+
+from model_shards.weights import load_checkpoint
+from router.contracts import StepPlan, StepResult
+
+from .worker import StageWorker
+
+
+class LocalExecutor:
+    num_stages = 1
+
+    def __init__(self, folder, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int,
+                 torch_threads: int | None = None):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.worker = StageWorker(load_checkpoint(folder), num_blocks=num_blocks, block_size=block_size,
+                                  num_slots=num_slots, max_verify_positions=max_verify_positions)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hybridserve-worker")
+
+    async def submit(self, plan: StepPlan) -> StepResult:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.worker.execute, plan)
+
+    def execute_sync(self, plan: StepPlan) -> StepResult:
+        return self.worker.execute(plan)
+
+    def rebuild(self) -> None:
+        """Nothing to rebuild in-process; caches are overwritten as sequences restart."""
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,110 @@
+"""A model replica on Ray: one placement group, a stage actor per pipeline stage, expert-shard actors
+per expert-parallel rank of each stage, and passes chained stage to stage through ObjectRefs.
+
+Micro-batches pipeline for free: each actor runs its calls in order, so while stage k works on one
+micro-batch, stage k-1 already works on the next one the engine submitted.
+"""
+from __future__ import annotations
+
+import logging
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from model_shards.weights import read_config
+from router.contracts import StepPlan, StepResult, decode_result, encode
+
+from .actors import ExpertShardActor, StageActor
+from .stage_split import expert_ranges, split_layers
+
+log = logging.getLogger("hybridserve.cluster")
+
+
+class RayExecutor:
+    def __init__(self, folder, *, pipeline_parallel_size: int, expert_parallel_size: int, num_blocks: int,
+                 block_size: int, num_slots: int, max_verify_positions: int, actor_num_cpus: float = 0.25,
+                 torch_threads: int = 1, placement_strategy: str = "PACK", stage_resources: list[dict] | None = None):
+        self.folder = str(folder)
+        self.cfg = read_config(folder)
+        self.pp, self.ep = pipeline_parallel_size, expert_parallel_size
+        self.stages_layers = split_layers(self.cfg, self.pp)
+        self.shard_ranges = expert_ranges(self.cfg.n_routed_experts, self.ep) if self.ep > 1 else None
+        self.cache_kw = dict(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
+                             max_verify_positions=max_verify_positions)
+        self.actor_num_cpus, self.torch_threads = actor_num_cpus, torch_threads
+        self.placement_strategy, self.stage_resources = placement_strategy, stage_resources
+        self.num_stages = self.pp
+        self.pg = None
+        self.stages: list = []
+        self.shards: list[list] = []
+        self._build()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def _bundle(self) -> dict:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        return {"CPU": self.actor_num_cpus, **({"GPU": 1} if use_gpu else {})}
+
+    def _build(self) -> None:
+        n_shards = self.ep if self.ep > 1 else 0
+        bundles = []
+        for s in range(self.pp):                       # per stage: the stage actor, then its expert shards
+            extra = (self.stage_resources or [{}] * self.pp)[s]
+            bundles += [{**self._bundle(), **extra}] * (1 + n_shards)
+        self.pg = placement_group(bundles, strategy=self.placement_strategy)
+        ray.get(self.pg.ready(), timeout=120)
+        log.info("replica: %d stages %s, %d expert shards per stage, placement %s", self.pp,
+                 [f"{a}-{b - 1}" for a, b in self.stages_layers], n_shards, self.placement_strategy)
+        b = 0
+        self.stages, self.shards = [], []
+        for s, (lo, hi) in enumerate(self.stages_layers):
+            stage_bundle = b
+            b += 1
+            shards = []
+            for r in range(n_shards):
+                shards.append(ExpertShardActor.options(**self._opts(b)).remote(
+                    self.folder, (lo, hi), self.shard_ranges[r], self.torch_threads))
+                b += 1
+            self.shards.append(shards)
+            self.stages.append(StageActor.options(**self._opts(stage_bundle)).remote(
+                self.folder, (lo, hi), shards=shards or None, shard_ranges=self.shard_ranges,
+                threads=self.torch_threads, **self.cache_kw))
+        ray.get([a.stats.remote() for a in self.stages])   # wait for weights to load; surfaces load errors
+
+    def _opts(self, bundle: int) -> dict:
+        res = {"num_cpus": self.actor_num_cpus}
+        if "GPU" in self._bundle():
+            res["num_gpus"] = 1
+        return dict(res, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=self.pg, placement_group_bundle_index=bundle))
+
+    def shutdown(self) -> None:
+        for a in self.stages + [s for group in self.shards for s in group]:
+            ray.kill(a, no_restart=True)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+        self.stages, self.shards = [], []
+
+    def rebuild(self) -> None:
+        """After an actor died: new actors, empty caches. The engine fails the requests that were in flight."""
+        log.warning("rebuilding the replica's actors")
+        self.shutdown()
+        self._build()
+
+    # ---- passes --------------------------------------------------------------------------------
+    def _chain(self, plan: StepPlan):
+        data = encode(plan)
+        ref = None
+        for stage in self.stages:
+            ref = stage.run.remote(data, ref)
+        return ref
+
+    async def submit(self, plan: StepPlan) -> StepResult:
+        return decode_result(await self._chain(plan))
+
+    def execute_sync(self, plan: StepPlan) -> StepResult:
+        return decode_result(ray.get(self._chain(plan)))
+
+    def stats(self) -> list[dict]:
+        return ray.get([a.stats.remote() for a in self.stages])

@@ -1,0 +1,66 @@
+"""A stage worker: one contiguous slice of the model, its caches, and (on the last stage) the tail.
+
+The same class runs in-process (single-process engine) and inside a Ray stage actor. It reads a
+StepPlan, commits the Mamba states of last round's accepted drafts, runs its layers, and returns
+hidden states (not last) or a StepResult (last stage): token ids and counts only, never logits.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from model_shards.batch import BatchLayout, SeqSlice
+from model_shards.model import HybridModel
+from model_shards.sampling_params import SamplingParams
+from model_shards.tail import DraftStore, TailRequest, run_tail
+from router.contracts import SeqOutput, StepPlan, StepResult
+
+log = logging.getLogger("hybridserve.worker")
+
+
+class StageWorker:
+    def __init__(self, model: HybridModel, *, num_blocks: int, block_size: int, num_slots: int,
+                 max_verify_positions: int, device: str = "cpu"):
+        self.model = model
+        self.cache = model.make_cache(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
+                                      max_verify_positions=max_verify_positions, device=device)
+        self.store = DraftStore()
+        self.device = device
+        self.busy_s = 0.0                      # time spent computing, for overhead measurements
+        self.num_steps = 0
+
+    @torch.no_grad()
+    def execute(self, plan: StepPlan, hidden: torch.Tensor | None = None):
+        """plan -> hidden states (T, d) for the next stage, or a StepResult on the last stage."""
+        t0 = time.perf_counter()
+        for seq_id in plan.released:
+            self.store.drop(seq_id)
+        for s in plan.seqs:
+            if s.commit_index >= 0:
+                self.cache.commit(s.mamba_slot, s.commit_index)
+        layout = self.layout(plan)
+        if self.model.first:
+            x = torch.tensor([t for s in plan.seqs for t in s.input_ids], device=self.device)
+        else:
+            x = hidden.to(self.device)
+        h = self.model(x, layout, self.cache)
+        out = h
+        if self.model.last:
+            reqs = [TailRequest(s.seq_id, s.input_ids, s.drafts, s.sample, s.next_token,
+                                SamplingParams.from_dict(s.params), s.seed, s.num_drafts) for s in plan.seqs]
+            res = run_tail(self.model, self.cache, h, layout, reqs, self.store)
+            out = StepResult(plan.step_id, plan.microbatch,
+                             [SeqOutput(r.seq_id, r.new_tokens, r.num_accepted, r.drafts) for r in res])
+        self.busy_s += time.perf_counter() - t0
+        self.num_steps += 1
+        return out
+
+    def layout(self, plan: StepPlan) -> BatchLayout:
+        seqs, offset = [], 0
+        for s in plan.seqs:
+            table = torch.tensor(s.block_table, dtype=torch.long, device=self.device)
+            seqs.append(SeqSlice(offset, s.num_tokens, s.start_pos, s.mamba_slot, table, keep_states=bool(s.drafts)))
+            offset += s.num_tokens
+        return BatchLayout(seqs)

@@ -1,0 +1,50 @@
+"""Allocator of KV blocks and Mamba state slots. Pure bookkeeping: the tensors live on the stages."""
+from __future__ import annotations
+
+import math
+
+from .sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, num_slots: int):
+        if num_blocks <= 0 or block_size <= 0 or num_slots <= 0:
+            raise ValueError(f"BlockManager: num_blocks ({num_blocks}), block_size ({block_size}) and "
+                             f"num_slots ({num_slots}) must be positive")
+        self.num_blocks, self.block_size, self.num_slots = num_blocks, block_size, num_slots
+        self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))
+
+    def blocks_for(self, num_positions: int) -> int:
+        return math.ceil(num_positions / self.block_size)
+
+    def can_hold(self, seq: Sequence, num_positions: int) -> bool:
+        """Could `seq` grow to cover `num_positions` (and get a slot if it has none)?"""
+        need = max(0, self.blocks_for(num_positions) - len(seq.block_table))
+        return need <= len(self.free_blocks) and (seq.mamba_slot >= 0 or bool(self.free_slots))
+
+    def grow(self, seq: Sequence, num_positions: int) -> None:
+        if not self.can_hold(seq, num_positions):
+            raise RuntimeError(f"seq {seq.seq_id}: not enough KV blocks or Mamba slots")
+        if seq.mamba_slot < 0:
+            seq.mamba_slot = self.free_slots.pop()
+        while len(seq.block_table) < self.blocks_for(num_positions):
+            seq.block_table.append(self.free_blocks.pop())
+
+    def free(self, seq: Sequence) -> None:
+        self.free_blocks.extend(reversed(seq.block_table))
+        seq.block_table = []
+        if seq.mamba_slot >= 0:
+            self.free_slots.append(seq.mamba_slot)
+            seq.mamba_slot = -1
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_blocks)
+
+    @property
+    def used_slots(self) -> int:
+        return self.num_slots - len(self.free_slots)
+
+    def all_free(self) -> bool:
+        return len(self.free_blocks) == self.num_blocks and len(self.free_slots) == self.num_slots

@@ -1,0 +1,210 @@
+"""The engine loop: continuous batching over an executor (one process, or a pipeline of Ray actors).
+
+Each turn it fills up to P micro-batches (P = pipeline degree) with disjoint groups of sequences,
+awaits whichever pass returns first, applies its result (accepted tokens, new drafts) and streams the
+new tokens to their requests. Accepted counts ride in the sequences' next plans, so stages commit
+Mamba states without an extra round trip.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import random
+import time
+from typing import AsyncIterator
+
+from model_shards.sampling_params import SamplingParams
+from model_shards.weights import read_config
+
+from .block_manager import BlockManager
+from .engine_config import EngineConfig, resolve_checkpoint
+from .outputs import EngineDeadError, EngineStats, QueueFullError, RequestOutput
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+
+log = logging.getLogger("hybridserve.engine")
+
+
+def make_executor(config: EngineConfig, folder, num_blocks: int):
+    kw = dict(num_blocks=num_blocks, block_size=config.block_size, num_slots=config.max_num_seqs,
+              max_verify_positions=config.num_speculative_tokens + 1)
+    if not config.use_ray:
+        from cluster.local_executor import LocalExecutor
+        return LocalExecutor(folder, torch_threads=None, **kw)
+    from cluster.ray_executor import RayExecutor
+    return RayExecutor(folder, pipeline_parallel_size=config.pipeline_parallel_size,
+                       expert_parallel_size=config.expert_parallel_size, actor_num_cpus=config.actor_num_cpus,
+                       torch_threads=config.torch_threads, placement_strategy=config.placement_strategy, **kw)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, executor=None):
+        config.validate()
+        self.config = config
+        self.folder = resolve_checkpoint(config.model, config.seed)
+        self.model_config = read_config(self.folder)
+        if config.num_speculative_tokens and not self.model_config.has_mtp:
+            raise ValueError(f"num_speculative_tokens: {self.model_config.name} has no MTP block; use 0")
+        self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
+        num_blocks = config.kv_blocks()
+        self.blocks = BlockManager(num_blocks, config.block_size, config.max_num_seqs)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, max_queued_requests=config.max_queued_requests,
+            eos_token_id=self.model_config.eos_token_id), self.blocks)
+        t0 = time.perf_counter()
+        self.executor = executor or make_executor(config, self.folder, num_blocks)
+        log.info("engine ready: model %s (%s), pp=%d ep=%d mtp k=%d, %d KV blocks x %d, %d Mamba slots (%.1fs)",
+                 self.model_config.name, self.folder, config.pipeline_parallel_size, config.expert_parallel_size,
+                 config.num_speculative_tokens, num_blocks, config.block_size, config.max_num_seqs,
+                 time.perf_counter() - t0)
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._seq_of: dict[str, int] = {}
+        self._ids = itertools.count()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._in_flight: set[asyncio.Future] = set()
+        self.stats_ = EngineStats(kv_blocks_total=num_blocks, mamba_slots_total=config.max_num_seqs,
+                                  drafted_per_position=[0] * config.num_speculative_tokens,
+                                  accepted_per_position=[0] * config.num_speculative_tokens)
+        self.step_times: list[float] = []
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = asyncio.create_task(self._loop(), name="hybridserve-engine")
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self.executor.shutdown()
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+        """Queue a request; its RequestOutputs arrive on the returned queue."""
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("prompt: must contain at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(prompt_ids)} tokens, but the context limit is {self.max_model_len} "
+                             f"tokens (prompt + at least 1 generated)")
+        if request_id in self._streams:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        if len(self.scheduler.waiting) >= self.config.max_queued_requests:
+            raise QueueFullError(self.config.max_queued_requests)
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, seed,
+                       self.config.num_speculative_tokens)
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = q
+        self._seq_of[request_id] = seq.seq_id
+        self.scheduler.add(seq)
+        if self._wake:
+            self._wake.set()
+        return q
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Closing the iterator early (client gone) aborts the request."""
+        q = self.add_request(request_id, prompt_ids, params)
+        finished = False
+        try:
+            while not finished:
+                out = await q.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        seq_id = self._seq_of.get(request_id)
+        if seq_id is None:
+            return
+        out = self.scheduler.abort(seq_id)
+        if out is not None:
+            self._deliver([out])
+        if self._wake:
+            self._wake.set()
+
+    def stats(self) -> EngineStats:
+        s = self.stats_
+        s.waiting, s.running = len(self.scheduler.waiting), len(self.scheduler.running)
+        s.kv_blocks_used, s.mamba_slots_used = self.blocks.used_blocks, self.blocks.used_slots
+        return s
+
+    # ---- the loop ------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        P = self.config.microbatches
+        while True:
+            while len(self._in_flight) < P and self.scheduler.has_work:
+                idle = [s for s in self.scheduler.running if not s.in_flight] + list(self.scheduler.waiting)
+                per_mb = max(1, math.ceil(len(idle) / (P - len(self._in_flight))))
+                plan = self.scheduler.schedule(max_seqs=per_mb, microbatch=len(self._in_flight))
+                if plan is None:
+                    break
+                fut = asyncio.ensure_future(self.executor.submit(plan))
+                fut.plan, fut.t0 = plan, time.perf_counter()
+                self._in_flight.add(fut)
+            if not self._in_flight:
+                self._wake.clear()
+                if not self.scheduler.has_work:
+                    await self._wake.wait()
+                continue
+            done, _ = await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                self._in_flight.discard(fut)
+                try:
+                    result = fut.result()
+                except Exception as e:   # an actor died or a pass failed: fail what was admitted, rebuild
+                    await self._recover(e)
+                    break
+                self.step_times.append(time.perf_counter() - fut.t0)
+                self._account_mtp(fut.plan, result)
+                self._deliver(self.scheduler.update(result))
+
+    async def _recover(self, err: Exception) -> None:
+        msg = f"engine failure: {type(err).__name__}: {err}".splitlines()[0][:500]
+        log.error("%s; failing %d admitted requests and rebuilding", msg, len(self.scheduler.running))
+        for fut in self._in_flight:              # other passes of the dead pipeline cannot complete
+            fut.cancel()
+        self._in_flight.clear()
+        self._deliver(self.scheduler.fail_all(msg))
+        self.stats_.healthy = False
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.executor.rebuild)
+            self.stats_.healthy = True
+        except Exception as e:  # noqa: BLE001
+            log.error("rebuild failed: %s", e)
+            self._deliver([RequestOutput(s.request_id, [], "error", error=str(EngineDeadError(msg)))
+                           for s in list(self.scheduler.waiting)])
+
+    def _account_mtp(self, plan, result) -> None:
+        self.stats_.steps += 1
+        by_id = {s.seq_id: s for s in plan.seqs}
+        for o in result.outputs:
+            n = len(by_id[o.seq_id].drafts)
+            for i in range(n):
+                self.stats_.drafted_per_position[i] += 1
+                if i < o.num_accepted:
+                    self.stats_.accepted_per_position[i] += 1
+
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            q = self._streams.get(out.request_id)
+            if q is None:
+                continue
+            if out.error and out.finish_reason == "error":
+                out.error = str(EngineDeadError(out.error))
+            q.put_nowait(out)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+                self._seq_of.pop(out.request_id, None)

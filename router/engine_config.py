@@ -1,0 +1,99 @@
+"""The engine's settings, validated in one place, and where its weights come from."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger("hybridserve.engine")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "hybrid-mini"
+FALLBACK_PRESET = "small"
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    model: str = "default"                 # a checkpoint folder, a preset name, or "default"
+    pipeline_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    num_speculative_tokens: int = 0        # MTP drafts per round (0: off)
+    max_num_seqs: int = 16
+    max_model_len: int = 2048
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    num_kv_blocks: int | None = None       # None: enough for max_num_seqs full-length sequences
+    max_queued_requests: int = 64
+    use_ray: bool = False                  # False: the whole model in this process (the oracle's setup)
+    num_microbatches: int | None = None    # None: pipeline_parallel_size micro-batches in flight
+    placement_strategy: str = "PACK"       # Ray placement group strategy for the replica's actors
+    actor_num_cpus: float = 0.25           # Ray CPU label per actor (threads are capped separately)
+    torch_threads: int = 1                 # torch threads per stage/expert actor
+    seed: int = 0                          # weights of a preset, and default sampling seeds
+
+    def validate(self) -> None:
+        def need(cond, field, msg):
+            if not cond:
+                raise ValueError(f"{field}: {msg}")
+        need(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1")
+        need(self.expert_parallel_size >= 1, "expert_parallel_size", "must be >= 1")
+        need(self.num_speculative_tokens >= 0, "num_speculative_tokens", "must be >= 0")
+        need(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        need(self.max_model_len >= 2, "max_model_len", "must be >= 2")
+        need(self.max_num_batched_tokens > self.num_speculative_tokens, "max_num_batched_tokens",
+             f"must exceed num_speculative_tokens ({self.num_speculative_tokens})")
+        need(self.block_size >= 1, "block_size", "must be >= 1")
+        need(self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0")
+        if self.pipeline_parallel_size > 1 or self.expert_parallel_size > 1:
+            need(self.use_ray, "use_ray", "pipeline or expert parallelism needs use_ray=True")
+
+    @property
+    def microbatches(self) -> int:
+        return self.num_microbatches or self.pipeline_parallel_size
+
+    def kv_blocks(self) -> int:
+        if self.num_kv_blocks:
+            return self.num_kv_blocks
+        per_seq = math.ceil((self.max_model_len + 2 * self.num_speculative_tokens + 1) / self.block_size)
+        return self.max_num_seqs * per_seq
+
+
+def resolve_checkpoint(model: str, seed: int = 0) -> Path:
+    """A folder with config.json and safetensors for `model`.
+
+    "default" is the shipped checkpoint (or, if absent, the "small" preset); a preset name gets random
+    weights written once to a cache folder, so every actor loads the same files.
+    """
+    from model_shards.presets import PRESETS
+
+    if model == "default":
+        if (DEFAULT_CHECKPOINT / "config.json").exists():
+            return DEFAULT_CHECKPOINT
+        log.warning("no shipped checkpoint at %s: serving the random-weight preset %r", DEFAULT_CHECKPOINT,
+                    FALLBACK_PRESET)
+        model = FALLBACK_PRESET
+    path = Path(model)
+    if (path / "config.json").exists():
+        return path
+    if model not in PRESETS:
+        raise ValueError(f"model: {model!r} is neither a checkpoint folder (with config.json) nor a preset "
+                         f"({', '.join(sorted(PRESETS))})")
+    cache_root = Path(os.environ.get("HYBRIDSERVE_CACHE", Path.home() / ".cache" / "hybridserve"))
+    folder = cache_root / "presets" / f"{model}-seed{seed}"
+    if not (folder / "config.json").exists():
+        import torch
+
+        from model_shards.model import HybridModel
+        from model_shards.weights import save_checkpoint
+
+        log.info("writing random weights for preset %r to %s", model, folder)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        with torch.no_grad():
+            save_checkpoint(HybridModel(PRESETS[model]).init_random(seed), tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:                      # another process wrote it first
+            pass
+    return folder

@@ -1,0 +1,72 @@
+"""A request's life inside the engine loop: its tokens, how far the caches have caught up, its drafts."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from model_shards.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"      # not admitted: no Mamba slot or KV blocks yet (or preempted)
+    RUNNING = "running"      # holds a slot and blocks
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """vLLM's rule: no prefill or decode phase; each pass catches `num_computed` up to the tokens,
+    plus the drafts to verify.
+
+    num_computed: positions whose Mamba state and KV the stages hold (invariant while decoding:
+                  num_computed == len(tokens) - 1, the newest token is the next pass's input)
+    drafts:       tokens the MTP block proposed after the newest one, to verify in the next pass
+    commit_index: the accepted count of the last verification, for the stages to commit (-1: none)
+    """
+
+    seq_id: int
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    num_speculative: int = 0
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0
+    block_table: list[int] = dataclasses.field(default_factory=list)
+    mamba_slot: int = -1
+    drafts: list[int] = dataclasses.field(default_factory=list)
+    commit_index: int = -1
+    in_flight: bool = False
+    aborted: bool = False
+    finish_reason: str | None = None
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    # what the pass in flight holds: (num_tokens, num_drafts_verified, samples)
+    pending: tuple[int, int, bool] | None = None
+    num_emitted: int = 0                 # output tokens already handed to the request's stream
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: caches dropped; the next pass re-reads prompt + outputs from position 0."""
+        self.status = SeqStatus.WAITING
+        self.num_computed = 0
+        self.block_table = []
+        self.mamba_slot = -1
+        self.drafts = []
+        self.commit_index = -1

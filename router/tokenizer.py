@@ -1,0 +1,197 @@
+"""Text <-> token ids for the front doors, and the chat template.
+
+Two kinds, one interface (`encode`, `decode`, `apply_chat_template`, `bos/eos_token_id`):
+- `HFTokenizer`: a checkpoint folder's `tokenizer.json` (the `tokenizers` library, no transformers
+  import: it is fast to load in every ingress replica), with the chat template from
+  `chat_template.jinja` or `tokenizer_config.json`.
+- `ByteTokenizer`: for random-weight presets, which ship no tokenizer. Byte b is id b+3; ids 0/1/2 are
+  pad/bos/eos (the ModelConfig defaults). Ids past the byte range (a preset's vocab may be larger than
+  259) decode to a visible `<|id|>` placeholder instead of vanishing, so a random model's output is
+  not mysteriously empty.
+
+Chat templates are Jinja, rendered the way transformers does it (sandboxed, trim_blocks/lstrip_blocks,
+`raise_exception`, `tojson`), so the templates of Hub checkpoints work unchanged.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("hybridserve.tokenizer")
+
+# A minimal template for checkpoints without one (and the byte tokenizer): role tags, one turn a block.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+class ChatTemplateError(ValueError):
+    """The template raised (e.g. `raise_exception('roles must alternate')`): a client error, 400."""
+
+
+@lru_cache(maxsize=16)
+def _compile_template(source: str):
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise ChatTemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(source)
+
+
+def render_chat_template(source: str, messages: list[dict], add_generation_prompt: bool = True,
+                         **extra: Any) -> str:
+    import jinja2
+
+    try:
+        return _compile_template(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **extra)
+    except ChatTemplateError:
+        raise
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"messages: the chat template failed: {e}") from e
+
+
+class BaseTokenizer:
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    bos_token: str = ""
+    eos_token: str = ""
+    chat_template: str = DEFAULT_CHAT_TEMPLATE
+    # The template renders the BOS text itself; encoding the rendered chat must not add it again.
+    template_adds_bos: bool = False
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        raise NotImplementedError
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chat_template(self.chat_template, messages, add_generation_prompt,
+                                    bos_token=self.bos_token, eos_token=self.eos_token)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Render the template and tokenize; BOS added only when the template does not write it."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        add_bos = not (self.bos_token and text.startswith(self.bos_token))
+        return self.encode(text, add_special_tokens=add_bos)
+
+
+class ByteTokenizer(BaseTokenizer):
+    """Bytes as tokens: id = byte + 3; 0/1/2 are pad/bos/eos."""
+
+    OFFSET = 3
+
+    def __init__(self, vocab_size: int = 259, bos_token_id: int = 1, eos_token_id: int = 2, pad_token_id: int = 0):
+        self.vocab_size = vocab_size
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
+        self.special_ids = {bos_token_id, eos_token_id, pad_token_id}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [b + self.OFFSET for b in text.encode("utf-8")]
+        return ([self.bos_token_id] + ids) if add_special_tokens else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        out, buf = [], bytearray()
+        for t in ids:
+            if 0 <= t - self.OFFSET < 256:
+                buf.append(t - self.OFFSET)
+                continue
+            if buf:
+                out.append(buf.decode("utf-8", errors="replace"))
+                buf = bytearray()
+            if t in self.special_ids:
+                if not skip_special_tokens:
+                    out.append({self.pad_token_id: "<pad>", self.bos_token_id: "<s>",
+                                self.eos_token_id: "</s>"}[t])
+            else:
+                out.append(f"<|{t}|>")
+        if buf:
+            out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class HFTokenizer(BaseTokenizer):
+    """A Hugging Face `tokenizer.json` plus the template and special tokens of `tokenizer_config.json`."""
+
+    def __init__(self, folder: str | Path):
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        self.folder = folder
+        self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg = _read_json(folder / "tokenizer_config.json")
+        self.bos_token = _token_text(cfg.get("bos_token")) or ""
+        self.eos_token = _token_text(cfg.get("eos_token")) or ""
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        template = None
+        if (folder / "chat_template.jinja").exists():
+            template = (folder / "chat_template.jinja").read_text()
+        elif (folder / "chat_template.json").exists():
+            template = _read_json(folder / "chat_template.json").get("chat_template")
+        else:
+            template = cfg.get("chat_template")
+        if isinstance(template, list):   # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        if not template:
+            log.warning("%s has no chat template; using a minimal role-tag template", folder)
+        self.chat_template = template or DEFAULT_CHAT_TEMPLATE
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def _token_text(tok) -> str | None:
+    if isinstance(tok, dict):       # {"content": "<s>", "lstrip": false, ...}
+        return tok.get("content")
+    return tok
+
+
+def load_tokenizer(folder: str | Path | None, *, vocab_size: int = 259, bos_token_id: int = 1,
+                   eos_token_id: int = 2, pad_token_id: int = 0) -> BaseTokenizer:
+    """The checkpoint's tokenizer when it ships `tokenizer.json`, else the byte tokenizer."""
+    if folder is not None and (Path(folder) / "tokenizer.json").exists():
+        tok = HFTokenizer(folder)
+        if tok.eos_token_id is None:
+            tok.eos_token_id = eos_token_id
+        if tok.bos_token_id is None:
+            tok.bos_token_id = bos_token_id
+        return tok
+    return ByteTokenizer(vocab_size, bos_token_id, eos_token_id, pad_token_id)
