@@ -12,24 +12,27 @@ import ray
 import torch
 
 
-def _setup(threads: int) -> None:
+def _setup(threads: int) -> str:
+    """Cap torch's threads (actors share the cores) and pick this actor's device."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=os.environ.get("HYBRIDSERVE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @ray.remote(max_restarts=0)
 class ExpertShardActor:
     def __init__(self, folder: str, layers: tuple[int, int], expert_range: tuple[int, int], threads: int = 1):
-        _setup(threads)
+        self.device = _setup(threads)
         from model_shards.weights import read_config
 
         from .expert_shard import ExpertShard
 
-        self.shard = ExpertShard.load(read_config(folder), folder, range(*layers), expert_range)
+        self.shard = ExpertShard.load(read_config(folder), folder, range(*layers), expert_range).to(self.device)
 
     def compute(self, layer: int, x_lat, topk_weights, topk_ids):
-        return self.shard.compute(layer, x_lat, topk_weights, topk_ids)
+        d = self.device
+        return self.shard.compute(layer, x_lat.to(d), topk_weights.to(d), topk_ids.to(d)).cpu()
 
     def ping(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -40,7 +43,7 @@ class StageActor:
     def __init__(self, folder: str, layers: tuple[int, int], *, shards: list | None,
                  shard_ranges: list[tuple[int, int]] | None, num_blocks: int, block_size: int, num_slots: int,
                  max_verify_positions: int, threads: int = 1):
-        _setup(threads)
+        device = _setup(threads)
         from model_shards.config import MOE
         from model_shards.weights import load_checkpoint
 
@@ -49,20 +52,20 @@ class StageActor:
 
         rng = range(*layers)
         # With expert shards the stage holds no routed experts itself (an empty expert range).
-        model = load_checkpoint(folder, layers=rng, expert_range=(0, 0) if shards else None)
+        model = load_checkpoint(folder, layers=rng, expert_range=(0, 0) if shards else None, device=device)
         if shards:
             for i, block in model.backbone.layers.items():
                 if block.kind == MOE:
                     block.mixer.experts = RemoteExperts(int(i), shards, shard_ranges)
         self.worker = StageWorker(model, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
-                                  max_verify_positions=max_verify_positions)
+                                  max_verify_positions=max_verify_positions, device=device)
 
     def run(self, plan_bytes: bytes, hidden=None):
         """One pass: hidden states out (not last) or msgpack StepResult bytes (last stage)."""
         from router.contracts import decode_plan, encode
 
         out = self.worker.execute(decode_plan(plan_bytes), hidden)
-        return out if isinstance(out, torch.Tensor) else encode(out)
+        return out.cpu() if isinstance(out, torch.Tensor) else encode(out)
 
     def stats(self) -> dict:
         return {"busy_s": self.worker.busy_s, "steps": self.worker.num_steps, "drafts_kept": len(self.worker.store),

@@ -13,7 +13,7 @@ import torch
 
 from .batch import BatchLayout
 from .model import HybridModel
-from .sampling_params import SamplingParams, check_stop
+from .sampling_params import SamplingParams, check_stop, drafts_to_verify
 from .tail import DraftStore, TailRequest, run_tail
 
 
@@ -64,6 +64,7 @@ def generate(model: HybridModel, prompt: list[int], params: SamplingParams, *, n
         if reason:
             out.tokens, out.finish_reason = out.tokens[:keep], reason
             return out
+        drafts = drafts_to_verify(drafts, len(out.tokens), params)
         res = step([out.tokens[-1]] + drafts, pos, drafts, True, None)
         out.passes += 1
         out.num_drafted += len(drafts)

@@ -59,3 +59,9 @@ def check_stop(generated: list[int], params: SamplingParams, eos_token_id: int |
     if len(generated) >= params.max_tokens:
         return params.max_tokens, "length"
     return len(generated), None
+
+
+def drafts_to_verify(drafts: list[int], num_generated: int, params: SamplingParams) -> list[int]:
+    """Drafts worth verifying: never more than the tokens the request may still produce, minus the
+    one every pass yields anyway. Shared by the engine and the oracle so seeded runs agree."""
+    return drafts[:max(0, min(len(drafts), params.max_tokens - num_generated - 1))]

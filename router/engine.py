@@ -36,7 +36,8 @@ def make_executor(config: EngineConfig, folder, num_blocks: int):
     from cluster.ray_executor import RayExecutor
     return RayExecutor(folder, pipeline_parallel_size=config.pipeline_parallel_size,
                        expert_parallel_size=config.expert_parallel_size, actor_num_cpus=config.actor_num_cpus,
-                       torch_threads=config.torch_threads, placement_strategy=config.placement_strategy, **kw)
+                       torch_threads=config.torch_threads, placement_strategy=config.placement_strategy,
+                       stage_resources=config.stage_resources, **kw)
 
 
 class AsyncEngine:
@@ -88,9 +89,16 @@ class AsyncEngine:
         self.executor.shutdown()
 
     # ---- requests ------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
-        """Queue a request; its RequestOutputs arrive on the returned queue."""
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    num_speculative_tokens: int | None = None) -> asyncio.Queue:
+        """Queue a request; its RequestOutputs arrive on the returned queue.
+
+        num_speculative_tokens: MTP drafts for this request (default: the engine's; at most that).
+        """
         params.validate()
+        k = self.config.num_speculative_tokens if num_speculative_tokens is None else num_speculative_tokens
+        if not 0 <= k <= self.config.num_speculative_tokens:
+            raise ValueError(f"num_speculative_tokens: must be in 0..{self.config.num_speculative_tokens}, got {k}")
         if not prompt_ids:
             raise ValueError("prompt: must contain at least one token")
         if len(prompt_ids) >= self.max_model_len:
@@ -101,8 +109,7 @@ class AsyncEngine:
         if len(self.scheduler.waiting) >= self.config.max_queued_requests:
             raise QueueFullError(self.config.max_queued_requests)
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, seed,
-                       self.config.num_speculative_tokens)
+        seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, seed, k)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
         self._seq_of[request_id] = seq.seq_id
@@ -111,10 +118,10 @@ class AsyncEngine:
             self._wake.set()
         return q
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       num_speculative_tokens: int | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Closing the iterator early (client gone) aborts the request."""
-        q = self.add_request(request_id, prompt_ids, params)
+        q = self.add_request(request_id, prompt_ids, params, num_speculative_tokens)
         finished = False
         try:
             while not finished:

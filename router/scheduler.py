@@ -10,7 +10,7 @@ import collections
 import dataclasses
 import logging
 
-from model_shards.sampling_params import check_stop
+from model_shards.sampling_params import check_stop, drafts_to_verify
 
 from .block_manager import BlockManager
 from .contracts import SeqStep, StepPlan, StepResult
@@ -103,8 +103,8 @@ class Scheduler:
 
     def _plan_seq(self, seq: Sequence, budget: int, admit: bool = False) -> SeqStep | None:
         k = seq.num_speculative
-        drafts = seq.drafts[:max(0, min(len(seq.drafts), seq.params.max_tokens - len(seq.output_ids) - 1,
-                                        self.config.max_model_len - seq.num_tokens - 1))]
+        drafts = drafts_to_verify(seq.drafts, len(seq.output_ids), seq.params)
+        drafts = drafts[:max(0, self.config.max_model_len - seq.num_tokens - 1)]
         remaining = seq.num_uncomputed
         n = min(remaining, budget) if remaining > 1 else 1
         final = n == remaining

@@ -1,0 +1,55 @@
+"""Helpers shared by engine tests: run requests through an engine, and the oracle's answers."""
+from __future__ import annotations
+
+import asyncio
+
+from model_shards.generate import generate
+from model_shards.sampling_params import SamplingParams
+from model_shards.weights import load_checkpoint
+
+
+async def collect(engine, request_id, prompt, params, k=None):
+    """All tokens of one request, and its finish reason."""
+    tokens, reason = [], None
+    async for out in engine.generate(request_id, prompt, params, k):
+        tokens += out.new_token_ids
+        reason = out.finish_reason
+    return tokens, reason
+
+
+async def staggered(engine, requests, late_after_tokens=3):
+    """Start the first half of `requests`; start the rest once the first has produced some tokens,
+    so new prompts arrive while others decode. requests: [(id, prompt, params, k)]."""
+    early, late = requests[: len(requests) // 2], requests[len(requests) // 2:]
+    first_tokens = asyncio.Event()
+    results = {}
+
+    async def run(rid, prompt, params, k, signal):
+        tokens, reason = [], None
+        async for out in engine.generate(rid, prompt, params, k):
+            tokens += out.new_token_ids
+            reason = out.finish_reason
+            if signal and len(tokens) >= late_after_tokens:
+                first_tokens.set()
+        first_tokens.set()
+        results[rid] = (tokens, reason)
+
+    tasks = [asyncio.create_task(run(*r, i == 0)) for i, r in enumerate(early)]
+    await asyncio.wait_for(first_tokens.wait(), 120)
+    tasks += [asyncio.create_task(run(*r, False)) for r in late]
+    await asyncio.wait_for(asyncio.gather(*tasks), 300)
+    return results
+
+
+def oracle(folder, prompt, params: SamplingParams, k=0):
+    model = _model(str(folder))
+    return generate(model, prompt, params, num_drafts=k).tokens
+
+
+_MODELS: dict = {}
+
+
+def _model(folder: str):
+    if folder not in _MODELS:
+        _MODELS[folder] = load_checkpoint(folder)
+    return _MODELS[folder]
