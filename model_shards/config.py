@@ -36,6 +36,17 @@ def _as_float(name: str, value: Any) -> float:
         raise ConfigError(f"{name}: expected a number, found {value!r}") from None
 
 
+def _encode_special_floats(obj: Any) -> Any:
+    """inf / -inf / nan as transformers writes them, so the JSON stays standard."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")}
+    if isinstance(obj, dict):
+        return {k: _encode_special_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode_special_floats(v) for v in obj]
+    return obj
+
+
 def _pattern_from(raw: dict, pattern_key: str, list_key: str) -> str | None:
     if raw.get(pattern_key) is not None:
         return str(raw[pattern_key])
@@ -188,9 +199,10 @@ class ModelConfig:
         nextn = int(raw.get("num_nextn_predict_layers") or 0)
         if nextn == 0:
             mtp_pattern = ""
-        heads = raw.get("num_attention_heads")
-        if heads is None:
-            raise ConfigError("num_attention_heads: missing")
+        for required in ("hidden_size", "num_attention_heads"):   # needed below to derive head_dim
+            if raw.get(required) is None:
+                raise ConfigError(f"{required}: missing from config.json")
+        heads = raw["num_attention_heads"]
         kw: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name in raw and f.name not in ("hybrid_override_pattern", "mtp_hybrid_override_pattern",
@@ -208,6 +220,8 @@ class ModelConfig:
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
         tsl = raw.get("time_step_limit", (0.0, math.inf))
+        if not isinstance(tsl, (list, tuple)) or len(tsl) != 2:
+            raise ConfigError(f"time_step_limit: expected [low, high], found {tsl!r}")
         kw["time_step_limit"] = (_as_float("time_step_limit[0]", tsl[0]), _as_float("time_step_limit[1]", tsl[1]))
         for f in ("routed_scaling_factor", "layer_norm_epsilon"):
             if f in kw:
@@ -232,14 +246,17 @@ class ModelConfig:
         return cls.from_dict(raw, name=path.parent.name)
 
     def to_hf_dict(self) -> dict:
-        """A config.json that both transformers' NemotronH and this loader read."""
+        """The fields of a config.json that both transformers' NemotronH and this loader read.
+
+        Plain Python values (infinity stays `math.inf`), so `NemotronHConfig(**cfg.to_hf_dict())` works;
+        `save` encodes infinity the way transformers writes it (`{"__float__": "Infinity"}`).
+        """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
-        lo, hi = self.time_step_limit
-        out["time_step_limit"] = [lo, hi if math.isfinite(hi) else {"__float__": "Infinity"}]
+        out["time_step_limit"] = [float(v) for v in self.time_step_limit]
         out.update(model_type="nemotron_h", architectures=["NemotronHForCausalLM"],
                    num_hidden_layers=self.num_hidden_layers, mamba_hidden_act=self.mamba_hidden_act,
                    use_bias=False, mlp_bias=False, attention_bias=False, residual_in_fp32=False,
-                   rescale_prenorm_residual=True, torch_dtype="float32", expand=self.d_inner // self.hidden_size
+                   rescale_prenorm_residual=True, dtype="float32", expand=self.d_inner // self.hidden_size
                    if self.d_inner % self.hidden_size == 0 else 2)
         if not self.has_mtp:
             out.pop("mtp_hybrid_override_pattern")
@@ -250,7 +267,8 @@ class ModelConfig:
 
     def save(self, folder: str | Path) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / "config.json").write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        text = json.dumps(_encode_special_floats(self.to_hf_dict()), indent=2, allow_nan=False)
+        (Path(folder) / "config.json").write_text(text + "\n")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
