@@ -11,7 +11,7 @@ they are on the hot path of every streamed chunk.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -218,6 +218,3 @@ def _is_type_tag(part: str) -> bool:
 
 def _short(value) -> bool:
     return isinstance(value, (int, float, str, bool)) and len(repr(value)) <= 80
-
-
-Role = Literal["system", "user", "assistant", "developer", "tool"]

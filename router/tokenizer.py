@@ -38,7 +38,7 @@ class ChatTemplateError(ValueError):
 
 @lru_cache(maxsize=16)
 def _compile_template(source: str):
-    import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):

@@ -1,0 +1,85 @@
+"""OpenAI response bodies as plain dicts, and Server-Sent Events framing.
+
+Plain dicts (no pydantic) because one is built for every streamed chunk. Shapes follow the OpenAI API
+(`chat.completion`, `chat.completion.chunk`, `text_completion`); vLLM's `token_ids` /
+`prompt_token_ids` are added only when the request asked for `return_token_ids`.
+"""
+from __future__ import annotations
+
+import json
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: dict) -> bytes:
+    """One SSE event: `data: <json>` and a blank line."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
+                  completion_tokens: int, token_ids: list[int] | None = None,
+                  prompt_token_ids: list[int] | None = None) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+              "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    body = {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+            "usage": usage(prompt_tokens, completion_tokens)}
+    if prompt_token_ids is not None:
+        body["prompt_token_ids"] = prompt_token_ids
+    return body
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
+               token_ids: list[int] | None = None, usage_: dict | None = None, with_usage_field: bool = False) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    if with_usage_field or usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
+def completion_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                        prompt_tokens: int, completion_tokens: int, token_ids: list[int] | None = None,
+                        prompt_token_ids: list[int] | None = None) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    if prompt_token_ids is not None:
+        choice["prompt_token_ids"] = prompt_token_ids
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None = None,
+                     token_ids: list[int] | None = None, usage_: dict | None = None,
+                     with_usage_field: bool = False) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    body = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+    if with_usage_field or usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The last chunk when `stream_options.include_usage` is set: no choices, the request's usage."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def models_list(model: str, created: int, max_model_len: int) -> dict:
+    return {"object": "list", "data": [model_card(model, created, max_model_len)]}
+
+
+def model_card(model: str, created: int, max_model_len: int) -> dict:
+    return {"id": model, "object": "model", "created": created, "owned_by": "hybridserve", "root": model,
+            "max_model_len": max_model_len}
