@@ -14,6 +14,7 @@ from .cache import HybridCache
 from .config import ModelConfig
 from .layers import Block, RMSNorm
 from .mtp import MTPBlock
+from .random_init import randomize_
 
 
 class Backbone(nn.Module):
@@ -79,22 +80,7 @@ class HybridModel(nn.Module):
         h_out, normed = self.mtp(self.embed(next_tokens), h_prev, batch, cache.kv.get("mtp"))
         return h_out, self.lm_head(normed).float()
 
-    @torch.no_grad()
-    def init_random(self, seed: int, std: float = 0.02) -> "HybridModel":
-        """Random weights with the shapes of a real checkpoint, for tests (no zeros, healthy dt)."""
-        g = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(torch.rand(p.shape, generator=g) * 15 + 1))
-            elif name.endswith("dt_bias"):
-                p.copy_(torch.rand(p.shape, generator=g) * 2 - 1.5)
-            elif name.endswith(("norm.weight", "norm_f.weight", "enorm.weight", "hnorm.weight", "final_layernorm.weight")):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".D"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-        for name, b in self.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.01)
+    def init_random(self, seed: int) -> "HybridModel":
+        """Random weights with the shapes of a real checkpoint (see random_init.randomize_)."""
+        randomize_(self, seed)
         return self

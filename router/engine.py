@@ -70,7 +70,8 @@ class AsyncEngine:
         self.stats_ = EngineStats(kv_blocks_total=num_blocks, mamba_slots_total=config.max_num_seqs,
                                   drafted_per_position=[0] * config.num_speculative_tokens,
                                   accepted_per_position=[0] * config.num_speculative_tokens)
-        self.step_times: list[float] = []
+        self.step_times: list[float] = []      # wall time of each pass, submit to result
+        self.loop_overhead_s = 0.0             # engine-loop time spent scheduling and applying results
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -155,7 +156,9 @@ class AsyncEngine:
             while len(self._in_flight) < P and self.scheduler.has_work:
                 idle = [s for s in self.scheduler.running if not s.in_flight] + list(self.scheduler.waiting)
                 per_mb = max(1, math.ceil(len(idle) / (P - len(self._in_flight))))
+                t0 = time.perf_counter()
                 plan = self.scheduler.schedule(max_seqs=per_mb, microbatch=len(self._in_flight))
+                self.loop_overhead_s += time.perf_counter() - t0
                 if plan is None:
                     break
                 fut = asyncio.ensure_future(self.executor.submit(plan))
@@ -174,9 +177,11 @@ class AsyncEngine:
                 except Exception as e:   # an actor died or a pass failed: fail what was admitted, rebuild
                     await self._recover(e)
                     break
-                self.step_times.append(time.perf_counter() - fut.t0)
+                t0 = time.perf_counter()
+                self.step_times.append(t0 - fut.t0)
                 self._account_mtp(fut.plan, result)
                 self._deliver(self.scheduler.update(result))
+                self.loop_overhead_s += time.perf_counter() - t0
 
     async def _recover(self, err: Exception) -> None:
         msg = f"engine failure: {type(err).__name__}: {err}".splitlines()[0][:500]

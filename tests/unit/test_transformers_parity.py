@@ -10,6 +10,8 @@ import random
 
 import pytest
 import torch
+
+from model_shards.random_init import randomize_
 import torch.nn.functional as F
 
 from model_shards.batch import BatchLayout
@@ -48,29 +50,7 @@ def random_config(pattern: str | None, latent: bool, n_groups: int, mtp: bool, s
         max_position_embeddings=256)
 
 
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Random weights (no zeros) at scales where every part of the model moves the logits.
-
-    Matrices get std ~1/sqrt(fan_in), so Mamba's x, B, C and the scan are O(1), not drowned by D*x; decay
-    rates A in [0.05, 4] keep state across chunk boundaries; dt_bias in [-1, 0.5] keeps
-    softplus(dt + dt_bias) far above transformers' 0.001 clamp. Works on our names and transformers'.
-    """
-    g = torch.Generator().manual_seed(seed)
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name.endswith("A_log"):
-            t.copy_(torch.empty(t.shape).uniform_(math.log(0.05), math.log(4.0), generator=g))
-        elif name.endswith("dt_bias"):
-            t.copy_(torch.rand(t.shape, generator=g) * 1.5 - 1.0)
-        elif name.endswith(("norm.weight", "norm_f.weight", ".D")):
-            t.copy_(1 + 0.2 * torch.randn(t.shape, generator=g))
-        elif name.endswith("e_score_correction_bias"):
-            t.copy_(torch.randn(t.shape, generator=g) * 0.05)
-        elif t.dim() >= 2:                                      # output projections at half scale:
-            out = any(k in name for k in ("down", "o_proj", "out_proj", "fc2"))   # a tamer residual stream
-            t.copy_(torch.randn(t.shape, generator=g) * (0.5 if out else 1.0) / math.sqrt(t.shape[-1]))
-        else:                                                   # conv1d.bias
-            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+randomize = randomize_
 
 
 def dt_floor_hooks(model: HybridModel, seen: list[float]):
