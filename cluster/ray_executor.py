@@ -16,7 +16,8 @@ from model_shards.weights import read_config
 from router.contracts import StepPlan, StepResult, decode_result, encode
 
 from .actors import ExpertShardActor, StageActor
-from .stage_split import expert_ranges, split_layers
+from .parallel import ParallelConfig
+from .planner import DeviceSpec, format_plan, plan_replica
 
 log = logging.getLogger("hybridserve.cluster")
 
@@ -28,8 +29,13 @@ class RayExecutor:
         self.folder = str(folder)
         self.cfg = read_config(folder)
         self.pp, self.ep = pipeline_parallel_size, expert_parallel_size
-        self.stages_layers = split_layers(self.cfg, self.pp)
-        self.shard_ranges = expert_ranges(self.cfg.n_routed_experts, self.ep) if self.ep > 1 else None
+        parallel = ParallelConfig(pipeline_parallel_size=self.pp, expert_parallel_size=self.ep)
+        # The planner's cost model splits the layers; cache sizes come from the engine's settings here.
+        self.plan = plan_replica(self.cfg, parallel, DeviceSpec.cpu(parallel.devices_per_replica, 64 << 30),
+                                 block_size=block_size, num_speculative_tokens=max_verify_positions - 1,
+                                 max_num_seqs=num_slots)
+        self.stages_layers = self.plan.stage_bounds
+        self.shard_ranges = parallel.expert_ranges(self.cfg.n_routed_experts) if self.ep > 1 else None
         self.cache_kw = dict(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                              max_verify_positions=max_verify_positions)
         self.actor_num_cpus, self.torch_threads = actor_num_cpus, torch_threads
@@ -53,8 +59,7 @@ class RayExecutor:
             bundles += [{**self._bundle(), **extra}] * (1 + n_shards)
         self.pg = placement_group(bundles, strategy=self.placement_strategy)
         ray.get(self.pg.ready(), timeout=120)
-        log.info("replica: %d stages %s, %d expert shards per stage, placement %s", self.pp,
-                 [f"{a}-{b - 1}" for a, b in self.stages_layers], n_shards, self.placement_strategy)
+        log.info("replica plan (placement %s):\n%s", self.placement_strategy, format_plan(self.plan))
         b = 0
         self.stages, self.shards = [], []
         for s, (lo, hi) in enumerate(self.stages_layers):
