@@ -59,13 +59,37 @@ class StageActor:
                     block.mixer.experts = RemoteExperts(int(i), shards, shard_ranges)
         self.worker = StageWorker(model, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                                   max_verify_positions=max_verify_positions, device=device)
+        self.transport, self.rank = None, 0
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def init_transport(self, kind: str, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+        """Join the replica's torch.distributed group (gloo on CPU, nccl on GPU) for stage-to-stage
+        hidden states; every stage calls this at once (the rendezvous is collective)."""
+        from .transport import make_transport
+
+        self.rank = rank
+        self.transport = make_transport(kind, rank, world_size, master_port=master_port, master_addr=master_addr)
 
     def run(self, plan_bytes: bytes, hidden=None):
-        """One pass: hidden states out (not last) or msgpack StepResult bytes (last stage)."""
+        """One pass: hidden states out (not last) or msgpack StepResult bytes (last stage).
+
+        With a torch.distributed transport the hidden states go straight to the next stage's `run`,
+        which the engine started at the same time, and this returns None.
+        """
         from router.contracts import decode_plan, encode
 
-        out = self.worker.execute(decode_plan(plan_bytes), hidden)
-        return out.cpu() if isinstance(out, torch.Tensor) else encode(out)
+        plan = decode_plan(plan_bytes)
+        if self.transport is not None and not self.worker.model.first:
+            hidden = self.transport.recv(self.rank - 1, plan.step_id)
+        out = self.worker.execute(plan, hidden)
+        if not isinstance(out, torch.Tensor):
+            return encode(out)
+        if self.transport is not None:
+            self.transport.send(out, self.rank + 1, plan.step_id)
+            return None
+        return out.cpu()
 
     def stats(self) -> dict:
         return {"busy_s": self.worker.busy_s, "steps": self.worker.num_steps, "drafts_kept": len(self.worker.store),

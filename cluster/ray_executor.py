@@ -25,7 +25,13 @@ log = logging.getLogger("hybridserve.cluster")
 class RayExecutor:
     def __init__(self, folder, *, pipeline_parallel_size: int, expert_parallel_size: int, num_blocks: int,
                  block_size: int, num_slots: int, max_verify_positions: int, actor_num_cpus: float = 0.25,
-                 torch_threads: int = 1, placement_strategy: str = "PACK", stage_resources: list[dict] | None = None):
+                 torch_threads: int = 1, placement_strategy: str = "PACK", stage_resources: list[dict] | None = None,
+                 transport: str = "ray"):
+        """transport: how hidden states move stage to stage: "ray" (object store, chained ObjectRefs),
+        "gloo" (torch.distributed on CPU) or "nccl" (torch.distributed on GPU)."""
+        if transport not in ("ray", "gloo", "nccl"):
+            raise ValueError(f"transport: expected ray, gloo or nccl, got {transport!r}")
+        self.transport = transport
         self.folder = str(folder)
         self.cfg = read_config(folder)
         self.pp, self.ep = pipeline_parallel_size, expert_parallel_size
@@ -75,6 +81,13 @@ class RayExecutor:
                 self.folder, (lo, hi), shards=shards or None, shard_ranges=self.shard_ranges,
                 threads=self.torch_threads, **self.cache_kw))
         ray.get([a.stats.remote() for a in self.stages])   # wait for weights to load; surfaces load errors
+        if self.transport != "ray" and self.pp > 1:
+            from .transport import free_port
+
+            addr = ray.get(self.stages[0].node_ip.remote())
+            port = free_port("127.0.0.1") if addr.startswith("127.") else free_port("0.0.0.0")
+            ray.get([a.init_transport.remote(self.transport, i, self.pp, addr, port)
+                     for i, a in enumerate(self.stages)], timeout=180)
 
     def _opts(self, bundle: int) -> dict:
         res = {"num_cpus": self.actor_num_cpus}
@@ -102,7 +115,9 @@ class RayExecutor:
         data = encode(plan)
         ref = None
         for stage in self.stages:
-            ref = stage.run.remote(data, ref)
+            # Object store: each stage's output ref is the next stage's input. torch.distributed: all
+            # stages start at once and hand hidden states over directly.
+            ref = stage.run.remote(data, ref if self.transport == "ray" else None)
         return ref
 
     async def submit(self, plan: StepPlan) -> StepResult:

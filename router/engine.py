@@ -37,7 +37,7 @@ def make_executor(config: EngineConfig, folder, num_blocks: int):
     return RayExecutor(folder, pipeline_parallel_size=config.pipeline_parallel_size,
                        expert_parallel_size=config.expert_parallel_size, actor_num_cpus=config.actor_num_cpus,
                        torch_threads=config.torch_threads, placement_strategy=config.placement_strategy,
-                       stage_resources=config.stage_resources, **kw)
+                       stage_resources=config.stage_resources, transport=config.transport, **kw)
 
 
 class AsyncEngine:

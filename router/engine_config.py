@@ -29,6 +29,7 @@ class EngineConfig:
     use_ray: bool = False                  # False: the whole model in this process (the oracle's setup)
     num_microbatches: int | None = None    # None: pipeline_parallel_size micro-batches in flight
     placement_strategy: str = "PACK"       # Ray placement group strategy for the replica's actors
+    transport: str = "ray"                 # stage-to-stage hidden states: ray (object store), gloo, nccl
     stage_resources: list[dict] | None = None   # extra Ray resources per stage (pins stages to nodes)
     actor_num_cpus: float = 0.25           # Ray CPU label per actor (threads are capped separately)
     torch_threads: int = 1                 # torch threads per stage/expert actor

@@ -108,3 +108,36 @@ def test_cancelled_request_frees_its_cache(ray_local, preset_cache):
 
     free, stats = asyncio.run(scenario())
     assert free and stats.running == 0 and stats.waiting == 0
+
+
+def test_gloo_transport_between_stages_gives_the_oracle_tokens(ray_local, preset_cache):
+    engine = _engine(2, 1, k=3, transport="gloo")
+    reqs = _requests(seed=5)[:4]
+
+    async def scenario():
+        await engine.start()
+        try:
+            return await staggered(engine, reqs)
+        finally:
+            await engine.shutdown()
+
+    results = asyncio.run(scenario())
+    for rid, prompt, params, k in reqs:
+        assert results[rid][0] == oracle(engine.folder, prompt, params)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the NCCL transport needs CUDA GPUs")
+def test_nccl_transport_between_stages_gives_the_oracle_tokens(ray_local, preset_cache):
+    engine = _engine(2, 1, k=3, transport="nccl")
+    reqs = _requests(seed=6)[:2]
+
+    async def scenario():
+        await engine.start()
+        try:
+            return await staggered(engine, reqs)
+        finally:
+            await engine.shutdown()
+
+    results = asyncio.run(scenario())
+    for rid, prompt, params, k in reqs:
+        assert results[rid][0] == oracle(engine.folder, prompt, params)
