@@ -25,13 +25,15 @@ class ExpertBalancer:
             self.loads[id(router)] += torch.bincount(ids, minlength=self.loads[id(router)].numel()).float()
 
     @torch.no_grad()
-    def step(self) -> float:
-        """Apply one bias update from the loads seen since the last call; returns the worst max/mean load."""
-        worst = 0.0
+    def step(self) -> tuple[float, float]:
+        """Apply one bias update from the loads seen since the last call.
+
+        Returns (mean, worst) over routers of max/mean expert load (1.0 is perfectly even)."""
+        ratios = []
         for r in self.routers:
             load = self.loads[id(r)]
             if load.sum() > 0:
                 r.e_score_correction_bias += self.rate * torch.sign(load.mean() - load)
-                worst = max(worst, float(load.max() / load.mean()))
+                ratios.append(float(load.max() / load.mean()))
             load.zero_()
-        return worst
+        return (sum(ratios) / len(ratios), max(ratios)) if ratios else (0.0, 0.0)

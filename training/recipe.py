@@ -25,7 +25,7 @@ class TrainConfig:
     seed: int = 1234
     batch_size: int = 8              # sequences per step
     seq_len: int = 256               # tokens per sequence (targets need seq_len + 3)
-    steps: int = 700
+    steps: int = 1000
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 40
@@ -33,7 +33,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     mtp_weight: float = 0.3          # loss = CE(main) + mtp_weight * mean over depths and variants of CE(MTP)
     mtp_loss_fraction: float = 0.25  # MTP losses on a random quarter of the positions (lm_head is the CPU cost)
-    bias_update_rate: float = 1e-3   # aux-loss-free expert balancing (selection bias nudged toward even load)
+    bias_update_rate: float = 1e-2   # aux-loss-free expert balancing (selection bias nudged toward even load)
     log_every: int = 10
     ckpt_every_s: float = 300.0
     eval_windows: int = 8

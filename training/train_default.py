@@ -131,10 +131,10 @@ def train(tc: TrainConfig, resume: bool, max_minutes: float | None, run_dir: Pat
             tps = tok_log / (now - t_log)
             rate = (now - t0) / (step - start_step)
             log.info("step %5d/%d  loss %.3f  main %.3f  mtp pre d1/d2 %.3f/%.3f  post d1/d2 %.3f/%.3f  "
-                     "lr %.2e  gnorm %.2f  load max/mean %.2f  %.0f tok/s  elapsed %s  ETA %s",
-                     step, tc.steps, float(loss), run_avg["main"], run_avg["prenorm_d1"], run_avg["prenorm_d2"],
+                     "lr %.2e  gnorm %.2f  load max/mean %.2f (worst %.2f)  %.0f tok/s  elapsed %s  ETA %s",
+                     step, tc.steps, loss.item(), run_avg["main"], run_avg["prenorm_d1"], run_avg["prenorm_d2"],
                      run_avg["postnorm_d1"], run_avg["postnorm_d2"], lr_at(step - 1, tc), float(gnorm),
-                     imbalance, tps, _hms(now - t0), _hms(rate * (tc.steps - step)))
+                     *imbalance, tps, _hms(now - t0), _hms(rate * (tc.steps - step)))
             t_log, tok_log = now, 0
         out_of_time = max_minutes is not None and time.time() - t0 > max_minutes * 60
         if time.time() - last_ckpt > tc.ckpt_every_s or step == tc.steps or out_of_time:
