@@ -1,0 +1,100 @@
+"""MTP speculative decoding through the engine, on held-out code prompts: `python -m benchmarks.mtp`.
+
+Side by side in one run (CPU, single-process engine, the shipped default model):
+  1. mean acceptance length (tokens per verification pass = 1 + accepted drafts) at k = 1..4,
+     greedy and at temperature 0.7;
+  2. output tokens/s with MTP off vs k = 3 at 1 and 16 concurrent sequences, and whether the greedy
+     text is identical.
+Held-out prompts: the stdlib files the training recipe held out (training/corpus.py), tokenized with
+the checkpoint's own tokenizer. Prints a table and writes docs/BENCHMARKS.md. Not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from model_shards.sampling_params import SamplingParams
+from router.engine import AsyncEngine
+from router.engine_config import EngineConfig, resolve_checkpoint
+from training import corpus
+from training.acceptance import code_prompts
+from training.tokenizer import BOS_ID, EOS_ID
+
+from .common import machine, run_batch, table, write_section
+
+
+def heldout_prompts(folder, count: int, length: int) -> list[list[int]]:
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    _, held = corpus.split(corpus.read_texts(corpus.list_files()))
+    stream = corpus.encode_stream(tok, held, BOS_ID, EOS_ID)
+    return code_prompts(np.asarray(stream), count, length)
+
+
+async def acceptance(engine, prompts, k, temperature, max_tokens) -> float:
+    s = engine.stats()
+    d0, a0 = s.drafted_per_position[0], sum(s.accepted_per_position)
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=i, ignore_eos=True)
+              for i in range(len(prompts))]
+
+    async def one(i, p):
+        async for _ in engine.generate(f"acc-k{k}-t{temperature}-{i}", p, params[i], k):
+            pass
+    await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
+    s = engine.stats()
+    passes = s.drafted_per_position[0] - d0
+    return 1.0 + (sum(s.accepted_per_position) - a0) / max(passes, 1)
+
+
+async def run(args):
+    folder = resolve_checkpoint(args.model)
+    prompts = heldout_prompts(folder, args.prompts, args.prompt_len)
+    engine = AsyncEngine(EngineConfig(model=str(folder), num_speculative_tokens=4, max_model_len=1024,
+                                      max_num_seqs=max(16, args.prompts), max_num_batched_tokens=2048))
+    await engine.start()
+    try:
+        acc_rows = []
+        for k in (1, 2, 3, 4):
+            g = await acceptance(engine, prompts, k, 0.0, args.max_tokens)
+            t = await acceptance(engine, prompts, k, 0.7, args.max_tokens)
+            acc_rows.append([k, g, t])
+        greedy = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+        speed_rows, identical = [], True
+        for n in (1, 16):
+            batch = (prompts * ((n // len(prompts)) + 1))[:n]
+            await run_batch(engine, batch[:1], greedy, 0, f"warm{n}-")
+            toks_off, s_off, out_off = await run_batch(engine, batch, greedy, 0, f"off{n}-")
+            toks_on, s_on, out_on = await run_batch(engine, batch, greedy, 3, f"on{n}-")
+            identical &= out_off == out_on
+            speed_rows.append([n, toks_off / s_off, toks_on / s_on, (toks_on / s_on) / (toks_off / s_off)])
+    finally:
+        await engine.shutdown()
+    return folder, acc_rows, speed_rows, identical
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    folder, acc_rows, speed_rows, identical = asyncio.run(run(args))
+    body = (f"## MTP speculative decoding (`python -m benchmarks.mtp --model {args.model}`)\n\n"
+            f"Machine: {machine()}; model {folder.name}; {args.prompts} held-out code prompts of "
+            f"{args.prompt_len} tokens, {args.max_tokens} new tokens each; single-process engine.\n\n"
+            + table(["k (drafts)", "mean acceptance length, greedy", "mean acceptance length, T=0.7"], acc_rows)
+            + "\n\n" + table(["concurrent sequences", "tok/s MTP off", "tok/s MTP k=3", "speedup"], speed_rows)
+            + f"\n\nGreedy text identical with MTP off and k=3: {identical}.\n")
+    print(body)
+    if not args.no_write:
+        write_section("mtp", body)
+
+
+if __name__ == "__main__":
+    main()
