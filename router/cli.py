@@ -1,0 +1,270 @@
+"""`hybridserve serve`: one command from nothing to an OpenAI-compatible HTTP + gRPC endpoint.
+
+With no arguments it starts a local Ray cluster (or joins RAY_ADDRESS), deploys the default model and
+serves http://127.0.0.1:8000/v1 and gRPC on 127.0.0.1:50051. Option names are vLLM's where vLLM has
+the option. Ctrl-C / SIGTERM drains: new requests get 503, in-flight ones finish (up to
+--drain-timeout seconds), then Serve and Ray shut down.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+log = logging.getLogger("hybridserve.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hybridserve", description="Serve hybrid Mamba/attention/MoE models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve a model over OpenAI-compatible HTTP and gRPC",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = s.add_argument_group("model and engine")
+    m.add_argument("--model", default="default",
+                   help="checkpoint folder (HF layout) or preset name; 'default' is checkpoints/hybrid-mini "
+                        "(or the random-weight 'small' preset when that is absent)")
+    m.add_argument("--served-model-name", default=None, help="name clients use (default: the model's name)")
+    m.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    m.add_argument("--expert-parallel-size", "-ep", type=int, default=1)
+    m.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP drafts per step (0: off)")
+    m.add_argument("--max-model-len", type=int, default=2048, help="context length (prompt + output)")
+    m.add_argument("--max-num-seqs", type=int, default=16, help="sequences running at once per replica")
+    m.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")
+    m.add_argument("--max-queued-requests", type=int, default=64,
+                   help="requests waiting per replica before new ones get 429 + Retry-After")
+    m.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
+    m.add_argument("--seed", type=int, default=0)
+    a = s.add_argument_group("replicas and autoscaling")
+    a.add_argument("--min-replicas", type=int, default=1)
+    a.add_argument("--max-replicas", type=int, default=1)
+    a.add_argument("--target-ongoing-requests", type=float, default=None,
+                   help="autoscaling target per replica (default: --max-num-seqs)")
+    a.add_argument("--autoscaling-config", type=json.loads, default={},
+                   help='JSON overrides of Ray Serve\'s autoscaling_config, e.g. \'{"downscale_delay_s": 60}\'')
+    a.add_argument("--num-cpus", type=float, default=None,
+                   help="logical CPUs of the local Ray cluster (default: max(cores, what the replicas need))")
+    a.add_argument("--torch-threads", type=int, default=None, help="torch threads per replica (default: cores / max)")
+    n = s.add_argument_group("network")
+    n.add_argument("--host", default="127.0.0.1", help="address for HTTP and gRPC (0.0.0.0: all interfaces)")
+    n.add_argument("--port", type=int, default=8000, help="HTTP port")
+    n.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC)")
+    n.add_argument("--api-key", default=os.environ.get("HYBRIDSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer <key>' (env HYBRIDSERVE_API_KEY)")
+    n.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024, help="413 above this")
+    n.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on shutdown")
+    n.add_argument("--log-level", default="INFO")
+    n.add_argument("--app-name", default="hybridserve", help="Ray Serve application name")
+    return ap
+
+
+def serve_config_from_args(args):
+    from .engine_config import EngineConfig
+    from .serve_app import ServeConfig
+
+    pp, ep = args.pipeline_parallel_size, args.expert_parallel_size
+    engine = EngineConfig(model=args.model, pipeline_parallel_size=pp, expert_parallel_size=ep,
+                          num_speculative_tokens=args.num_speculative_tokens, max_num_seqs=args.max_num_seqs,
+                          max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+                          block_size=args.block_size, max_queued_requests=args.max_queued_requests,
+                          use_ray=pp * ep > 1, seed=args.seed)
+    engine.validate()
+    if not 1 <= args.min_replicas <= args.max_replicas:
+        raise ValueError(f"--min-replicas/--max-replicas: need 1 <= min ({args.min_replicas}) <= max "
+                         f"({args.max_replicas})")
+    return ServeConfig(engine=engine, app_name=args.app_name, served_model_name=args.served_model_name,
+                       api_key=args.api_key, host=args.host, port=args.port, grpc_port=args.grpc_port,
+                       min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                       target_ongoing_requests=args.target_ongoing_requests,
+                       autoscaling_overrides=args.autoscaling_config, max_body_bytes=args.max_request_body_bytes,
+                       torch_threads=args.torch_threads, log_level=args.log_level.upper())
+
+
+def needed_cpus(cfg) -> float:
+    """Logical CPUs the deployment asks Ray for at full scale (the ingress asks for none)."""
+    e = cfg.engine
+    actors = e.pipeline_parallel_size * e.expert_parallel_size if e.use_ray else 0
+    return cfg.max_replicas * (cfg.replica_num_cpus + actors * e.actor_num_cpus) + 1
+
+
+def start_ray(cfg, num_cpus: float | None) -> bool:
+    """Join RAY_ADDRESS or start a local cluster; returns True when we started it (and must stop it)."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        print(f"joining the Ray cluster at {os.environ['RAY_ADDRESS']}", flush=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return False
+    cpus = num_cpus or max(os.cpu_count() or 1, needed_cpus(cfg))
+    print(f"starting a local Ray cluster ({cpus:g} logical CPUs)", flush=True)
+    ray.init(num_cpus=int(max(1, cpus)), include_dashboard=False, log_to_driver=True,
+             configure_logging=True, logging_level=logging.WARNING)
+    return True
+
+
+def deploy(cfg) -> None:
+    """serve.start + serve.run, printing progress until the application is RUNNING."""
+    from ray import serve
+    from ray.serve.config import HTTPOptions
+    from ray.serve.schema import LoggingConfig
+
+    from .serve_app import build_application
+
+    serve.start(http_options=HTTPOptions(host=cfg.host, port=cfg.port),
+                logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"))
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)   # our own banner says where we listen
+    app = build_application(cfg)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def run():
+        try:
+            serve.run(app, name=cfg.app_name, route_prefix="/",
+                      logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name="serve-run").start()
+    t0, last = time.monotonic(), ""
+    while not done.wait(2.0):
+        line = _progress(cfg.app_name)
+        if line and line != last:
+            print(f"[{time.monotonic() - t0:5.0f}s] {line}", flush=True)
+            last = line
+    if errors:
+        raise errors[0]
+
+
+def _progress(app_name: str) -> str:
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001
+        return ""
+    if app is None:
+        return "deploying..."
+    parts = []
+    for name, d in app.deployments.items():
+        counts = ", ".join(f"{n} {str(s).split('.')[-1].lower()}" for s, n in d.replica_states.items())
+        parts.append(f"{name}: {counts or str(d.status).split('.')[-1].lower()}")
+    return "waiting for replicas (loading weights) - " + "; ".join(parts)
+
+
+def wait_for_signal() -> int:
+    stop = threading.Event()
+    received = []
+
+    def handler(signum, _frame):
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    while not stop.wait(1.0):
+        pass
+    return received[0]
+
+
+def drain_and_stop(cfg, started_ray: bool, timeout_s: float) -> None:
+    """Drain through the ingress, then stop Serve and (if ours) Ray, never hanging past the timeout.
+
+    A signal sent to the whole process group (systemd, some terminals) also reaches Ray's own
+    processes; Serve calls would then block forever, so they run in a thread with a deadline.
+    """
+    import ray
+    from ray import serve
+
+    def drain_and_shutdown():
+        try:
+            handle = serve.get_app_handle(cfg.app_name)
+            n = handle.in_flight.remote().result(timeout_s=10)
+            print(f"draining: {n} request(s) in flight, waiting up to {timeout_s:g}s", flush=True)
+            left = handle.drain.remote(timeout_s).result(timeout_s=timeout_s + 10)
+            if left:
+                print(f"drain timeout: cancelling {left} request(s)", flush=True)
+        except Exception as e:  # noqa: BLE001 - shut down regardless
+            print(f"drain failed ({type(e).__name__}: {e}); shutting down", flush=True)
+        serve.shutdown()
+
+    dead = _dead_ray_processes() if started_ray else []
+    if dead:
+        print(f"Ray's own processes got the signal too ({', '.join(dead)} stopped): cannot drain", flush=True)
+    else:
+        worker = threading.Thread(target=drain_and_shutdown, daemon=True, name="drain")
+        worker.start()
+        worker.join(timeout_s + 30)
+        if worker.is_alive():
+            print("Ray is not answering; stopping it", flush=True)
+    if started_ray:
+        stopper = threading.Thread(target=ray.shutdown, daemon=True, name="ray-shutdown")
+        stopper.start()
+        stopper.join(10 if dead else 30)
+        if stopper.is_alive():          # a half-dead cluster: do not let atexit hooks hang the exit
+            print("stopped (Ray did not shut down cleanly)", flush=True)
+            os._exit(0)
+    print("stopped", flush=True)
+
+
+def _dead_ray_processes() -> list[str]:
+    """Names of the local Ray processes (raylet, gcs_server, ...) that have exited."""
+    try:
+        import ray._private.worker as w
+
+        time.sleep(0.2)          # let a group-wide signal land first
+        return sorted({name for name, _ in w._global_node.dead_processes()})
+    except Exception:  # noqa: BLE001 - private API: assume alive
+        return []
+
+
+def cmd_serve(args) -> int:
+    from .serve_app import setup_logging
+
+    setup_logging(args.log_level.upper())
+    try:
+        cfg = serve_config_from_args(args)
+    except ValueError as e:
+        print(f"hybridserve serve: error: {e}", file=sys.stderr)
+        return 2
+    started = start_ray(cfg, args.num_cpus)
+    try:
+        deploy(cfg)
+    except BaseException as e:  # noqa: BLE001
+        print(f"hybridserve serve: deployment failed: {type(e).__name__}: {e}", file=sys.stderr)
+        from ray import serve
+        serve.shutdown()
+        if started:
+            import ray
+            ray.shutdown()
+        return 1
+    from .serve_app import default_served_name
+
+    host = cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    print(f"\nhybridserve is serving {default_served_name(cfg)!r}\n"
+          f"  OpenAI API  http://{host}:{cfg.port}/v1   (chat: POST /v1/chat/completions)\n"
+          + (f"  gRPC        {host}:{cfg.grpc_port}   (hybridserve.v1.Generation, health, reflection)\n"
+             if cfg.grpc_port else "")
+          + f"  health      http://{host}:{cfg.port}/health, /ready, /metrics\n"
+          f"  replicas    {cfg.min_replicas}..{cfg.max_replicas} (autoscaling)\n"
+          f"Press Ctrl-C to stop.\n", flush=True)
+    signum = wait_for_signal()
+    print(f"\n{signal.Signals(signum).name} received", flush=True)
+    drain_and_stop(cfg, started, args.drain_timeout)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,289 @@
+"""The front door's logic, shared by HTTP and gRPC: check, tokenize, admit, stream text, account.
+
+`Frontend.prepare_*` turns a validated request into prompt ids and SamplingParams (model name,
+context length, max_tokens resolution); `Frontend.start` admits it (errors are raised before any byte
+goes to the client); iterating the returned `Generation` yields `Delta`s of text with stop strings
+applied. The Generation records metrics and writes the one log line per request when it ends, however
+it ends (finished, stop string, client gone).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Union
+
+from model_shards.sampling_params import SamplingParams
+
+from .api_schemas import ChatCompletionRequest, CompletionRequest
+from .detokenizer import TextStream
+from .errors import (APIError, AuthenticationError, ContextLengthExceeded, InternalError, InvalidRequest,
+                     ModelNotFound, Unavailable)
+from .metrics import Metrics
+from .tokenizer import BaseTokenizer, ChatTemplateError
+
+log = logging.getLogger("hybridserve.requests")
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16      # the OpenAI legacy completions default
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    name: str
+    max_model_len: int
+    vocab_size: int = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 0
+    eos_token_ids: list[int] = dataclasses.field(default_factory=list)
+    generation_defaults: dict = dataclasses.field(default_factory=dict)
+    folder: str | None = None
+    num_speculative_tokens: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelInfo":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A request ready for the engine."""
+
+    kind: str                       # "chat" | "completion"
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop: list[str]
+    skip_special_tokens: bool = True
+    echo_text: str = ""             # completions with echo=True
+
+
+@dataclasses.dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def new_request_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+class Frontend:
+    """`tokenizer` and `info` may arrive later (`set_model`): the Ray Serve ingress answers /health
+    while model replicas still load weights; until then generation requests get 503 + Retry-After."""
+
+    def __init__(self, backend, tokenizer: BaseTokenizer | None, info: ModelInfo | None, *,
+                 served_model_name: str | None = None, aliases: tuple[str, ...] = (), api_key: str | None = None,
+                 metrics: Metrics | None = None):
+        if served_model_name is None and info is None:
+            raise ValueError("served_model_name is needed when the model info comes later")
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.info = info
+        self.model_name = served_model_name or info.name
+        self.accepted_names = {self.model_name, *[a for a in aliases if a]}
+        self.api_key = api_key or None
+        self.metrics = metrics or Metrics(self.model_name)
+        self.created = int(time.time())
+        self.draining = False
+        self.in_flight = 0
+
+    def set_model(self, info: ModelInfo, tokenizer: BaseTokenizer) -> None:
+        self.info, self.tokenizer = info, tokenizer
+
+    @property
+    def loaded(self) -> bool:
+        return self.info is not None and self.tokenizer is not None
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.info.max_model_len if self.info is not None else None
+
+    # ---- checks --------------------------------------------------------------------------------
+    def check_api_key(self, presented: str | None) -> None:
+        if self.api_key is None:
+            return
+        if not presented:
+            raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
+        if presented != self.api_key:
+            raise AuthenticationError("invalid API key")
+
+    def check_model(self, name: str | None) -> str:
+        if name is None or name in self.accepted_names:
+            return self.model_name
+        raise ModelNotFound(f"model: the model {name!r} does not exist; this server serves {self.model_name!r}",
+                            param="model")
+
+    def check_accepting(self) -> None:
+        if not self.loaded:
+            raise Unavailable("the model is still loading; retry shortly", retry_after_s=5)
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica", retry_after_s=5)
+
+    # ---- preparing -----------------------------------------------------------------------------
+    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+        model = self.check_model(req.model)
+        req.check_supported()
+        self.check_accepting()
+        try:
+            ids = self.tokenizer.encode_chat(req.chat_messages(), req.add_generation_prompt)
+        except ChatTemplateError as e:
+            raise InvalidRequest(str(e) if str(e).startswith("messages") else f"messages: {e}",
+                                 param="messages") from None
+        return self._prepared("chat", model, req, ids, "messages")
+
+    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+        model = self.check_model(req.model)
+        req.check_supported()
+        self.check_accepting()
+        prompt = req.single_prompt()
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            echo = prompt
+        else:
+            bad = [t for t in prompt if not (0 <= t < self.info.vocab_size)] if self.info.vocab_size else []
+            if bad:
+                raise InvalidRequest(f"prompt: token id {bad[0]} is outside the vocabulary "
+                                     f"[0, {self.info.vocab_size})", param="prompt")
+            ids = list(prompt)
+            echo = self.tokenizer.decode(ids)
+        prep = self._prepared("completion", model, req, ids, "prompt")
+        prep.echo_text = echo if req.echo else ""
+        return prep
+
+    def _prepared(self, kind: str, model: str, req, ids: list[int], prompt_field: str) -> Prepared:
+        limit, n = self.info.max_model_len, len(ids)
+        if n == 0:
+            raise InvalidRequest(f"{prompt_field}: the prompt is empty", param=prompt_field)
+        if n >= limit:
+            raise ContextLengthExceeded(
+                f"{prompt_field}: this model's maximum context length is {limit} tokens, and the prompt has {n} "
+                f"tokens (at least 1 must remain for the completion); shorten the {prompt_field}",
+                param=prompt_field)
+        requested = req.requested_max_tokens()
+        field = "max_completion_tokens" if kind == "chat" and req.max_completion_tokens is not None else "max_tokens"
+        if requested is None:
+            room = limit - n
+            default = self.info.generation_defaults.get("max_new_tokens")
+            if kind == "completion":
+                default = COMPLETIONS_DEFAULT_MAX_TOKENS
+            max_tokens = min(room, default) if default else room
+        elif n + requested > limit:
+            raise ContextLengthExceeded(
+                f"{field}: this model's maximum context length is {limit} tokens, but {n + requested} were requested "
+                f"({n} in the {prompt_field}, {requested} for the completion); reduce {field} or the {prompt_field}",
+                param=field)
+        else:
+            max_tokens = requested
+        if req.min_tokens > max_tokens:
+            raise InvalidRequest(f"min_tokens: must be <= {field} ({max_tokens}), got {req.min_tokens}",
+                                 param="min_tokens")
+        bad = [t for t in (req.stop_token_ids or []) if self.info.vocab_size and not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise InvalidRequest(f"stop_token_ids: token id {bad[0]} is outside the vocabulary", param="stop_token_ids")
+        params = req.sampling_params(max_tokens, tuple(self.info.eos_token_ids), self.info.generation_defaults)
+        return Prepared(kind, model, ids, params, req.stop_list(), req.skip_special_tokens)
+
+    # ---- running -------------------------------------------------------------------------------
+    async def start(self, request_id: str, prep: Prepared, route: str, t_arrival: float | None = None
+                    ) -> "Generation":
+        """Admit the request in the engine; raises APIError (429 queue full, 503 draining, ...)."""
+        t0 = t_arrival if t_arrival is not None else time.perf_counter()
+        self.check_accepting()
+        outputs = await self.backend.submit(request_id, prep.prompt_ids, prep.params)
+        return Generation(self, request_id, prep, outputs, route, t0)
+
+    def log_rejected(self, request_id: str, route: str, err: APIError, t0: float) -> None:
+        self.metrics.observe_rejected(err.status)
+        log.info("%s %s -> %d %s: %s (%.0f ms)", request_id, route, err.status, err.code, err.message,
+                 1000 * (time.perf_counter() - t0))
+
+
+class Generation:
+    """One admitted request: iterate for Deltas; closing it early aborts the request in the engine."""
+
+    def __init__(self, fe: Frontend, request_id: str, prep: Prepared, outputs: AsyncIterator, route: str, t0: float):
+        self.fe, self.request_id, self.prep, self.outputs, self.route, self.t0 = fe, request_id, prep, outputs, route, t0
+        self.text = TextStream(fe.tokenizer, prep.stop, prep.params.min_tokens, prep.skip_special_tokens)
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self.ttft: float | None = None
+        fe.in_flight += 1
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prep.prompt_ids)
+
+    def __aiter__(self):
+        return self._deltas()
+
+    async def _deltas(self) -> AsyncIterator[Delta]:
+        m = self.fe.metrics
+        last = None
+        try:
+            async for out in self.outputs:
+                now = time.perf_counter()
+                if out.finish_reason == "error":
+                    self.finish_reason = "error"
+                    raise _generation_error(out.error)
+                if out.new_token_ids:
+                    if self.ttft is None:
+                        self.ttft = now - self.t0
+                        m.observe_first_token(self.ttft)
+                    elif last is not None:
+                        m.observe_gap(now - last)
+                    last = now
+                self.token_ids.extend(out.new_token_ids)
+                self.completion_tokens = max(out.num_output_tokens, len(self.token_ids))
+                text, hit = self.text.add(out.new_token_ids)
+                if hit:
+                    self.finish_reason = "stop"
+                elif out.finished:
+                    text += self.text.finish()
+                    self.finish_reason = "stop" if self.text.stopped else out.finish_reason
+                if text or out.new_token_ids or self.finish_reason:
+                    yield Delta(text, list(out.new_token_ids), self.finish_reason, self.prompt_tokens,
+                                self.completion_tokens)
+                if self.finish_reason:
+                    return
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        if self.fe is None:
+            return
+        fe, self.fe = self.fe, None
+        fe.in_flight -= 1
+        aclose = getattr(self.outputs, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()          # aborts the request in the engine if it is still running
+            except Exception:  # noqa: BLE001 - closing must not mask the real outcome
+                log.debug("closing %s failed", self.request_id, exc_info=True)
+        e2e = time.perf_counter() - self.t0
+        reason = self.finish_reason or "abort"
+        fe.metrics.observe_finished(e2e, self.prompt_tokens, self.completion_tokens, reason)
+        ttft = f"{1000 * self.ttft:.0f} ms" if self.ttft is not None else "-"
+        log.info("%s %s model=%s prompt=%d completion=%d finish=%s ttft=%s e2e=%.0f ms", self.request_id,
+                 self.route, fe.model_name, self.prompt_tokens, self.completion_tokens,
+                 reason if self.finish_reason else "abort (client gone)", ttft, 1000 * e2e)
+
+    async def aclose(self) -> None:
+        await self._close()
+
+
+def _generation_error(message: str | None) -> APIError:
+    """An engine failure mid-request: 503 if the engine died (retry elsewhere), else 500."""
+    message = message or "unknown error"
+    if "EngineDeadError" in message or "engine failure" in message:
+        return Unavailable(f"generation failed: {message}", retry_after_s=5)
+    return InternalError(f"generation failed: {message}")
+
+
+RequestBody = Union[ChatCompletionRequest, CompletionRequest]

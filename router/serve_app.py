@@ -1,0 +1,341 @@
+"""The Ray Serve application: an ingress deployment (HTTP + gRPC) in front of autoscaled model replicas.
+
+    Ingress (1 replica)                         ModelServer (min..max replicas, autoscaled)
+      FastAPI app (Serve's HTTP proxy)  ──handle──▶  AsyncEngine (weights, scheduler, executor)
+      gRPC server on its own port        stream=True   reports EngineStats to the StatsHub
+      tokenizer, chat template, stop strings, metrics
+
+Why this split: tokenizing, templating, detokenizing and the HTTP/gRPC protocol work are cheap and
+stateless, so one ingress serves all replicas; each model replica owns an engine (and, with pipeline
+or expert parallelism, its stage/expert actors). Load is spread by the DeploymentHandle's router
+(power of two choices on ongoing requests), and Serve's autoscaler adds replicas when ongoing requests
+per replica pass `target_ongoing_requests`.
+
+Admission goes first: a replica answers a `generate` stream with `{"admitted": ...}` or `{"error":
+...}` before any token, so queue-full becomes a real 429 even for streaming clients. Cancelling the
+handle's stream (client gone) cancels the replica's generator, which aborts the engine request.
+
+Engine stats (for /metrics and /ready) come from every replica, not just the one a handle call would
+reach: replicas push them twice a second to a small named actor (StatsHub) that the ingress reads.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from model_shards.sampling_params import SamplingParams
+
+from .backend import LocalBackend, error_from_dict, error_to_dict, model_info
+from .engine_config import EngineConfig
+from .errors import APIError, Overloaded, Unavailable
+from .outputs import EngineStats, RequestOutput
+
+log = logging.getLogger("hybridserve.serve")
+
+STATS_MAX_AGE_S = 3.0
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """Everything `hybridserve serve` decides; plain data so it travels to replicas."""
+
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    app_name: str = "hybridserve"
+    served_model_name: str | None = None
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 50051               # 0: no gRPC server
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float | None = None    # None: max_num_seqs
+    autoscaling_overrides: dict = dataclasses.field(default_factory=dict)
+    max_body_bytes: int = 8 * 1024 * 1024
+    replica_num_cpus: float = 0.5        # Ray scheduling label of a model replica (threads are separate)
+    torch_threads: int | None = None     # per model replica; None: cores / max_replicas
+    log_level: str = "INFO"
+
+    def autoscaling_config(self) -> dict:
+        cfg = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+               "initial_replicas": self.min_replicas,
+               "target_ongoing_requests": self.target_ongoing_requests or self.engine.max_num_seqs,
+               "upscale_delay_s": 5.0, "downscale_delay_s": 30.0, "metrics_interval_s": 1.0,
+               "look_back_period_s": 5.0}
+        cfg.update(self.autoscaling_overrides)
+        return cfg
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Our loggers to stderr, one readable line each (Ray forwards replica stderr to the driver)."""
+    root = logging.getLogger("hybridserve")
+    root.setLevel(level)
+    if not any(getattr(h, "_hybridserve", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        h._hybridserve = True
+        root.addHandler(h)
+        root.propagate = False
+
+
+@ray.remote(num_cpus=0)
+class StatsHub:
+    """The latest EngineStats of every model replica, with the time each was reported."""
+
+    def __init__(self):
+        self.reports: dict[str, tuple[float, dict]] = {}
+
+    def report(self, replica_id: str, stats: dict) -> None:
+        self.reports[replica_id] = (time.time(), stats)
+
+    def forget(self, replica_id: str) -> None:
+        self.reports.pop(replica_id, None)
+
+    def snapshot(self, max_age_s: float = STATS_MAX_AGE_S) -> dict[str, dict]:
+        now = time.time()
+        return {r: s for r, (t, s) in self.reports.items() if now - t <= max_age_s}
+
+
+def _hub_name(app_name: str) -> str:
+    return f"{app_name}-stats-hub"
+
+
+class ModelServer:
+    """A model replica: one AsyncEngine. Methods are called through a DeploymentHandle."""
+
+    async def __init__(self, cfg: ServeConfig):
+        setup_logging(cfg.log_level)
+        threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.max_replicas))
+        import torch
+
+        torch.set_num_threads(threads)
+        from .engine import AsyncEngine
+
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        log.info("model replica %s: loading %r (torch threads %d)", self.replica_id, cfg.engine.model, threads)
+        loop = asyncio.get_running_loop()
+        # Weights load in a thread so the replica's event loop keeps answering Serve's health checks.
+        self.engine = await loop.run_in_executor(None, AsyncEngine, cfg.engine)
+        await self.engine.start()
+        self.backend = LocalBackend(self.engine, self.replica_id)
+        self.hub_name = _hub_name(cfg.app_name)
+        self._reporter = asyncio.create_task(self._report_stats())
+        log.info("model replica %s ready", self.replica_id)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: dict):
+        """Stream: first {"admitted": replica} or {"error": ...}, then RequestOutput dicts."""
+        try:
+            outputs = await self.backend.submit(request_id, prompt_ids, SamplingParams.from_dict(params))
+        except APIError as e:
+            yield {"error": error_to_dict(e)}
+            return
+        yield {"admitted": self.replica_id}
+        async for out in outputs:        # cancellation (client gone) closes `outputs`: engine abort
+            yield dataclasses.asdict(out)
+
+    async def info(self) -> dict:
+        return model_info(self.engine)
+
+    async def tokenizer_files(self) -> dict[str, bytes]:
+        folder = Path(self.engine.folder)
+        return {n: (folder / n).read_bytes() for n in TOKENIZER_FILES if (folder / n).exists()}
+
+    async def stats(self) -> dict:
+        return dataclasses.asdict(self.engine.stats())
+
+    async def check_health(self) -> None:
+        """Serve restarts a replica whose engine loop died or cannot recover."""
+        task = self.engine._task
+        if task is None or task.done():
+            raise RuntimeError("engine loop is not running")
+        if not self.engine.stats().healthy:
+            raise RuntimeError("engine is unhealthy (executor could not be rebuilt)")
+
+    async def _report_stats(self) -> None:
+        hub = None
+        while True:
+            try:
+                if hub is None:
+                    hub = ray.get_actor(self.hub_name)
+                hub.report.remote(self.replica_id, dataclasses.asdict(self.engine.stats()))
+            except Exception:  # noqa: BLE001 - the ingress may not have created the hub yet
+                hub = None
+            await asyncio.sleep(0.5)
+
+    async def __del__(self):
+        try:
+            self._reporter.cancel()
+            ray.get_actor(self.hub_name).forget.remote(self.replica_id)
+        except Exception:  # noqa: BLE001
+            pass
+        await self.engine.shutdown()
+
+
+class ServeBackend:
+    """The Frontend's backend inside the ingress: model replicas behind a DeploymentHandle."""
+
+    def __init__(self, handle, hub):
+        self.handle = handle.options(stream=True)
+        self.plain = handle
+        self.hub = hub
+
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        from ray.serve.exceptions import BackPressureError
+
+        gen = self.handle.generate.remote(request_id, prompt_ids, params.to_dict())
+        try:
+            first = await gen.__anext__()
+        except BackPressureError as e:
+            raise Overloaded(f"queue is full: every model replica is busy and {e.args[1]} request(s) already wait "
+                             f"for one; retry later", retry_after_s=e.retry_after_s or 1.0) from None
+        except StopAsyncIteration:
+            raise Unavailable("the model replica closed the request before admitting it", retry_after_s=1) from None
+        except Exception as e:  # noqa: BLE001 - a replica died or is unreachable
+            raise Unavailable(f"no model replica could take the request: {type(e).__name__}: {e}",
+                              retry_after_s=2) from None
+        if "error" in first:
+            raise error_from_dict(first["error"])
+        return self._outputs(gen)
+
+    async def _outputs(self, gen):
+        finished = False
+        try:
+            async for d in gen:
+                out = RequestOutput(**d)
+                finished = out.finished
+                yield out
+        except Exception as e:  # noqa: BLE001 - the replica died mid-request
+            finished = True
+            yield RequestOutput("", [], "error", error=f"engine failure: model replica lost: {type(e).__name__}: {e}")
+        finally:
+            if not finished:
+                gen.cancel()          # propagates to the replica: its generator is cancelled, engine aborts
+
+    async def stats(self) -> dict[str, EngineStats]:
+        snap = await self.hub.snapshot.remote()
+        return {r: EngineStats(**s) for r, s in snap.items()}
+
+    async def ready(self) -> bool:
+        snap = await self.hub.snapshot.remote()
+        return any(s.get("healthy") for s in snap.values())
+
+
+def default_served_name(cfg: ServeConfig) -> str:
+    """--served-model-name, else the preset name, else the checkpoint folder's name ("hybrid-mini")."""
+    from model_shards.presets import PRESETS
+
+    from .engine_config import DEFAULT_CHECKPOINT, FALLBACK_PRESET
+
+    model = cfg.engine.model
+    if cfg.served_model_name:
+        return cfg.served_model_name
+    if model == "default":
+        return DEFAULT_CHECKPOINT.name if (DEFAULT_CHECKPOINT / "config.json").exists() else FALLBACK_PRESET
+    if model in PRESETS:
+        return model
+    return Path(model).resolve().name
+
+
+@serve.ingress()
+class Ingress:
+    """HTTP (via Serve's proxy) and gRPC (own server) front door. One replica: it owns the gRPC port.
+
+    It comes up without waiting for the model replicas (so /health answers while weights load) and
+    fetches the model's limits and tokenizer from a replica in the background; until then generation
+    requests and /ready answer 503 with Retry-After.
+    """
+
+    async def __init__(self, model_handle, cfg: ServeConfig):
+        from .frontend import Frontend
+        from .grpc_server import GrpcServer
+
+        setup_logging(cfg.log_level)
+        self.cfg = cfg
+        self.hub = StatsHub.options(name=_hub_name(cfg.app_name), get_if_exists=True).remote()
+        name = default_served_name(cfg)
+        aliases = tuple(a for a in (cfg.engine.model, "default") if "/" not in a)
+        self.fe = Frontend(ServeBackend(model_handle, self.hub), None, None, served_model_name=name, aliases=aliases,
+                           api_key=cfg.api_key)
+        self.grpc = None
+        if cfg.grpc_port:
+            self.grpc = GrpcServer(self.fe, cfg.host, cfg.grpc_port, cfg.max_body_bytes)
+            await self.grpc.start()
+        self._loader = asyncio.create_task(self._load_model(model_handle))
+
+    async def _load_model(self, model_handle) -> None:
+        from .frontend import ModelInfo
+        from .tokenizer import load_tokenizer
+
+        while True:
+            try:
+                info = ModelInfo.from_dict(await model_handle.info.remote())
+                folder = info.folder
+                if not folder or not Path(folder).exists():      # the replica runs on another node
+                    files = await model_handle.tokenizer_files.remote()
+                    folder = tempfile.mkdtemp(prefix="hybridserve-tok-")
+                    for fname, data in files.items():
+                        Path(folder, fname).write_bytes(data)
+                tokenizer = load_tokenizer(folder, vocab_size=info.vocab_size, bos_token_id=info.bos_token_id,
+                                           eos_token_id=info.eos_token_id, pad_token_id=info.pad_token_id)
+                break
+            except Exception as e:  # noqa: BLE001 - replicas may be restarting; keep trying
+                log.warning("ingress: cannot get the model's info yet (%s: %s); retrying", type(e).__name__, e)
+                await asyncio.sleep(2.0)
+        self.fe.set_model(info, tokenizer)
+        log.info("ingress ready: serving %r as %r (max_model_len %d, %s)", info.name, self.fe.model_name,
+                 info.max_model_len, type(tokenizer).__name__)
+
+    async def model_name(self) -> str:
+        return self.fe.model_name
+
+    def __serve_build_asgi_app__(self):
+        from .http_app import build_app
+
+        return build_app(self.fe, self.cfg.max_body_bytes)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests (503), wait for in-flight ones up to `timeout_s`; returns how many remain."""
+        self.fe.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.fe.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return self.fe.in_flight
+
+    async def in_flight(self) -> int:
+        return self.fe.in_flight
+
+    async def __del__(self):
+        self._loader.cancel()
+        if self.grpc is not None:
+            await self.grpc.stop(1.0)
+
+
+def build_application(cfg: ServeConfig):
+    """The bound Serve application for `serve.run`."""
+    e = cfg.engine
+    model = serve.deployment(
+        ModelServer, name="ModelServer",
+        autoscaling_config=cfg.autoscaling_config(),
+        # The engine queues (and rejects past max_queued_requests) itself; Serve sends it up to that many.
+        max_ongoing_requests=e.max_num_seqs + e.max_queued_requests,
+        max_queued_requests=max(1, e.max_queued_requests),
+        ray_actor_options={"num_cpus": cfg.replica_num_cpus},
+        health_check_period_s=5, health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=30, graceful_shutdown_wait_loop_s=1,
+    )
+    ingress = serve.deployment(
+        Ingress, name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=10_000,
+        graceful_shutdown_timeout_s=30,
+    )
+    return ingress.bind(model.bind(cfg), cfg)

