@@ -75,9 +75,18 @@ def model_info(engine) -> dict:
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
         "eos_token_ids": list(eos_ids),
-        "generation_defaults": {k: gen[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens") if k in gen},
+        "generation_defaults": generation_defaults(gen),
         "num_speculative_tokens": int(getattr(engine.config, "num_speculative_tokens", 0)),
     }
+
+
+def generation_defaults(gen: dict) -> dict:
+    """Request defaults from generation_config.json (vLLM does the same): sampling settings, the default
+    output length, and `do_sample: false` meaning greedy unless the request sets a temperature."""
+    out = {k: gen[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens") if k in gen}
+    if gen.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
 
 
 class LocalBackend:

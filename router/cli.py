@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -101,7 +102,7 @@ def start_ray(cfg, num_cpus: float | None) -> bool:
         return False
     cpus = num_cpus or max(os.cpu_count() or 1, needed_cpus(cfg))
     print(f"starting a local Ray cluster ({cpus:g} logical CPUs)", flush=True)
-    ray.init(num_cpus=int(max(1, cpus)), include_dashboard=False, log_to_driver=True,
+    ray.init(num_cpus=math.ceil(max(1, cpus)), include_dashboard=False, log_to_driver=True,
              configure_logging=True, logging_level=logging.WARNING)
     return True
 

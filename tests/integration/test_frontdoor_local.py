@@ -341,3 +341,21 @@ def test_queue_limit_rejects_with_retry_after_while_admitted_complete(preset_cac
             assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
         s.wait_cache_free()
         time.sleep(0.1)
+
+
+# ---- MTP speculative decoding through the front door ------------------------------------------------
+
+def test_mtp_outputs_equal_greedy_and_metrics_count_drafts(preset_cache):
+    cfg = EngineConfig(model="tiny", max_model_len=512, max_num_seqs=2, num_speculative_tokens=2)
+    with LocalServer(cfg, grpc=False) as s:
+        ids, text = expected(s, s.tokenizer.encode_chat(MSGS), 30)
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        chunks = list(c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=30, temperature=0, stream=True,
+                                                extra_body={"return_token_ids": True}))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
+        assert sum((ch.choices[0].token_ids or [] for ch in chunks), []) == ids
+        metrics = httpx.get(s.url + "/metrics").text
+        drafted = [float(v) for name, v in (ln.rsplit(" ", 1) for ln in metrics.splitlines() if ln[:1] != "#")
+                   if name.startswith("hybridserve:spec_decode_num_draft_tokens_per_pos_total")]
+        assert len(drafted) == 2 and all(d > 0 for d in drafted), metrics
+        assert "hybridserve:spec_decode_num_accepted_tokens_per_pos_total" in metrics
