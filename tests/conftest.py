@@ -9,6 +9,12 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HYBRIDSERVE_LOG_LEVEL", "WARNING")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+# Small tensors on a shared 2-core machine: one thread is much faster than two fighting threads.
+torch.set_num_threads(1)
 
 
 @pytest.fixture
