@@ -264,6 +264,9 @@ class Ingress:
         self.hub = StatsHub.options(name=_hub_name(cfg.app_name), get_if_exists=True).remote()
         name = default_served_name(cfg)
         aliases = tuple(a for a in (cfg.engine.model, "default") if "/" not in a)
+        if cfg.engine.model == "default":       # the README's name works even while the preset stands in
+            from .engine_config import DEFAULT_CHECKPOINT
+            aliases += (DEFAULT_CHECKPOINT.name,)
         self.fe = Frontend(ServeBackend(model_handle, self.hub), None, None, served_model_name=name, aliases=aliases,
                            api_key=cfg.api_key)
         self.grpc = None

@@ -134,6 +134,11 @@ def test_serve_disconnect_frees_the_cache(app):
     # connection closed mid-stream: Serve cancels the ingress handler, which cancels the replica stream
     wait_for(lambda: sum(engine_metric(url, "mamba_slots_used").values()) == 0
              and sum(engine_metric(url, "kv_cache_blocks_used").values()) == 0, 10, "the cache to be free")
+    with pytest.raises(httpx.ReadTimeout):          # a non-streaming client that gives up
+        httpx.post(url + "/v1/completions", json={"prompt": "go", "max_tokens": 900, "ignore_eos": True},
+                   timeout=httpx.Timeout(30, read=0.5))
+    wait_for(lambda: sum(engine_metric(url, "mamba_slots_used").values()) == 0
+             and sum(engine_metric(url, "kv_cache_blocks_used").values()) == 0, 10, "the cache to be free (unary)")
     with Client(f"127.0.0.1:{app[0].grpc_port}") as c:
         stream = c.generate("go", max_tokens=900, ignore_eos=True)
         next(stream)
