@@ -110,9 +110,9 @@ def test_cancelled_request_frees_its_cache(ray_local, preset_cache):
     assert free and stats.running == 0 and stats.waiting == 0
 
 
-def test_gloo_transport_between_stages_gives_the_oracle_tokens(ray_local, preset_cache):
-    engine = _engine(2, 1, k=3, transport="gloo")
-    reqs = _requests(seed=5)[:4]
+def _assert_transport_gives_oracle_tokens(transport, seed, n):
+    engine = _engine(2, 1, k=3, transport=transport)
+    reqs = _requests(seed=seed)[:n]
 
     async def scenario():
         await engine.start()
@@ -122,22 +122,14 @@ def test_gloo_transport_between_stages_gives_the_oracle_tokens(ray_local, preset
             await engine.shutdown()
 
     results = asyncio.run(scenario())
-    for rid, prompt, params, k in reqs:
+    for rid, prompt, params, _ in reqs:
         assert results[rid][0] == oracle(engine.folder, prompt, params)
+
+
+def test_gloo_transport_between_stages_gives_the_oracle_tokens(ray_local, preset_cache):
+    _assert_transport_gives_oracle_tokens("gloo", seed=5, n=4)
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the NCCL transport needs CUDA GPUs")
 def test_nccl_transport_between_stages_gives_the_oracle_tokens(ray_local, preset_cache):
-    engine = _engine(2, 1, k=3, transport="nccl")
-    reqs = _requests(seed=6)[:2]
-
-    async def scenario():
-        await engine.start()
-        try:
-            return await staggered(engine, reqs)
-        finally:
-            await engine.shutdown()
-
-    results = asyncio.run(scenario())
-    for rid, prompt, params, k in reqs:
-        assert results[rid][0] == oracle(engine.folder, prompt, params)
+    _assert_transport_gives_oracle_tokens("nccl", seed=6, n=2)

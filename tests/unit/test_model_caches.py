@@ -45,15 +45,6 @@ def build(cfg, seed: int = 0) -> HybridModel:
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small shapes: one torch thread is faster and spares the shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def model(request) -> HybridModel:
     return build(CONFIGS[request.param])

@@ -22,15 +22,6 @@ TV_MAX = 0.02              # total variation bound for N >= 20k draws (expected 
 CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small shapes: one torch thread is faster and spares the shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def chi_square(tokens: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
     """Pearson's statistic of observed tokens against p over p's support; (statistic, degrees of freedom).
     Tokens outside the support make it infinite."""
