@@ -3,8 +3,9 @@
 A backend has three async methods:
 - `submit(request_id, prompt_ids, params)`: admit the request or raise an `APIError` (queue full ->
   429, prompt too long -> 400) *before* any token exists, so a streaming client still gets a proper
-  status code; then return an async iterator of `RequestOutput`. Closing that iterator early (client
-  gone, stop string hit) aborts the request in the engine, which frees its KV blocks and Mamba slot.
+  status code; then return an async iterator of `RequestOutput` with `aclose()`. Closing it early
+  (client gone, stop string hit) aborts the request in the engine, which frees its KV blocks and
+  Mamba slot.
 - `stats()`: the latest `EngineStats` per replica (for /metrics and /ready).
 - `ready()`: weights loaded and the engine loop alive.
 
@@ -16,8 +17,6 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import AsyncIterator
-
 from model_shards.sampling_params import SamplingParams
 
 from .errors import APIError, InvalidRequest, Overloaded, Unavailable
@@ -38,17 +37,31 @@ def admit(engine, request_id: str, prompt_ids: list[int], params: SamplingParams
         raise InvalidRequest(msg, param=param) from None
 
 
-async def drain_queue(engine, request_id: str, queue) -> AsyncIterator[RequestOutput]:
-    """Yield a request's outputs until it finishes; if closed early, abort it in the engine."""
-    finished = False
-    try:
-        while not finished:
-            out = await queue.get()
-            finished = out.finished
-            yield out
-    finally:
-        if not finished:
-            engine.abort(request_id)
+class EngineStream:
+    """A request's outputs from an in-process engine; `aclose()` before the end aborts the request.
+
+    A class rather than an async generator on purpose: a generator that was never started ignores
+    `aclose()`, so a client that vanished before its first byte would leave the request running.
+    """
+
+    def __init__(self, engine, request_id: str, queue):
+        self.engine, self.request_id, self.queue = engine, request_id, queue
+        self.finished = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        self.finished = out.finished
+        return out
+
+    async def aclose(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
 
 
 def engine_ready(engine) -> bool:
@@ -96,10 +109,9 @@ class LocalBackend:
         self.engine = engine
         self.replica_id = replica_id
 
-    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams
-                     ) -> AsyncIterator[RequestOutput]:
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> EngineStream:
         queue = admit(self.engine, request_id, prompt_ids, params)
-        return drain_queue(self.engine, request_id, queue)
+        return EngineStream(self.engine, request_id, queue)
 
     async def stats(self) -> dict[str, EngineStats]:
         return {self.replica_id: copy.deepcopy(self.engine.stats())}

@@ -173,7 +173,8 @@ async def _generate(fe: Frontend, request: Request, kind: str):
     headers = {"X-Request-Id": rid}
     if req.stream:
         headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return StreamingResponse(_stream(fe, gen, req, kind), media_type="text/event-stream", headers=headers)
+        return GenerationStreamingResponse(gen, _stream(fe, gen, req, kind), media_type="text/event-stream",
+                                           headers=headers)
     collect = asyncio.ensure_future(_collect(fe, gen, req, kind))
     disconnect = asyncio.ensure_future(_wait_disconnect(request))
     try:
@@ -193,6 +194,21 @@ async def _generate(fe: Frontend, request: Request, kind: str):
         return JSONResponse(collect.result(), headers=headers)
     except APIError as e:
         return error_response(e)
+
+
+class GenerationStreamingResponse(StreamingResponse):
+    """Closes the Generation however the response ends, even when the client left before the first
+    chunk (Starlette then cancels the response before our body generator ever starts)."""
+
+    def __init__(self, gen: Generation, content, **kw):
+        super().__init__(content, **kw)
+        self.generation = gen
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.generation.aclose()
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -181,6 +181,38 @@ class ModelServer:
         await self.engine.shutdown()
 
 
+class ReplicaStream:
+    """A request's outputs streamed from a model replica; `aclose()` before the end cancels the
+    handle's stream, which cancels the replica's generator, which aborts the engine request."""
+
+    def __init__(self, gen):
+        self.gen = gen
+        self.finished = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            d = await self.gen.__anext__()
+        except StopAsyncIteration:
+            self.finished = True
+            raise
+        except Exception as e:  # noqa: BLE001 - the replica died mid-request
+            self.finished = True
+            return RequestOutput("", [], "error", error=f"engine failure: model replica lost: {type(e).__name__}: {e}")
+        out = RequestOutput(**d)
+        self.finished = out.finished
+        return out
+
+    async def aclose(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.gen.cancel()
+
+
 class ServeBackend:
     """The Frontend's backend inside the ingress: model replicas behind a DeploymentHandle."""
 
@@ -205,21 +237,7 @@ class ServeBackend:
                               retry_after_s=2) from None
         if "error" in first:
             raise error_from_dict(first["error"])
-        return self._outputs(gen)
-
-    async def _outputs(self, gen):
-        finished = False
-        try:
-            async for d in gen:
-                out = RequestOutput(**d)
-                finished = out.finished
-                yield out
-        except Exception as e:  # noqa: BLE001 - the replica died mid-request
-            finished = True
-            yield RequestOutput("", [], "error", error=f"engine failure: model replica lost: {type(e).__name__}: {e}")
-        finally:
-            if not finished:
-                gen.cancel()          # propagates to the replica: its generator is cancelled, engine aborts
+        return ReplicaStream(gen)
 
     async def stats(self) -> dict[str, EngineStats]:
         snap = await self.hub.snapshot.remote()

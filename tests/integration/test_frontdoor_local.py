@@ -250,6 +250,34 @@ def test_http_non_streaming_disconnect_frees_the_cache(server):
     server.wait_cache_free()
 
 
+def test_client_gone_before_the_first_byte_frees_the_cache(server):
+    """The ASGI server reports the disconnect before the streaming body ever starts."""
+    from router.http_app import build_app
+
+    app = build_app(server.fe)
+    body = json.dumps({"prompt": "go", "max_tokens": 900, "ignore_eos": True, "stream": True}).encode()
+    sent = []
+
+    async def run():
+        msgs = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return msgs.pop(0) if msgs else {"type": "http.disconnect"}
+
+        async def send(msg):
+            sent.append(msg)
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", server.port), "scheme": "http", "root_path": ""}
+        await app(scope, receive, send)
+
+    server.call(run())
+    assert server.fe.in_flight == 0
+    server.wait_cache_free()
+
+
 def test_grpc_cancel_frees_the_cache(server):
     with Client(f"127.0.0.1:{server.grpc_port}") as c:
         stream = c.generate("go", max_tokens=900, ignore_eos=True, temperature=0)
