@@ -387,3 +387,21 @@ def test_mtp_outputs_equal_greedy_and_metrics_count_drafts(preset_cache):
                    if name.startswith("hybridserve:spec_decode_num_draft_tokens_per_pos_total")]
         assert len(drafted) == 2 and all(d > 0 for d in drafted), metrics
         assert "hybridserve:spec_decode_num_accepted_tokens_per_pos_total" in metrics
+
+
+def test_draining_refuses_new_requests_with_503(server):
+    server.fe.draining = True
+    try:
+        r = post(server, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2})
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["type"] == "service_unavailable_error"
+        with Client(f"127.0.0.1:{server.grpc_port}") as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.complete("x", max_tokens=1)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            deadline = time.time() + 5
+            while c.health() != "NOT_SERVING" and time.time() < deadline:
+                time.sleep(0.1)
+            assert c.health() == "NOT_SERVING"
+    finally:
+        server.fe.draining = False
