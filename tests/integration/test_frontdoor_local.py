@@ -405,3 +405,58 @@ def test_draining_refuses_new_requests_with_503(server):
             assert c.health() == "NOT_SERVING"
     finally:
         server.fe.draining = False
+
+
+# ---- a checkpoint with its own tokenizer.json, chat template and generation_config ---------------------
+
+@pytest.fixture(scope="module")
+def bpe_checkpoint(tmp_path_factory):
+    """The tiny preset's shapes with a 400-token byte-level BPE vocabulary and the training recipe's
+    tokenizer files (chat template with role tokens, generation_config with do_sample=false)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from model_shards.model import HybridModel
+    from model_shards.presets import PRESETS
+    from model_shards.weights import save_checkpoint
+
+    folder = tmp_path_factory.mktemp("bpe-ckpt")
+    with torch.no_grad():
+        save_checkpoint(HybridModel(PRESETS["tiny"].replace(vocab_size=400, name="bpe-tiny")).init_random(1), folder)
+    specials = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["def fibonacci(n):\n    return n", "import os\nprint('héllo')"] * 50,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    template = ("{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + "
+                "message['content'] + '<|end|>\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": template}))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False, "max_new_tokens": 24}))
+    return folder
+
+
+def test_checkpoint_tokenizer_and_chat_template(bpe_checkpoint):
+    from router.tokenizer import HFTokenizer
+
+    cfg = EngineConfig(model=str(bpe_checkpoint), max_model_len=512, max_num_seqs=2)
+    with LocalServer(cfg, served_model_name=None, grpc=False) as s:
+        assert isinstance(s.tokenizer, HFTokenizer)
+        msgs = [{"role": "user", "content": "def fibonacci(n):"}]
+        prompt = s.tokenizer.encode_chat(msgs)
+        assert prompt[0] == 1 and prompt[1] == s.tokenizer._tok.token_to_id("<|user|>") and prompt.count(1) == 1
+        ids, text = expected(s, prompt, 24)
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        name = s.fe.model_name
+        assert [m.id for m in c.models.list().data] == [name] and name in (bpe_checkpoint.name, "bpe-tiny")
+        # no temperature, no max_tokens: generation_config says greedy and 24 new tokens
+        r = c.chat.completions.create(model=name, messages=msgs, extra_body={"return_token_ids": True})
+        assert r.choices[0].token_ids == ids and r.choices[0].message.content == text
+        assert r.usage.prompt_tokens == len(prompt)
+        chunks = list(c.chat.completions.create(model=name, messages=msgs, stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
