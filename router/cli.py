@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer <key>' (env HYBRIDSERVE_API_KEY)")
     n.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024, help="413 above this")
     n.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on shutdown")
-    n.add_argument("--log-level", default="INFO")
+    n.add_argument("--log-level", default=os.environ.get("HYBRIDSERVE_LOG_LEVEL", "INFO"),
+                   help="our log level (env HYBRIDSERVE_LOG_LEVEL); INFO shows one line per request")
     n.add_argument("--app-name", default="hybridserve", help="Ray Serve application name")
     return ap
 

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 def test_serve_command_answers_and_drains_on_sigterm(preset_cache):
     port, grpc_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "router.cli", "serve", "--model", "tiny", "--port", str(port),
-           "--grpc-port", str(grpc_port), "--max-model-len", "1024", "--num-cpus", "4", "--drain-timeout", "60"]
+           "--grpc-port", str(grpc_port), "--max-model-len", "1024", "--num-cpus", "4", "--drain-timeout", "60",
+           "--log-level", "INFO"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

@@ -1,11 +1,6 @@
 """Small pieces of the front door: metrics rendering, SSE framing, generated gRPC code, CLI options."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import pytest
-
 from router import responses as R
 from router.metrics import Metrics
 from router.outputs import EngineStats
@@ -30,8 +25,10 @@ def test_metrics_render_request_and_engine_series():
                  'hybridserve:num_requests_running{model_name="m",replica="r1"} 3.0',
                  'hybridserve:kv_cache_usage_perc{model_name="m",replica="r1"} 0.25',
                  'hybridserve:mamba_slots_used{model_name="m",replica="r1"} 3.0',
-                 'hybridserve:spec_decode_num_draft_tokens_per_pos_total{model_name="m",position="1",replica="r1"} 8.0',
-                 'hybridserve:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="0",replica="r1"} 6.0']:
+                 'hybridserve:spec_decode_num_draft_tokens_per_pos_total{model_name="m",position="1",'
+                 'replica="r1"} 8.0',
+                 'hybridserve:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="0",'
+                 'replica="r1"} 6.0']:
         assert line in text, line
 
 
@@ -58,7 +55,8 @@ def test_cli_defaults_and_vllm_names():
 
     args = build_parser().parse_args(["serve"])
     cfg = serve_config_from_args(args)
-    assert (cfg.engine.model, cfg.port, cfg.grpc_port, cfg.min_replicas, cfg.max_replicas) == ("default", 8000, 50051, 1, 1)
+    assert (cfg.engine.model, cfg.port, cfg.grpc_port, cfg.min_replicas, cfg.max_replicas) == \
+        ("default", 8000, 50051, 1, 1)
     args = build_parser().parse_args(
         ["serve", "--model", "tiny", "--pipeline-parallel-size", "2", "--expert-parallel-size", "2",
          "--num-speculative-tokens", "1", "--min-replicas", "1", "--max-replicas", "3", "--host", "0.0.0.0",
