@@ -228,12 +228,12 @@ def _dead_ray_processes() -> list[str]:
 def cmd_serve(args) -> int:
     from .serve_app import setup_logging
 
-    setup_logging(args.log_level.upper())
     try:
         cfg = serve_config_from_args(args)
     except ValueError as e:
         print(f"hybridserve serve: error: {e}", file=sys.stderr)
         return 2
+    setup_logging(args.log_level.upper())
     started = start_ray(cfg, args.num_cpus)
     try:
         deploy(cfg)
