@@ -14,7 +14,6 @@ the same shape, so the HTTP and gRPC code is the same in tests, in a single proc
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from model_shards.sampling_params import SamplingParams
@@ -65,8 +64,7 @@ class EngineStream:
 
 
 def engine_ready(engine) -> bool:
-    task = getattr(engine, "_task", None)
-    return task is not None and not task.done() and engine.stats().healthy
+    return engine.is_running and engine.stats().healthy
 
 
 def model_info(engine) -> dict:
@@ -114,7 +112,7 @@ class LocalBackend:
         return EngineStream(self.engine, request_id, queue)
 
     async def stats(self) -> dict[str, EngineStats]:
-        return {self.replica_id: copy.deepcopy(self.engine.stats())}
+        return {self.replica_id: self.engine.stats()}
 
     async def ready(self) -> bool:
         return engine_ready(self.engine)

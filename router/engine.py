@@ -8,6 +8,8 @@ Mamba states without an extra round trip.
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import itertools
 import logging
 import math
@@ -72,6 +74,7 @@ class AsyncEngine:
                                   accepted_per_position=[0] * config.num_speculative_tokens)
         self.step_times: list[float] = []      # wall time of each pass, submit to result
         self.loop_overhead_s = 0.0             # engine-loop time spent scheduling and applying results
+        self._finish_times: collections.deque[float] = collections.deque(maxlen=32)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,7 +111,7 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already running")
         if len(self.scheduler.waiting) >= self.config.max_queued_requests:
-            raise QueueFullError(self.config.max_queued_requests)
+            raise QueueFullError(self.config.max_queued_requests, self._retry_after_s())
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, seed, k)
         q: asyncio.Queue = asyncio.Queue()
@@ -143,11 +146,26 @@ class AsyncEngine:
         if self._wake:
             self._wake.set()
 
+    @property
+    def is_running(self) -> bool:
+        """The engine loop is alive (started and not crashed)."""
+        return self._task is not None and not self._task.done()
+
     def stats(self) -> EngineStats:
+        """A snapshot (a copy): safe to keep or serialise."""
         s = self.stats_
         s.waiting, s.running = len(self.scheduler.waiting), len(self.scheduler.running)
         s.kv_blocks_used, s.mamba_slots_used = self.blocks.used_blocks, self.blocks.used_slots
-        return s
+        return dataclasses.replace(s, drafted_per_position=list(s.drafted_per_position),
+                                   accepted_per_position=list(s.accepted_per_position))
+
+    def _retry_after_s(self) -> float:
+        """When a refused request may find room: the time to drain the queue at the recent finish rate."""
+        if not self._finish_times or len(self._finish_times) < 2:
+            return 1.0
+        span = self._finish_times[-1] - self._finish_times[0]
+        rate = (len(self._finish_times) - 1) / span if span > 0 else 0.0
+        return float(min(60.0, max(1.0, len(self.scheduler.waiting) / rate))) if rate else 1.0
 
     # ---- the loop ------------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -218,5 +236,6 @@ class AsyncEngine:
                 out.error = str(EngineDeadError(out.error))
             q.put_nowait(out)
             if out.finished:
+                self._finish_times.append(time.monotonic())
                 self._streams.pop(out.request_id, None)
                 self._seq_of.pop(out.request_id, None)

@@ -155,8 +155,7 @@ class ModelServer:
 
     async def check_health(self) -> None:
         """Serve restarts a replica whose engine loop died or cannot recover."""
-        task = self.engine._task
-        if task is None or task.done():
+        if not self.engine.is_running:
             raise RuntimeError("engine loop is not running")
         if not self.engine.stats().healthy:
             raise RuntimeError("engine is unhealthy (executor could not be rebuilt)")
