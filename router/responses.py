@@ -21,59 +21,66 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _envelope(rid: str, created: int, model: str, obj: str, choices: list[dict]) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+
+
+def _with_token_ids(choice: dict, token_ids: list[int] | None) -> dict:
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return choice
+
+
+def _chunk(rid: str, created: int, model: str, obj: str, choice: dict, usage_: dict | None,
+           with_usage_field: bool) -> dict:
+    """A streamed chunk; `usage` is there (null until the last chunk) when the client asked for usage."""
+    body = _envelope(rid, created, model, obj, [choice])
+    if with_usage_field or usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
 def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
                   completion_tokens: int, token_ids: list[int] | None = None,
                   prompt_token_ids: list[int] | None = None) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-              "finish_reason": finish_reason}
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    body = {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
-            "usage": usage(prompt_tokens, completion_tokens)}
-    if prompt_token_ids is not None:
+    choice = _with_token_ids({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                              "finish_reason": finish_reason}, token_ids)
+    body = _envelope(rid, created, model, "chat.completion", [choice])
+    body["usage"] = usage(prompt_tokens, completion_tokens)
+    if prompt_token_ids is not None:  # chat: on the body (vLLM); completions: on the choice
         body["prompt_token_ids"] = prompt_token_ids
     return body
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
                token_ids: list[int] | None = None, usage_: dict | None = None, with_usage_field: bool = False) -> dict:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
-    if with_usage_field or usage_ is not None:
-        body["usage"] = usage_
-    return body
+    choice = _with_token_ids({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}, token_ids)
+    return _chunk(rid, created, model, "chat.completion.chunk", choice, usage_, with_usage_field)
 
 
 def completion_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
                         prompt_tokens: int, completion_tokens: int, token_ids: list[int] | None = None,
                         prompt_token_ids: list[int] | None = None) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
+    choice = _with_token_ids({"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}, token_ids)
     if prompt_token_ids is not None:
         choice["prompt_token_ids"] = prompt_token_ids
-    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    body = _envelope(rid, created, model, "text_completion", [choice])
+    body["usage"] = usage(prompt_tokens, completion_tokens)
+    return body
 
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None = None,
                      token_ids: list[int] | None = None, usage_: dict | None = None,
                      with_usage_field: bool = False) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    body = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
-    if with_usage_field or usage_ is not None:
-        body["usage"] = usage_
-    return body
+    choice = _with_token_ids({"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}, token_ids)
+    return _chunk(rid, created, model, "text_completion", choice, usage_, with_usage_field)
 
 
 def usage_chunk(rid: str, created: int, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
     """The last chunk when `stream_options.include_usage` is set: no choices, the request's usage."""
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    body = _envelope(rid, created, model, obj, [])
+    body["usage"] = usage(prompt_tokens, completion_tokens)
+    return body
 
 
 def models_list(model: str, created: int, max_model_len: int) -> dict:
