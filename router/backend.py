@@ -36,16 +36,15 @@ def admit(engine, request_id: str, prompt_ids: list[int], params: SamplingParams
         raise InvalidRequest(msg, param=param) from None
 
 
-class EngineStream:
-    """A request's outputs from an in-process engine; `aclose()` before the end aborts the request.
+class OutputStream:
+    """A request's `RequestOutput`s until the finished one; `aclose()` before the end cancels the request.
 
     A class rather than an async generator on purpose: a generator that was never started ignores
     `aclose()`, so a client that vanished before its first byte would leave the request running.
+    Subclasses say where the next output comes from (`_next`) and how to cancel (`_cancel`).
     """
 
-    def __init__(self, engine, request_id: str, queue):
-        self.engine, self.request_id, self.queue = engine, request_id, queue
-        self.finished = False
+    finished = False
 
     def __aiter__(self):
         return self
@@ -53,14 +52,37 @@ class EngineStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        out = await self.queue.get()
+        out = await self._next()
         self.finished = out.finished
         return out
 
     async def aclose(self) -> None:
         if not self.finished:
             self.finished = True
-            self.engine.abort(self.request_id)
+            self._cancel()
+
+    async def _next(self) -> RequestOutput:
+        raise NotImplementedError
+
+    def _cancel(self) -> None:
+        raise NotImplementedError
+
+
+class EngineStream(OutputStream):
+    """A request's outputs from an in-process engine; `aclose()` before the end aborts the request.
+
+    Not `engine.generate()`: that generator admits the request only when first iterated, and the
+    front door must admit (and turn queue-full into a 429) before it answers.
+    """
+
+    def __init__(self, engine, request_id: str, queue):
+        self.engine, self.request_id, self.queue = engine, request_id, queue
+
+    async def _next(self) -> RequestOutput:
+        return await self.queue.get()
+
+    def _cancel(self) -> None:
+        self.engine.abort(self.request_id)
 
 
 def engine_ready(engine) -> bool:

@@ -34,7 +34,7 @@ from ray import serve
 
 from model_shards.sampling_params import SamplingParams
 
-from .backend import LocalBackend, error_from_dict, error_to_dict, model_info
+from .backend import LocalBackend, OutputStream, error_from_dict, error_to_dict, model_info
 from .engine_config import EngineConfig
 from .errors import APIError, Overloaded, Unavailable
 from .outputs import EngineStats, RequestOutput
@@ -180,36 +180,25 @@ class ModelServer:
         await self.engine.shutdown()
 
 
-class ReplicaStream:
+class ReplicaStream(OutputStream):
     """A request's outputs streamed from a model replica; `aclose()` before the end cancels the
     handle's stream, which cancels the replica's generator, which aborts the engine request."""
 
     def __init__(self, gen):
         self.gen = gen
-        self.finished = False
 
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
+    async def _next(self) -> RequestOutput:
         try:
             d = await self.gen.__anext__()
         except StopAsyncIteration:
             self.finished = True
             raise
-        except Exception as e:  # noqa: BLE001 - the replica died mid-request
-            self.finished = True
+        except Exception as e:  # noqa: BLE001 - the replica died mid-request (a finished output)
             return RequestOutput("", [], "error", error=f"engine failure: model replica lost: {type(e).__name__}: {e}")
-        out = RequestOutput(**d)
-        self.finished = out.finished
-        return out
+        return RequestOutput(**d)
 
-    async def aclose(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self.gen.cancel()
+    def _cancel(self) -> None:
+        self.gen.cancel()
 
 
 class ServeBackend:
