@@ -26,16 +26,25 @@ def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
 
     Experts first_expert .. first_expert+E_local-1 live here; choices outside that range are skipped,
     so the sum over all shards' outputs is the full MoE output. Returns (T, D_in) in x's dtype.
+    The (token, choice) pairs are sorted by expert once, so each expert works on a contiguous slice.
     """
     T, Din = x.shape
-    out = torch.zeros(T, Din, dtype=torch.float32, device=x.device)
-    local = topk_ids - first_expert
+    k = topk_ids.shape[1]
+    local = (topk_ids - first_expert).reshape(-1)                      # (T*k,) expert of each choice
     n_local = up.shape[0]
-    for e in torch.unique(local).tolist():
-        if e < 0 or e >= n_local:
-            continue
-        tok, slot = torch.nonzero(local == e, as_tuple=True)
-        h = torch.relu(x[tok] @ up[e].t()).square()
-        y = h @ down[e].t()
-        out.index_add_(0, tok, y.float() * topk_weights[tok, slot, None].float())
+    order = torch.argsort(local, stable=True)                          # choices grouped by expert
+    counts = torch.bincount(local.clamp(-1, n_local).add(1), minlength=n_local + 2).tolist()
+    tok = order // k                                                   # token of each sorted choice
+    xs = x[tok]                                                        # (T*k, D_in) sorted by expert
+    ys = torch.zeros(T * k, Din, dtype=torch.float32, device=x.device)
+    start = counts[0]                                                  # choices below first_expert
+    for e in range(n_local):
+        n = counts[e + 1]
+        if n:
+            h = torch.relu(xs[start:start + n] @ up[e].t()).square()
+            ys[start:start + n] = (h @ down[e].t()).float()
+        start += n
+    w = topk_weights.reshape(-1)[order].float()[:, None]
+    out = torch.zeros(T, Din, dtype=torch.float32, device=x.device)
+    out.index_add_(0, tok, ys * w)                                     # choices of other shards add 0
     return out.to(x.dtype)
