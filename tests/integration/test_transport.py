@@ -10,13 +10,16 @@ import time
 import pytest
 import torch
 
-from cluster.transport import NCCL4PY_AVAILABLE, NCCL4PY_IMPORT_ERROR, ObjectStoreTransport, free_port, make_transport, to_bytes
+from cluster.transport import NCCL4PY_AVAILABLE, NCCL4PY_IMPORT_ERROR, ObjectStoreTransport, free_port, make_transport
+from tests import transport_helpers
+from tests.transport_helpers import random_tensor, same_bits
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.integration
 
-# Ray pickles the actor class; this test module is not importable by name in the workers.
+# Ray pickles the actor class; this test module and its helpers are not importable by name in the workers.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(transport_helpers)
 
 DTYPES = ["float32", "bfloat16", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
 SHAPES = [(), (0,), (17,), (3, 5), (2, 3, 4)]
@@ -29,19 +32,7 @@ GPU_REASON = (f"NCCL point-to-point needs 2 CUDA devices (one per rank); torch.c
 
 
 def make(dtype: str, shape, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    dt = getattr(torch, dtype)
-    if dt.is_floating_point:
-        return (torch.randn(shape, generator=g) * 50).to(dt)
-    if dt == torch.bool:
-        return torch.rand(shape, generator=g) > 0.5
-    info = torch.iinfo(dt)
-    return torch.randint(info.min, info.max, shape, generator=g, dtype=torch.int64).to(dt)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a, b = a.cpu(), b.cpu()
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(to_bytes(a), to_bytes(b))
+    return random_tensor(dtype, shape, seed, scale=50)
 
 
 class Peer:

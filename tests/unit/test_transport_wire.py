@@ -9,43 +9,30 @@ import torch
 from cluster.transport import (HEADER_LEN, Nccl4pyTransport, ObjectStoreTransport, TensorMessage, TorchDistTransport,
                                TransportError, decode_header, encode_header, from_bytes, make_transport, to_bytes)
 from cluster.transport import _DTYPES
+from tests.transport_helpers import random_tensor, same_bits
 
 SHAPES = [(), (0,), (5,), (3, 7), (2, 3, 4), (1, 2, 1, 2, 1, 2, 1, 2)]
-
-
-def _random(dtype: torch.dtype, shape, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if dtype.is_floating_point:
-        return (torch.randn(shape, generator=g) * 100).to(dtype)
-    if dtype == torch.bool:
-        return torch.rand(shape, generator=g) > 0.5
-    info = torch.iinfo(dtype)
-    return torch.randint(info.min, info.max, shape, generator=g, dtype=torch.int64).to(dtype)
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(to_bytes(a), to_bytes(b))
 
 
 @pytest.mark.parametrize("dtype", _DTYPES, ids=str)
 def test_header_and_bytes_round_trip(dtype):
     for shape in SHAPES:
-        t = _random(dtype, shape)
+        t = random_tensor(dtype, shape)
         h = encode_header(t, step_id=123456789)
         assert h.shape == (HEADER_LEN,) and h.dtype == torch.int64
         assert decode_header(h) == (123456789, dtype, tuple(shape))
-        assert _same_bits(from_bytes(to_bytes(t).clone(), dtype, tuple(shape)), t)
+        assert same_bits(from_bytes(to_bytes(t).clone(), dtype, tuple(shape)), t)
 
 
 def test_object_store_transport_is_bit_exact_and_pickles():
     a, b = ObjectStoreTransport(0, 3), ObjectStoreTransport(2, 3)
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-45], dtype=torch.float32)
-    cases = [_random(d, s, i) for i, (d, s) in enumerate((d, s) for d in _DTYPES for s in SHAPES)]
-    cases += [special, _random(torch.bfloat16, (4, 6)).t()]        # NaN payloads; non-contiguous input
+    cases = [random_tensor(d, s, i) for i, (d, s) in enumerate((d, s) for d in _DTYPES for s in SHAPES)]
+    cases += [special, random_tensor(torch.bfloat16, (4, 6)).t()]   # NaN payloads; non-contiguous input
     for step, t in enumerate(cases):
         msg = pickle.loads(pickle.dumps(a.send(t, dst=2, step_id=step)))   # what Ray does to it
         got = b.recv(src=0, step_id=step, message=msg)
-        assert _same_bits(got, t.contiguous())
+        assert same_bits(got, t.contiguous())
     msg = a.send(torch.ones(3), dst=2, step_id=0)
     b.recv(0, 0, msg).zero_()                                      # writable, and a copy: the message is intact
     assert msg.payload.tobytes() == to_bytes(torch.ones(3)).numpy().tobytes()
