@@ -16,15 +16,14 @@ from model_shards.weights import read_config
 from router.contracts import StepPlan, StepResult, decode_result, encode
 
 from .actors import ExpertShardActor, StageActor
-from .parallel import ParallelConfig
-from .planner import DeviceSpec, format_plan, plan_replica
+from .planner import format_plan
 
 log = logging.getLogger("hybridserve.cluster")
 
 
 class RayExecutor:
-    def __init__(self, folder, *, pipeline_parallel_size: int, expert_parallel_size: int, num_blocks: int,
-                 block_size: int, num_slots: int, max_verify_positions: int, actor_num_cpus: float = 0.25,
+    def __init__(self, folder, plan, *, num_blocks: int, block_size: int, num_slots: int,
+                 max_verify_positions: int, actor_num_cpus: float = 0.25,
                  torch_threads: int = 1, placement_strategy: str = "PACK", stage_resources: list[dict] | None = None,
                  transport: str = "ray"):
         """transport: how hidden states move stage to stage: "ray" (object store, chained ObjectRefs),
@@ -34,14 +33,10 @@ class RayExecutor:
         self.transport = transport
         self.folder = str(folder)
         self.cfg = read_config(folder)
-        self.pp, self.ep = pipeline_parallel_size, expert_parallel_size
-        parallel = ParallelConfig(pipeline_parallel_size=self.pp, expert_parallel_size=self.ep)
-        # The planner's cost model splits the layers; cache sizes come from the engine's settings here.
-        self.plan = plan_replica(self.cfg, parallel, DeviceSpec.cpu(parallel.devices_per_replica, 64 << 30),
-                                 block_size=block_size, num_speculative_tokens=max_verify_positions - 1,
-                                 max_num_seqs=num_slots)
-        self.stages_layers = self.plan.stage_bounds
-        self.shard_ranges = parallel.expert_ranges(self.cfg.n_routed_experts) if self.ep > 1 else None
+        self.plan = plan                                      # cluster.planner.ReplicaPlan
+        self.pp, self.ep = plan.parallel.pp, plan.parallel.ep
+        self.stages_layers = plan.stage_bounds
+        self.shard_ranges = plan.parallel.expert_ranges(self.cfg.n_routed_experts) if self.ep > 1 else None
         self.cache_kw = dict(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                              max_verify_positions=max_verify_positions)
         self.actor_num_cpus, self.torch_threads = actor_num_cpus, torch_threads

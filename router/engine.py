@@ -29,15 +29,14 @@ from .sequence import Sequence
 log = logging.getLogger("hybridserve.engine")
 
 
-def make_executor(config: EngineConfig, folder, num_blocks: int):
-    kw = dict(num_blocks=num_blocks, block_size=config.block_size, num_slots=config.max_num_seqs,
+def make_executor(config: EngineConfig, folder, plan, num_blocks: int, num_slots: int):
+    kw = dict(num_blocks=num_blocks, block_size=config.block_size, num_slots=num_slots,
               max_verify_positions=config.num_speculative_tokens + 1)
     if not config.use_ray:
         from cluster.local_executor import LocalExecutor
         return LocalExecutor(folder, torch_threads=None, **kw)
     from cluster.ray_executor import RayExecutor
-    return RayExecutor(folder, pipeline_parallel_size=config.pipeline_parallel_size,
-                       expert_parallel_size=config.expert_parallel_size, actor_num_cpus=config.actor_num_cpus,
+    return RayExecutor(folder, plan, actor_num_cpus=config.actor_num_cpus,
                        torch_threads=config.torch_threads, placement_strategy=config.placement_strategy,
                        stage_resources=config.stage_resources, transport=config.transport, **kw)
 
@@ -51,17 +50,19 @@ class AsyncEngine:
         if config.num_speculative_tokens and not self.model_config.has_mtp:
             raise ValueError(f"num_speculative_tokens: {self.model_config.name} has no MTP block; use 0")
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
-        num_blocks = config.kv_blocks()
-        self.blocks = BlockManager(num_blocks, config.block_size, config.max_num_seqs)
+        self.plan = self._plan()
+        num_slots = self.plan.max_num_seqs
+        num_blocks = min(config.kv_blocks(), self.plan.num_kv_blocks or config.kv_blocks())
+        self.blocks = BlockManager(num_blocks, config.block_size, num_slots)
         self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=num_slots, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, max_queued_requests=config.max_queued_requests,
             eos_token_id=self.model_config.eos_token_id), self.blocks)
         t0 = time.perf_counter()
-        self.executor = executor or make_executor(config, self.folder, num_blocks)
+        self.executor = executor or make_executor(config, self.folder, self.plan, num_blocks, num_slots)
         log.info("engine ready: model %s (%s), pp=%d ep=%d mtp k=%d, %d KV blocks x %d, %d Mamba slots (%.1fs)",
                  self.model_config.name, self.folder, config.pipeline_parallel_size, config.expert_parallel_size,
-                 config.num_speculative_tokens, num_blocks, config.block_size, config.max_num_seqs,
+                 config.num_speculative_tokens, num_blocks, config.block_size, num_slots,
                  time.perf_counter() - t0)
         self._streams: dict[str, asyncio.Queue] = {}
         self._seq_of: dict[str, int] = {}
@@ -69,12 +70,25 @@ class AsyncEngine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._in_flight: set[asyncio.Future] = set()
-        self.stats_ = EngineStats(kv_blocks_total=num_blocks, mamba_slots_total=config.max_num_seqs,
+        self.stats_ = EngineStats(kv_blocks_total=num_blocks, mamba_slots_total=num_slots,
                                   drafted_per_position=[0] * config.num_speculative_tokens,
                                   accepted_per_position=[0] * config.num_speculative_tokens)
         self.step_times: list[float] = []      # wall time of each pass, submit to result
         self.loop_overhead_s = 0.0             # engine-loop time spent scheduling and applying results
         self._finish_times: collections.deque[float] = collections.deque(maxlen=32)
+
+    def _plan(self):
+        """The planner's replica plan: the stage split, and the slots and KV blocks memory allows
+        (the engine uses the smaller of those and its own settings)."""
+        from cluster.parallel import ParallelConfig
+        from cluster.planner import plan_replica
+
+        c = self.config
+        parallel = ParallelConfig(pipeline_parallel_size=c.pipeline_parallel_size,
+                                  expert_parallel_size=c.expert_parallel_size)
+        return plan_replica(self.model_config, parallel, c.device_spec(parallel.devices_per_replica),
+                            block_size=c.block_size, num_speculative_tokens=c.num_speculative_tokens,
+                            context_len=self.max_model_len, max_num_seqs=c.max_num_seqs)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:

@@ -34,6 +34,20 @@ class EngineConfig:
     actor_num_cpus: float = 0.25           # Ray CPU label per actor (threads are capped separately)
     torch_threads: int = 1                 # torch threads per stage/expert actor
     seed: int = 0                          # weights of a preset, and default sampling seeds
+    device_memory_gib: float | None = None  # per device; None: the GPU's memory, or a share of host RAM
+
+    def device_spec(self, count: int):
+        """The devices the replica plans against: GPUs when the Ray cluster (or this process) has them."""
+        from cluster.planner import DeviceSpec
+
+        mem = int(self.device_memory_gib * 2**30) if self.device_memory_gib else None
+        if _gpus_available():
+            import torch
+
+            if mem is None:
+                mem = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 2**30
+            return DeviceSpec("cuda", count, mem, name="gpu")
+        return DeviceSpec.cpu(count, mem)
 
     def validate(self) -> None:
         def need(cond, field, msg):
@@ -60,6 +74,19 @@ class EngineConfig:
             return self.num_kv_blocks
         per_seq = math.ceil((self.max_model_len + 2 * self.num_speculative_tokens + 1) / self.block_size)
         return self.max_num_seqs * per_seq
+
+
+def _gpus_available() -> bool:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.cluster_resources().get("GPU", 0) > 0
+    except ImportError:
+        pass
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def resolve_checkpoint(model: str, seed: int = 0) -> Path:

@@ -77,3 +77,11 @@ def test_bad_sampling_parameters_name_the_field(preset_cache):
         engine.add_request("x", [5, 6], SamplingParams(top_p=0.0))
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         engine.add_request("y", [5, 6], SamplingParams(), num_speculative_tokens=1)
+
+
+def test_device_memory_caps_the_slots_and_kv_blocks_as_the_planner_computes(preset_cache):
+    roomy = AsyncEngine(EngineConfig(model="tiny", max_num_seqs=64, max_model_len=512))
+    tight = AsyncEngine(EngineConfig(model="tiny", max_num_seqs=64, max_model_len=512, device_memory_gib=0.003))
+    assert roomy.blocks.num_slots == 64
+    assert tight.blocks.num_slots == tight.plan.max_num_seqs < 64
+    assert tight.blocks.num_blocks == tight.plan.num_kv_blocks < roomy.blocks.num_blocks
