@@ -112,25 +112,24 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> None:
     if not seqs:
         return
     h_prev = model.mtp_hidden_input(h[pair_rows])
-    h_mtp, logits = model.mtp_forward(torch.tensor(pair_tokens), h_prev, BatchLayout(seqs), cache)
-    # Recursive drafting: k steps, each one token per drafting sequence.
     last = {j: seqs[i].end - 1 for j, i in drafting}                 # row of each sequence's newest MTP output
+    h_mtp, logits = model.mtp_forward(torch.tensor(pair_tokens), h_prev, BatchLayout(seqs), cache,
+                                      logit_rows=list(last.values()))
+    logit_row = {j: n for n, j in enumerate(last)}                   # sequence -> its row in `logits`
+    # Recursive drafting: k steps, each one token per drafting sequence.
     cur_h, cur_logits = h_mtp, logits
     pos = {j: seqs[i].start_pos + seqs[i].num_tokens for j, i in drafting}  # MTP position of the next draft step
     qs: dict[int, list] = {j: [] for j, _ in drafting}
     max_k = max((reqs[j].num_drafts for j, _ in drafting), default=0)
     for step in range(max_k):
         active = [j for j, _ in drafting if reqs[j].num_drafts > step]
-        toks = []
         for j in active:
-            r = reqs[j]
-            committed = batch.seqs[j].end - batch.seqs[j].offset + batch.seqs[j].start_pos \
-                - len(r.drafts) + len(results[j].new_tokens)
+            r, s = reqs[j], batch.seqs[j]
+            committed = s.start_pos + s.num_tokens - len(r.drafts) + len(results[j].new_tokens)
             gen = speculative.step_generator(r.seed, committed, stream=1 + step)
-            tok, q = speculative.sample(cur_logits[last[j]], r.params, gen)
+            tok, q = speculative.sample(cur_logits[logit_row[j]], r.params, gen)
             results[j].drafts.append(tok)
             qs[j].append(q)
-            toks.append(tok)
         if step + 1 == max_k:
             break
         active = [j for j in active if reqs[j].num_drafts > step + 1]
@@ -142,7 +141,7 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> None:
         tok_t = torch.tensor([results[j].drafts[-1] for j in active])
         cur_h, cur_logits = model.mtp_forward(tok_t, prev_h, layout, cache)
         for n, j in enumerate(active):
-            last[j] = n
+            last[j] = logit_row[j] = n
             pos[j] += 1
     for j, _ in drafting:
         store.put(reqs[j].seq_id, None if reqs[j].params.greedy else torch.stack(qs[j]))
