@@ -3,7 +3,7 @@
 Both variants were trained side by side on the same batches from the same initial weights (see
 training/forward.py), on detached backbone states, so the backbone is identical for both. Here each variant
 drafts k=3 tokens greedily on the same held-out code prompts; the higher mean acceptance length ships.
-`python -m training.choose_mtp` prints the numbers and writes runs/hybrid-mini/mtp_choice.json.
+`python -m training.choose_mtp [--state S]` prints the numbers and writes S.mtp_choice.json beside the state.
 """
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ from .recipe import MODEL
 
 log = logging.getLogger("training.choose_mtp")
 VARIANTS = {"prenorm": False, "postnorm": True}      # name -> mtp_use_final_norm_hidden
+
+
+def choice_path(state_path: Path) -> Path:
+    """Where the choice made from a given training state is written (beside it)."""
+    return state_path.with_name(state_path.stem + ".mtp_choice.json")
 
 
 def load_variant(state: dict, variant: str) -> HybridModel:
@@ -54,7 +59,7 @@ def run(state_path: Path, prompts: int = 24, prompt_len: int = 64, max_tokens: i
               "prompts": len(ps), "prompt_len": prompt_len, "max_tokens": max_tokens, "step": state["step"],
               "heldout_losses_at_last_eval": {k: round(v, 4) for k, v in hist[-1].items() if k.startswith("heldout")},
               "results": results}
-    out = state_path.parent / "mtp_choice.json"
+    out = choice_path(state_path)
     out.write_text(json.dumps(choice, indent=1))
     log.info("chosen: %s (mtp_use_final_norm_hidden=%s); written to %s", best, VARIANTS[best], out)
     return choice

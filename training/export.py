@@ -4,7 +4,7 @@ Why bf16: the weights of an ~11M-parameter model take ~22 MB in bf16 (the repo b
 router's correction bias stays float32 as in the real checkpoints. Files: config.json (nemotron_h, MTP
 fields, `mtp_use_final_norm_hidden` as measured), model.safetensors (HF names incl. mtp.*), tokenizer.json,
 tokenizer_config.json (with a chat template), generation_config.json.
-`python -m training.export [--variant prenorm|postnorm]` (default: runs/hybrid-mini/mtp_choice.json).
+`python -m training.export [--state S] [--variant prenorm|postnorm]` (default: the choice saved beside S).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 from model_shards.weights import save_checkpoint
 
 from . import data
-from .choose_mtp import VARIANTS, load_variant
+from .choose_mtp import VARIANTS, choice_path, load_variant
 from .recipe import MODEL
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, tokenizer_config
 
@@ -54,13 +54,13 @@ def run(state_path: Path, use_final_norm_hidden: bool, out_dir: Path = OUT_DIR) 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--state", default="runs/hybrid-mini/state.pt")
+    ap.add_argument("--state", default="runs/hybrid-mini/state_mtp.pt")
     ap.add_argument("--variant", choices=sorted(VARIANTS), default=None)
     ap.add_argument("--out", default=str(OUT_DIR))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     if args.variant is None:
-        choice = json.loads((Path(args.state).parent / "mtp_choice.json").read_text())
+        choice = json.loads(choice_path(Path(args.state)).read_text())
         use_final = choice["use_final_norm_hidden"]
     else:
         use_final = VARIANTS[args.variant]

@@ -34,6 +34,8 @@ class TrainConfig:
     mtp_weight: float = 0.3          # loss = CE(main) + mtp_weight * mean over depths and variants of CE(MTP)
     mtp_loss_fraction: float = 0.25  # MTP losses on a random quarter of the positions (lm_head is the CPU cost)
     bias_update_rate: float = 1e-2   # aux-loss-free expert balancing (selection bias nudged toward even load)
+    mtp_finetune_steps: int = 250    # second stage: both MTP heads, backbone frozen, all positions
+    mtp_finetune_lr: float = 1e-3
     log_every: int = 10
     ckpt_every_s: float = 300.0
     eval_windows: int = 8

@@ -1,8 +1,9 @@
 """Train the shipped default model: `python -m training.train_default`.
 
 Steps: prepare data (tokenizer + streams), train backbone + two MTP variants side by side, save a state
-every few minutes (runs/hybrid-mini/state.pt, resumable with --resume), then pick the MTP variant by
-measured acceptance and export checkpoints/hybrid-mini (see training/choose_mtp.py, training/export.py).
+every few minutes (runs/hybrid-mini/state.pt, resumable with --resume); then train both MTP heads further
+with the backbone frozen (training/finetune_mtp.py), pick the variant by measured acceptance
+(training/choose_mtp.py) and export checkpoints/hybrid-mini (training/export.py).
 Fixed seeds: the same command on the same Python stdlib gives the same run (up to float summation order).
 """
 from __future__ import annotations
@@ -177,8 +178,10 @@ def main(argv=None) -> None:
                              bf16=args.bf16, threads=args.threads)
     state = train(tc, args.resume, args.max_minutes, Path(args.run_dir))
     if not args.no_export:
-        from . import choose_mtp, export
-        choice = choose_mtp.run(state)
+        from . import choose_mtp, export, finetune_mtp
+        choose_mtp.run(state)                                   # the heads as the main run left them
+        state = finetune_mtp.run(state, tc.mtp_finetune_steps, tc.mtp_finetune_lr)
+        choice = choose_mtp.run(state)                          # after equal extra training: this decides
         export.run(state, choice["use_final_norm_hidden"])
 
 
