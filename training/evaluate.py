@@ -25,12 +25,14 @@ from . import data
 from .acceptance import code_prompts, measure
 from .forward import losses
 
+# Prompts end mid-line: the byte-level BPE merges a newline with the next line's indentation, so a prompt
+# ending in a bare "\n" asks for a token that, in training, is always followed by a dedented line.
 SAMPLE_PROMPTS = [
-    "def fibonacci(n):\n",
-    "import os\nimport sys\n\n\ndef main():\n",
-    "class Stack:\n    \"\"\"A last-in, first-out stack.\"\"\"\n\n    def __init__(self):\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return',
+    "import os\nimport sys\n\n\ndef main():\n    args = sys.argv[1:]\n    for",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n        self",
     "    def __repr__(self):\n        return",
-    "try:\n    import json\nexcept ImportError:\n",
+    "try:\n    import json\nexcept ImportError:\n    json =",
 ]
 
 

@@ -1,7 +1,9 @@
 """Write the shipped checkpoint folder (checkpoints/hybrid-mini) from a training state.
 
 Why bf16: the weights of an ~11M-parameter model take ~22 MB in bf16 (the repo budget is ~30 MB); the
-router's correction bias stays float32 as in the real checkpoints. Files: config.json (nemotron_h, MTP
+router's correction bias stays float32 as in the real checkpoints. `time_step_min` is written as 0: the
+model was trained (and hybridserve / vLLM run it) without a floor on dt, which transformers otherwise
+applies at 0.001; some trained heads go below it. Files: config.json (nemotron_h, MTP
 fields, `mtp_use_final_norm_hidden` as measured), model.safetensors (HF names incl. mtp.*), tokenizer.json,
 tokenizer_config.json (with a chat template), generation_config.json.
 `python -m training.export [--state S] [--variant prenorm|postnorm]` (default: the choice saved beside S).
@@ -35,6 +37,7 @@ def run(state_path: Path, use_final_norm_hidden: bool, out_dir: Path = OUT_DIR) 
         shutil.rmtree(out_dir)
     save_checkpoint(model, out_dir)
     cfg = json.loads((out_dir / "config.json").read_text())
+    cfg["time_step_min"] = 0.0        # trained without transformers' dt floor of 0.001 (as vLLM runs it)
     cfg["torch_dtype"] = "bfloat16"
     cfg["dtype"] = "bfloat16"
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
