@@ -171,18 +171,20 @@ def main(argv=None) -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much wall time")
     ap.add_argument("--run-dir", default=str(RUN_DIR))
-    ap.add_argument("--no-export", action="store_true", help="train only; skip MTP choice and export")
+    ap.add_argument("--no-export", action="store_true", help="train only; skip MTP stage, choice and export")
+    ap.add_argument("--mtp-finetune-steps", type=int, default=TrainConfig.mtp_finetune_steps)
+    ap.add_argument("--out", default="checkpoints/hybrid-mini", help="where the checkpoint folder is written")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     tc = dataclasses.replace(TrainConfig(), steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                             bf16=args.bf16, threads=args.threads)
+                             bf16=args.bf16, threads=args.threads, mtp_finetune_steps=args.mtp_finetune_steps)
     state = train(tc, args.resume, args.max_minutes, Path(args.run_dir))
     if not args.no_export:
         from . import choose_mtp, export, finetune_mtp
         choose_mtp.run(state)                                   # the heads as the main run left them
         state = finetune_mtp.run(state, tc.mtp_finetune_steps, tc.mtp_finetune_lr)
         choice = choose_mtp.run(state)                          # after equal extra training: this decides
-        export.run(state, choice["use_final_norm_hidden"])
+        export.run(state, choice["use_final_norm_hidden"], Path(args.out))
 
 
 if __name__ == "__main__":
