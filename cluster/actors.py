@@ -51,12 +51,12 @@ class StageActor:
         from .worker import StageWorker
 
         rng = range(*layers)
-        # With expert shards the stage holds no routed experts itself (an empty expert range).
-        model = load_checkpoint(folder, layers=rng, expert_range=(0, 0) if shards else None, device=device)
+        # With expert parallelism the stage itself holds rank 0's experts; shard actors hold the rest.
+        model = load_checkpoint(folder, layers=rng, expert_range=shard_ranges[0] if shards else None, device=device)
         if shards:
             for i, block in model.backbone.layers.items():
                 if block.kind == MOE:
-                    block.mixer.experts = RemoteExperts(int(i), shards, shard_ranges)
+                    block.mixer.experts = RemoteExperts(int(i), block.mixer.experts, shards, shard_ranges[1:])
         self.worker = StageWorker(model, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                                   max_verify_positions=max_verify_positions, device=device)
         self.transport, self.rank = None, 0

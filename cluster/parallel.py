@@ -64,7 +64,8 @@ class ParallelConfig:
 
     @property
     def actors_per_replica(self) -> int:
-        """Stage actors plus expert-shard actors (the transport's world within one replica)."""
+        """Transport ranks within one replica: stage actors plus logical expert shards. (Shard 0 of each
+        stage runs inside its stage actor, so Ray starts pp * ep actors.)"""
         return self.pipeline_parallel_size * (1 + self.expert_parallel_size)
 
     # ---- checks against a model -----------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""A model replica on Ray: one placement group, a stage actor per pipeline stage, expert-shard actors
-per expert-parallel rank of each stage, and passes chained stage to stage through ObjectRefs.
+"""A model replica on Ray: one placement group, a stage actor per pipeline stage (holding expert-parallel
+rank 0 of its MoE layers), an expert-shard actor per further expert-parallel rank of each stage, and
+passes chained stage to stage through ObjectRefs.
 
 Micro-batches pipeline for free: each actor runs its calls in order, so while stage k works on one
 micro-batch, stage k-1 already works on the next one the engine submitted.
@@ -53,7 +54,7 @@ class RayExecutor:
         return {"CPU": self.actor_num_cpus, **({"GPU": 1} if use_gpu else {})}
 
     def _build(self) -> None:
-        n_shards = self.ep if self.ep > 1 else 0
+        n_shards = self.ep - 1                         # expert rank 0 lives in the stage actor
         bundles = []
         for s in range(self.pp):                       # per stage: the stage actor, then its expert shards
             extra = (self.stage_resources or [{}] * self.pp)[s]
@@ -69,7 +70,7 @@ class RayExecutor:
             shards = []
             for r in range(n_shards):
                 shards.append(ExpertShardActor.options(**self._opts(b)).remote(
-                    self.folder, (lo, hi), self.shard_ranges[r], self.torch_threads))
+                    self.folder, (lo, hi), self.shard_ranges[r + 1], self.torch_threads))
                 b += 1
             self.shards.append(shards)
             self.stages.append(StageActor.options(**self._opts(stage_bundle)).remote(

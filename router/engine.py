@@ -34,7 +34,7 @@ def make_executor(config: EngineConfig, folder, plan, num_blocks: int, num_slots
               max_verify_positions=config.num_speculative_tokens + 1)
     if not config.use_ray:
         from cluster.local_executor import LocalExecutor
-        return LocalExecutor(folder, torch_threads=None, **kw)
+        return LocalExecutor(folder, torch_threads=config.torch_threads, **kw)
     from cluster.ray_executor import RayExecutor
     return RayExecutor(folder, plan, actor_num_cpus=config.actor_num_cpus,
                        torch_threads=config.torch_threads, placement_strategy=config.placement_strategy,

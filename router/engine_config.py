@@ -32,7 +32,7 @@ class EngineConfig:
     transport: str = "ray"                 # stage-to-stage hidden states: ray (object store), gloo, nccl
     stage_resources: list[dict] | None = None   # extra Ray resources per stage (pins stages to nodes)
     actor_num_cpus: float = 0.25           # Ray CPU label per actor (threads are capped separately)
-    torch_threads: int = 1                 # torch threads per stage/expert actor
+    torch_threads: int = 1                 # torch threads per worker (1 beat 2 at every batch size on CPU)
     seed: int = 0                          # weights of a preset, and default sampling seeds
     device_memory_gib: float | None = None  # per device; None: the GPU's memory, or a share of host RAM
 
