@@ -26,8 +26,6 @@ class LocalExecutor:
     async def submit(self, plan: StepPlan) -> StepResult:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.worker.execute, plan)
 
-    def execute_sync(self, plan: StepPlan) -> StepResult:
-        return self.worker.execute(plan)
 
     def rebuild(self) -> None:
         """Nothing to rebuild in-process; caches are overwritten as sequences restart."""

@@ -119,8 +119,6 @@ class RayExecutor:
     async def submit(self, plan: StepPlan) -> StepResult:
         return decode_result(await self._chain(plan))
 
-    def execute_sync(self, plan: StepPlan) -> StepResult:
-        return decode_result(ray.get(self._chain(plan)))
 
     def stats(self) -> list[dict]:
         return ray.get([a.stats.remote() for a in self.stages])

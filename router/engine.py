@@ -22,7 +22,7 @@ from model_shards.weights import read_config
 
 from .block_manager import BlockManager
 from .engine_config import EngineConfig, resolve_checkpoint
-from .outputs import EngineDeadError, EngineStats, QueueFullError, RequestOutput
+from .outputs import EngineStats, QueueFullError, RequestOutput
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
 
@@ -227,9 +227,8 @@ class AsyncEngine:
             await asyncio.get_running_loop().run_in_executor(None, self.executor.rebuild)
             self.stats_.healthy = True
         except Exception as e:  # noqa: BLE001
-            log.error("rebuild failed: %s", e)
-            self._deliver([RequestOutput(s.request_id, [], "error", error=str(EngineDeadError(msg)))
-                           for s in list(self.scheduler.waiting)])
+            log.error("rebuild failed: %s; failing the waiting requests too", e)
+            self._deliver(self.scheduler.fail_all(msg, include_waiting=True))
 
     def _account_mtp(self, plan, result) -> None:
         self.stats_.steps += 1
@@ -246,8 +245,6 @@ class AsyncEngine:
             q = self._streams.get(out.request_id)
             if q is None:
                 continue
-            if out.error and out.finish_reason == "error":
-                out.error = str(EngineDeadError(out.error))
             q.put_nowait(out)
             if out.finished:
                 self._finish_times.append(time.monotonic())

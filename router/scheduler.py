@@ -54,10 +54,12 @@ class Scheduler:
             return None
         return self._finish(seq, "abort")
 
-    def fail_all(self, message: str) -> list[RequestOutput]:
-        """The pipeline died: every admitted sequence fails (its caches are gone); waiting ones stay."""
+    def fail_all(self, message: str, include_waiting: bool = False) -> list[RequestOutput]:
+        """The pipeline died: every admitted sequence fails (its caches are gone); waiting ones stay
+        unless the pipeline cannot be rebuilt either."""
+        victims = list(self.running) + (list(self.waiting) if include_waiting else [])
         outs = []
-        for seq in list(self.running):
+        for seq in victims:
             seq.in_flight = False
             outs.append(self._finish(seq, "error", error=message))
         return outs

@@ -148,3 +148,15 @@ def test_released_sequences_ride_in_the_next_plan():
     s.update(reply(s.schedule()))
     s.add(seq(1, 3))
     assert s.schedule().released == [0]
+
+
+def test_a_dead_pipeline_fails_admitted_sequences_and_keeps_waiting_ones_unless_told():
+    s = make(slots=1)
+    s.add(seq(0, 3))
+    s.add(seq(1, 3))
+    s.schedule()                                       # 0 admitted and in flight, 1 waits for the slot
+    outs = s.fail_all("engine failure: boom")
+    assert [(o.request_id, o.finish_reason, o.error) for o in outs] == [("r0", "error", "engine failure: boom")]
+    assert [q.seq_id for q in s.waiting] == [1] and s.blocks.all_free()
+    outs = s.fail_all("rebuild failed", include_waiting=True)
+    assert [o.request_id for o in outs] == ["r1"] and not s.waiting
