@@ -90,35 +90,33 @@ def assert_same_states(a: dict, b: dict) -> None:
             torch.testing.assert_close(x, y, **STATE_TOL, msg=lambda m: f"layer {i}: {m}")
 
 
+def assert_pieces_equal_whole(model, T, *, seed, table_seed, starts):
+    """Running T tokens as pieces starting at `starts` (through one cache) gives the logits, Mamba
+    states and KV of one pass over all T tokens."""
+    ids, table = tokens(T, seed, model.cfg.vocab_size), shuffled_table(table_seed)
+    whole_cache = new_cache(model)
+    whole = run(model, whole_cache, ids, 0, table)
+    cache = new_cache(model)
+    ends = starts[1:] + [T]
+    parts = [run(model, cache, ids[a:b], a, table) for a, b in zip(starts, ends)]
+    torch.testing.assert_close(torch.cat(parts), whole, **LOGIT_TOL)
+    assert_same_states(mamba_states(cache), mamba_states(whole_cache))
+    assert_same_states(kv_contents(cache, table, T), kv_contents(whole_cache, table, T))
+
+
 # ---- incremental decoding and chunked prefill ---------------------------------------------------------
 
 @pytest.mark.parametrize("t", [1, 5, 8, 13])
 def test_prefill_then_one_token_steps_equals_one_full_forward(model, t):
     T = 21
-    ids, table = tokens(T, 1, model.cfg.vocab_size), shuffled_table(2)
-    full_cache = new_cache(model)
-    full = run(model, full_cache, ids, 0, table)
-    cache = new_cache(model)
-    steps = [run(model, cache, ids[:t], 0, table)]
-    for pos in range(t, T):
-        steps.append(run(model, cache, ids[pos:pos + 1], pos, table))
-    torch.testing.assert_close(torch.cat(steps), full, **LOGIT_TOL)
-    assert_same_states(mamba_states(cache), mamba_states(full_cache))
-    assert_same_states(kv_contents(cache, table, T), kv_contents(full_cache, table, T))
+    assert_pieces_equal_whole(model, T, seed=1, table_seed=2, starts=[0] + list(range(t, T)))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 5, 8, 11, 16])
 def test_chunked_prefill_equals_unchunked(model, chunk):
     """Chunks of any size, multiples of the SSD chunk_size (8) or not: same logits, states and KV."""
     T = 29
-    ids, table = tokens(T, 3, model.cfg.vocab_size), shuffled_table(4)
-    whole_cache = new_cache(model)
-    whole = run(model, whole_cache, ids, 0, table)
-    cache = new_cache(model)
-    parts = [run(model, cache, ids[s:s + chunk], s, table) for s in range(0, T, chunk)]
-    torch.testing.assert_close(torch.cat(parts), whole, **LOGIT_TOL)
-    assert_same_states(mamba_states(cache), mamba_states(whole_cache))
-    assert_same_states(kv_contents(cache, table, T), kv_contents(whole_cache, table, T))
+    assert_pieces_equal_whole(model, T, seed=3, table_seed=4, starts=list(range(0, T, chunk)))
 
 
 def test_the_caches_carry_information_between_passes(tiny):
