@@ -112,7 +112,8 @@ def kv_block_bytes_per_layer(cfg: ModelConfig, block_size: int, dtype_bytes: int
 
 
 def mamba_slot_bytes_per_layer(cfg: ModelConfig, max_positions: int) -> int:
-    """conv + SSM state in float32, plus the verification scratch for `max_positions` positions
+    """conv + SSM state in float32, plus the verification scratch (conv window, cum, dt*x, B) for `max_positions` positions
     (= MambaStateCache.bytes_per_slot)."""
-    per = cfg.conv_dim * (cfg.conv_kernel - 1) + cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size
-    return 4 * per * (1 + max_positions)
+    H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
+    conv = cfg.conv_dim * (cfg.conv_kernel - 1)
+    return 4 * (conv + H * P * N + max_positions * (conv + H + H * P + G * N))

@@ -1,10 +1,19 @@
-"""The hot ops, one import site for the model. Today every op is the plain-torch reference; a Triton
-kernel takes over an op for CUDA tensors once it exists and matches the reference (tests/unit/kernels)."""
+"""The hot ops, one import site for the model.
+
+Each op has a plain-torch reference in reference/ (readable, the definition) and, where it pays, a fast
+path: fast/ holds CPU versions that issue a fixed handful of ops (decode is dispatch-bound on a CPU).
+The model calls whatever is bound here; tests/unit/kernels checks every fast path against its reference.
+A Triton kernel takes over an op for CUDA tensors once it exists and matches the reference.
+"""
 from __future__ import annotations
 
-from .reference.attention import attention_prefill, gather_kv, paged_attention, write_kv  # noqa: F401
-from .reference.conv1d import causal_conv1d, causal_conv1d_update  # noqa: F401
-from .reference.moe import grouped_experts, route  # noqa: F401
-from .reference.norm import gated_rms_norm, rms_norm  # noqa: F401
+from .fast.attention import paged_attention, write_kv  # noqa: F401
+from .fast.conv1d import causal_conv1d_update  # noqa: F401
+from .fast.moe import grouped_experts  # noqa: F401
+from .fast.norm import gated_rms_norm, rms_norm  # noqa: F401
+from .fast.ssd import ssd_state_at, ssd_step, ssd_verify  # noqa: F401
+from .reference.attention import attention_prefill, gather_kv  # noqa: F401
+from .reference.conv1d import causal_conv1d  # noqa: F401
+from .reference.moe import route  # noqa: F401
 from .reference.sampling import probs_from_logits, rejection_sample  # noqa: F401
 from .reference.ssd import ssd_chunk_scan, ssd_state_update  # noqa: F401

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import ops
+
 from .config import ModelConfig
 
 
@@ -27,23 +29,41 @@ class PagedKVCache:
 class MambaStateCache:
     """conv (S, conv_dim, K-1) and ssm (S, H, P, N), float32, one row per sequence slot.
 
-    For verification of up to `max_positions` tokens, the state after each position is kept in
-    scratch (S, max_positions, ...) until the accepted count arrives and one of them is committed.
+    A verification pass over up to `max_positions` tokens leaves the slot's state untouched and keeps
+    in scratch what any of its positions' states needs: the conv window after each position, and the
+    SSM inputs (cum log-decay, dt*x, B). When the accepted count arrives, `commit` builds the one
+    state that is kept (kernels ssd_state_at), so a pass never materialises T full SSM states.
     """
 
     def __init__(self, cfg: ModelConfig, num_slots: int, max_positions: int = 1, device="cpu"):
         f32 = torch.float32
+        H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
         conv = (cfg.conv_dim, cfg.conv_kernel - 1)
-        ssm = (cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size)
         self.conv = torch.zeros((num_slots, *conv), dtype=f32, device=device)
-        self.ssm = torch.zeros((num_slots, *ssm), dtype=f32, device=device)
+        self.ssm = torch.zeros((num_slots, H, P, N), dtype=f32, device=device)
         self.scratch_conv = torch.zeros((num_slots, max_positions, *conv), dtype=f32, device=device)
-        self.scratch_ssm = torch.zeros((num_slots, max_positions, *ssm), dtype=f32, device=device)
+        self.scratch_cum = torch.zeros((num_slots, max_positions, H), dtype=f32, device=device)
+        self.scratch_dtx = torch.zeros((num_slots, max_positions, H, P), dtype=f32, device=device)
+        self.scratch_B = torch.zeros((num_slots, max_positions, G, N), dtype=f32, device=device)
+        self.kept = [0] * num_slots                       # positions in scratch, per slot
+
+    def keep(self, slot: int, conv_states, cum, dtx, B) -> None:
+        """Scratch of a verification pass: conv_states (T, C, K-1), cum (T, H), dtx (T, H, P), B (T, G, N)."""
+        T = cum.shape[0]
+        self.scratch_conv[slot, :T] = conv_states
+        self.scratch_cum[slot, :T] = cum
+        self.scratch_dtx[slot, :T] = dtx
+        self.scratch_B[slot, :T] = B
+        self.kept[slot] = T
 
     def commit(self, slot: int, index: int) -> None:
         """The state after verified position `index` becomes the sequence's state."""
+        if not 0 <= index < self.kept[slot]:
+            raise IndexError(f"commit index {index} outside the {self.kept[slot]} verified positions of slot {slot}")
         self.conv[slot] = self.scratch_conv[slot, index]
-        self.ssm[slot] = self.scratch_ssm[slot, index]
+        self.ssm[slot] = ops.ssd_state_at(self.ssm[slot], self.scratch_cum[slot], self.scratch_dtx[slot],
+                                          self.scratch_B[slot], index)
+        self.kept[slot] = 0
 
     def reset(self, slot: int) -> None:
         self.conv[slot].zero_()
@@ -51,8 +71,9 @@ class MambaStateCache:
 
     @staticmethod
     def bytes_per_slot(cfg: ModelConfig, max_positions: int = 1) -> int:
-        per = cfg.conv_dim * (cfg.conv_kernel - 1) + cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size
-        return 4 * per * (1 + max_positions)
+        H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
+        conv = cfg.conv_dim * (cfg.conv_kernel - 1)
+        return 4 * (conv + H * P * N + max_positions * (conv + H + H * P + G * N))
 
 
 class HybridCache:

@@ -47,35 +47,38 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(h)                                             # (T, d_inner + conv_dim + H)
         z, xBC, dt = torch.split(zxbcdt, [cfg.d_inner, cfg.conv_dim, self.H], dim=-1)
         A = -torch.exp(self.A_log.float())                                   # (H,)
+        D, dt_bias = self.D.float(), self.dt_bias.float()
         conv_w = self.conv1d.weight[:, 0, :]                                 # (C, K)
         y = torch.empty(h.shape[0], cfg.d_inner, dtype=h.dtype, device=h.device)
         for s in batch.seqs:
-            rows = slice(s.offset, s.end)
+            rows, slot = slice(s.offset, s.end), s.mamba_slot
             fresh = s.start_pos == 0
-            conv0 = None if fresh else cache.conv[s.mamba_slot]
-            ssm0 = None if fresh else cache.ssm[s.mamba_slot]
-            if s.keep_states or s.num_tokens == 1:
+            if s.keep_states:                              # verification: the state moves at commit
                 if fresh:
-                    conv0 = cache.conv.new_zeros(cache.conv.shape[1:])
-                    ssm0 = cache.ssm.new_zeros(cache.ssm.shape[1:])
+                    cache.reset(slot)                      # commit builds on the slot's state
+                xbc, conv_states = ops.causal_conv1d_update(xBC[rows], cache.conv[slot], conv_w, self.conv1d.bias)
+                x, B, C = self._split_xbc(xbc)
+                ys, cum, dtx = ops.ssd_verify(cache.ssm[slot], x, dt[rows], A, B, C, D, dt_bias,
+                                              dt_limit=cfg.time_step_limit)
+                cache.keep(slot, conv_states, cum, dtx, B)
+                y[rows] = ys.reshape(s.num_tokens, cfg.d_inner).to(h.dtype)
+                continue
+            conv0 = None if fresh else cache.conv[slot]
+            ssm0 = None if fresh else cache.ssm[slot]
+            if s.num_tokens == 1:                          # decode step
                 xbc, conv_states = ops.causal_conv1d_update(xBC[rows], conv0, conv_w, self.conv1d.bias)
                 x, B, C = self._split_xbc(xbc)
-                ys, ssm_states = ops.ssd_state_update(ssm0, x, dt[rows], A, B, C, self.D, self.dt_bias,
-                                                      dt_limit=cfg.time_step_limit)
-                if s.keep_states:
-                    cache.scratch_conv[s.mamba_slot, :s.num_tokens] = conv_states
-                    cache.scratch_ssm[s.mamba_slot, :s.num_tokens] = ssm_states
-                else:
-                    cache.conv[s.mamba_slot] = conv_states[-1]
-                    cache.ssm[s.mamba_slot] = ssm_states[-1]
-            else:
+                ys, cache.ssm[slot] = ops.ssd_step(ssm0, x, dt[rows], A, B, C, D, dt_bias,
+                                                   dt_limit=cfg.time_step_limit)
+                cache.conv[slot] = conv_states[0]
+            else:                                          # prefill chunk
                 xbc, conv_state = ops.causal_conv1d(xBC[rows], conv_w, self.conv1d.bias, conv0)
                 x, B, C = self._split_xbc(xbc)
-                ys, ssm_state = ops.ssd_chunk_scan(x, dt[rows], A, B, C, self.D, self.dt_bias,
+                ys, ssm_state = ops.ssd_chunk_scan(x, dt[rows], A, B, C, D, dt_bias,
                                                    chunk_size=cfg.chunk_size, initial_state=ssm0,
                                                    dt_limit=cfg.time_step_limit)
-                cache.conv[s.mamba_slot] = conv_state.float()
-                cache.ssm[s.mamba_slot] = ssm_state
+                cache.conv[slot] = conv_state.float()
+                cache.ssm[slot] = ssm_state
             y[rows] = ys.reshape(s.num_tokens, cfg.d_inner).to(h.dtype)
         return self.out_proj(self.norm(y, z))
 

@@ -92,12 +92,11 @@ def test_super_too_big_for_fewer_stages_names_the_stage(super_cfg):
 
 
 def test_super_minimum_bf16_is_4_h200(super_cfg):
-    """MODEL.md: BF16 needs 4 x H100/H200. On 2 x H200 the weights (247 GB) fill all but ~6.6 GB, and
-    layer granularity (a MoE layer is ~5.7 GB) leaves one stage without room for a single sequence."""
+    """MODEL.md: BF16 needs 4 x H100/H200. On 2 x H200 the weights (247 GB) fill all but a few GB: one
+    stage has room for a single sequence's Mamba state, which is no deployment; 4 x H200 serve hundreds."""
     plan = plan_replica(super_cfg, ParallelConfig(4, 1), DeviceSpec.h200(4))
-    assert plan.max_num_seqs >= 1 and plan.num_kv_blocks >= plan.max_num_seqs * 512
-    with pytest.raises(PlanError, match=r"^stage \d \(layers \d+-\d+\): after .* cannot hold one sequence"):
-        plan_replica(super_cfg, ParallelConfig(2, 1), DeviceSpec.h200(2))
+    assert plan.max_num_seqs >= 128 and plan.num_kv_blocks >= plan.max_num_seqs * 512
+    assert plan_replica(super_cfg, ParallelConfig(2, 1), DeviceSpec.h200(2)).max_num_seqs <= 1
 
 
 def test_memory_moves_the_split_off_the_cost_optimum(super_cfg):
@@ -193,7 +192,7 @@ def test_speculative_tokens_need_mtp_and_grow_the_slots():
     cfg = get_preset(SUPER)
     a = plan_replica(cfg, ParallelConfig(2, 4), DeviceSpec.h200(8), num_speculative_tokens=1)
     b = plan_replica(cfg, ParallelConfig(2, 4), DeviceSpec.h200(8), num_speculative_tokens=5)
-    assert b.stages[0].slot_bytes > a.stages[0].slot_bytes and b.max_num_seqs < a.max_num_seqs
+    assert b.stages[0].slot_bytes > a.stages[0].slot_bytes and b.max_num_seqs <= a.max_num_seqs
 
 
 # ---- ParallelConfig ------------------------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""The CPU fast paths (kernels/fast/) give the references' numbers (kernels/reference/).
+
+Each fast op is a rewrite of its reference with fewer torch calls, so it is checked against that
+reference on random inputs (fresh seeds, values pushed away from zero) in every dtype the model runs
+in. Tolerances are per dtype: the two compute the same float32 math in a different order, and in
+16-bit dtypes both round their outputs. The references themselves are checked against naive float64
+formulations in the neighbouring test files.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.fast import attention as fast_attn
+from kernels.fast import conv1d as fast_conv
+from kernels.fast import moe as fast_moe
+from kernels.fast import norm as fast_norm
+from kernels.fast import ssd as fast_ssd
+from kernels.reference import attention as ref_attn
+from kernels.reference import conv1d as ref_conv
+from kernels.reference import moe as ref_moe
+from kernels.reference import norm as ref_norm
+from kernels.reference import ssd as ref_ssd
+
+TOL = {  # (atol, rtol) of fast against reference
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (3e-2, 2e-2),
+    torch.float16: (3e-3, 3e-3),
+}
+DTYPES = list(TOL)
+STATE_TOL = (1e-4, 1e-4)                # float32 states, summed in another order
+
+
+def _nonzero(t: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
+    return torch.where(t >= 0, t.clamp_min(floor), t.clamp_max(-floor))
+
+
+def _rand(g, *shape, scale=1.0):
+    return _nonzero(torch.randn(*shape, generator=g) * scale)
+
+
+def _close(a, b, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+# ---- SSD: decode step, verification, state at the accepted position -------------------------------
+def _ssd_inputs(T, H, P, G, N, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    A = -torch.exp(torch.empty(H).uniform_(-3.0, 1.5, generator=g))
+    args = dict(x=_rand(g, T, H, P).to(dtype), dt=_rand(g, T, H, scale=0.5).to(dtype), A=A,
+                B=_rand(g, T, G, N).to(dtype), C=_rand(g, T, G, N).to(dtype), D=_rand(g, H),
+                dt_bias=_nonzero(torch.rand(H, generator=g) * 2 - 1.5))
+    return args, _rand(g, H, P, N)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,P,G,N", [(8, 16, 2, 8), (6, 4, 3, 8), (4, 8, 1, 16)])
+@pytest.mark.parametrize("fresh", [False, True])
+@pytest.mark.parametrize("dt_limit", [(0.0, float("inf")), (0.05, 0.8)])
+def test_ssd_step_is_the_reference_update_over_one_position(dtype, H, P, G, N, fresh, dt_limit):
+    args, state = _ssd_inputs(1, H, P, G, N, dtype, seed=hash((H, G, fresh)) % 1000)
+    y, new = fast_ssd.ssd_step(None if fresh else state, **args, dt_limit=dt_limit)
+    y_ref, states_ref = ref_ssd.ssd_state_update(torch.zeros_like(state) if fresh else state, **args,
+                                                 dt_limit=dt_limit)
+    _close(y, y_ref, dtype)
+    torch.testing.assert_close(new, states_ref[0], atol=STATE_TOL[0], rtol=STATE_TOL[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 2, 4, 5])
+@pytest.mark.parametrize("H,P,G,N", [(8, 16, 2, 8), (6, 4, 3, 8), (4, 8, 1, 16)])
+@pytest.mark.parametrize("fresh", [False, True])
+def test_ssd_verify_outputs_and_every_committable_state_match_the_reference(dtype, T, H, P, G, N, fresh):
+    args, state = _ssd_inputs(T, H, P, G, N, dtype, seed=T * 31 + H)
+    s0 = None if fresh else state
+    y, cum, dtx = fast_ssd.ssd_verify(s0, **args)
+    y_ref, states_ref = ref_ssd.ssd_state_update(torch.zeros_like(state) if fresh else state, **args)
+    _close(y, y_ref, dtype)
+    for j in range(T):
+        got = fast_ssd.ssd_state_at(s0, cum, dtx, args["B"], j)
+        torch.testing.assert_close(got, states_ref[j], atol=STATE_TOL[0], rtol=STATE_TOL[1])
+
+
+# ---- conv1d update ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,C,K", [(1, 24, 4), (4, 10, 4), (5, 8, 3), (2, 6, 2)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv_update_matches_the_reference(dtype, T, C, K, with_bias):
+    g = torch.Generator().manual_seed(T * 100 + C)
+    x, state = _rand(g, T, C).to(dtype), _rand(g, C, K - 1).to(dtype).float()
+    w, b = _rand(g, C, K), (_rand(g, C) if with_bias else None)
+    y, states = fast_conv.causal_conv1d_update(x, state, w, b)
+    y_ref, states_ref = ref_conv.causal_conv1d_update(x, state, w, b)
+    _close(y, y_ref, dtype)
+    torch.testing.assert_close(states.float(), states_ref.float(), atol=0, rtol=0)   # a copy: exact
+    y0, _ = fast_conv.causal_conv1d_update(x, None, w, b)                 # fresh: zero state
+    _close(y0, ref_conv.causal_conv1d_update(x, torch.zeros_like(state), w, b)[0], dtype)
+
+
+# ---- grouped experts: both schedules, one shard of many ------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,k,E", [(1, 2, 8), (1, 4, 16), (4, 2, 8), (5, 4, 16), (3, 1, 4)])
+@pytest.mark.parametrize("shard", [None, (2, 4)])                  # (first_expert, experts owned)
+def test_grouped_experts_match_the_reference_on_either_schedule(dtype, T, k, E, shard):
+    g = torch.Generator().manual_seed(T * 7 + k * 3 + E)
+    D, I = 24, 32
+    x = _rand(g, T, D).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g) + 0.1
+    first, n = (0, E) if shard is None else shard
+    up, down = (_rand(g, n, I, D, scale=0.2).to(dtype), _rand(g, n, D, I, scale=0.2).to(dtype))
+    got = fast_moe.grouped_experts(x, w, ids, up, down, first_expert=first)
+    ref = ref_moe.grouped_experts(x, w, ids, up, down, first_expert=first)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
+    assert got.abs().sum() > 0
+
+
+# ---- norms -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_match_the_reference(dtype):
+    g = torch.Generator().manual_seed(5)
+    x, z, w = _rand(g, 3, 64).to(dtype), _rand(g, 3, 64).to(dtype), _rand(g, 64)
+    _close(fast_norm.rms_norm(x, w, 1e-5), ref_norm.rms_norm(x, w, 1e-5), dtype)
+    _close(fast_norm.gated_rms_norm(x, z, w, group_size=16, eps=1e-5),
+           ref_norm.gated_rms_norm(x, z, w, group_size=16, eps=1e-5), dtype)
+
+
+# ---- paged KV writes and attention ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("start,T", [(0, 7), (13, 1), (13, 4), (16, 3), (0, 1)])
+def test_paged_writes_and_attention_match_the_reference(dtype, start, T):
+    g = torch.Generator().manual_seed(start * 10 + T)
+    H, Hkv, Dh, bs, nb = 4, 2, 8, 4, 12
+    table = torch.randperm(nb, generator=g)[:(start + T + bs - 1) // bs]   # blocks anywhere, any order
+    caches = {name: [_rand(g, nb, bs, Hkv, Dh).to(dtype) for _ in range(2)] for name in ("fast", "ref")}
+    caches["ref"] = [c.clone() for c in caches["fast"]]
+    q, k, v = _rand(g, T, H, Dh).to(dtype), _rand(g, T, Hkv, Dh).to(dtype), _rand(g, T, Hkv, Dh).to(dtype)
+    fast_attn.write_kv(*caches["fast"], k, v, table, start)
+    ref_attn.write_kv(*caches["ref"], k, v, table, start)
+    for a, b in zip(caches["fast"], caches["ref"]):
+        assert torch.equal(a, b)                                         # same rows written, nothing else
+    out = fast_attn.paged_attention(q, *caches["fast"], table, start_pos=start)
+    _close(out, ref_attn.paged_attention(q, *caches["ref"], table, start_pos=start), dtype)
