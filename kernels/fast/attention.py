@@ -1,10 +1,14 @@
-"""Paged-cache writes and attention through flat slot indices and torch's fused SDPA (GQA built in).
+"""Paged-cache writes and attention through flat slot indices, GQA as two batched matmuls.
 Reference: kernels/reference/attention.py; same signatures and cache layout:
 k_cache, v_cache (num_blocks, block_size, H_kv, Dh); block_table (n_blocks,) int64; q (T, H, Dh)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+SMALL_T = 8
 
 
 def _slots(block_table: torch.Tensor, block_size: int, start: int, stop: int) -> torch.Tensor:
@@ -22,15 +26,26 @@ def write_kv(k_cache, v_cache, k, v, block_table: torch.Tensor, start_pos: int) 
 
 
 def paged_attention(q, k_cache, v_cache, block_table: torch.Tensor, *, start_pos: int):
-    """Queries at positions start_pos.. attend causally to the cache (which already holds their k, v)."""
-    T = q.shape[0]
-    nb, bs, hkv, dh = k_cache.shape
-    S = start_pos + T
+    """Queries at positions start_pos.. attend causally to the cache (which already holds their k, v).
+
+    Up to SMALL_T queries (decode, verification): GQA as batched matmuls over the KV heads, the R query
+    heads of a group stacked as rows, ~3x cheaper than torch's fused SDPA on a CPU at these sizes.
+    Longer prefill chunks: the fused SDPA, which never materialises the (T, S) scores."""
+    T, H, Dh = q.shape
+    nb, bs, hkv, _ = k_cache.shape
+    R, S = H // hkv, start_pos + T
     slots = _slots(block_table, bs, 0, S)
-    k = k_cache.view(nb * bs, hkv, dh).index_select(0, slots).transpose(0, 1).float()   # (H_kv, S, Dh)
-    v = v_cache.view(nb * bs, hkv, dh).index_select(0, slots).transpose(0, 1).float()
-    mask = None
+    k = k_cache.view(nb * bs, hkv, Dh).index_select(0, slots).float()          # (S, H_kv, Dh)
+    v = v_cache.view(nb * bs, hkv, Dh).index_select(0, slots).float()
+    if T > SMALL_T:
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(start_pos)
+        out = F.scaled_dot_product_attention(q.float().transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                             attn_mask=visible, enable_gqa=True)
+        return out.transpose(0, 1).to(q.dtype)
+    qg = q.float().view(T, hkv, R, Dh).permute(1, 2, 0, 3).reshape(hkv, R * T, Dh)   # (H_kv, R*T, Dh)
+    scores = torch.bmm(qg, k.permute(1, 2, 0)) * (1.0 / math.sqrt(Dh))      # (H_kv, R*T, S)
     if T > 1:                                                          # query t sees keys 0..start_pos+t
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(start_pos)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k, v, attn_mask=mask, enable_gqa=True)
-    return out.transpose(0, 1).to(q.dtype)                             # (T, H, Dh)
+        future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(start_pos + 1)
+        scores = scores.view(hkv, R, T, S).masked_fill(future, float("-inf")).view(hkv, R * T, S)
+    out = torch.bmm(torch.softmax(scores, dim=-1), v.transpose(0, 1))     # (H_kv, R*T, Dh)
+    return out.view(hkv, R, T, Dh).permute(2, 0, 1, 3).reshape(T, H, Dh).to(q.dtype)

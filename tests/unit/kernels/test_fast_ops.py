@@ -100,7 +100,7 @@ def test_conv_update_matches_the_reference(dtype, T, C, K, with_bias):
 
 # ---- grouped experts: both schedules, one shard of many ------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,k,E", [(1, 2, 8), (1, 4, 16), (4, 2, 8), (5, 4, 16), (3, 1, 4)])
+@pytest.mark.parametrize("T,k,E", [(1, 2, 8), (1, 4, 16), (4, 2, 8), (5, 4, 16), (3, 1, 4), (40, 2, 8)])
 @pytest.mark.parametrize("shard", [None, (2, 4)])                  # (first_expert, experts owned)
 def test_grouped_experts_match_the_reference_on_either_schedule(dtype, T, k, E, shard):
     g = torch.Generator().manual_seed(T * 7 + k * 3 + E)
@@ -129,10 +129,10 @@ def test_norms_match_the_reference(dtype):
 
 # ---- paged KV writes and attention ---------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("start,T", [(0, 7), (13, 1), (13, 4), (16, 3), (0, 1)])
+@pytest.mark.parametrize("start,T", [(0, 7), (13, 1), (13, 4), (16, 3), (0, 1), (0, 30), (9, 20)])
 def test_paged_writes_and_attention_match_the_reference(dtype, start, T):
     g = torch.Generator().manual_seed(start * 10 + T)
-    H, Hkv, Dh, bs, nb = 4, 2, 8, 4, 12
+    H, Hkv, Dh, bs, nb = 4, 2, 8, 4, 16
     table = torch.randperm(nb, generator=g)[:(start + T + bs - 1) // bs]   # blocks anywhere, any order
     caches = {name: [_rand(g, nb, bs, Hkv, Dh).to(dtype) for _ in range(2)] for name in ("fast", "ref")}
     caches["ref"] = [c.clone() for c in caches["fast"]]
