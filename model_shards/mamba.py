@@ -50,7 +50,12 @@ class Mamba2Mixer(nn.Module):
         D, dt_bias = self.D.float(), self.dt_bias.float()
         conv_w = self.conv1d.weight[:, 0, :]                                 # (C, K)
         y = torch.empty(h.shape[0], cfg.d_inner, dtype=h.dtype, device=h.device)
+        steps = [s for s in batch.seqs if s.num_tokens == 1 and not s.keep_states]
+        if steps:                                          # decode steps of all sequences at once
+            self._decode_steps(steps, xBC, dt, A, D, dt_bias, conv_w, cache, y)
         for s in batch.seqs:
+            if s.num_tokens == 1 and not s.keep_states:
+                continue
             rows, slot = slice(s.offset, s.end), s.mamba_slot
             fresh = s.start_pos == 0
             if s.keep_states:                              # verification: the state moves at commit
@@ -61,26 +66,32 @@ class Mamba2Mixer(nn.Module):
                 ys, cum, dtx = ops.ssd_verify(cache.ssm[slot], x, dt[rows], A, B, C, D, dt_bias,
                                               dt_limit=cfg.time_step_limit)
                 cache.keep(slot, conv_states, cum, dtx, B)
-                y[rows] = ys.reshape(s.num_tokens, cfg.d_inner).to(h.dtype)
-                continue
-            conv0 = None if fresh else cache.conv[slot]
-            ssm0 = None if fresh else cache.ssm[slot]
-            if s.num_tokens == 1:                          # decode step
-                xbc, conv_states = ops.causal_conv1d_update(xBC[rows], conv0, conv_w, self.conv1d.bias)
-                x, B, C = self._split_xbc(xbc)
-                ys, cache.ssm[slot] = ops.ssd_step(ssm0, x, dt[rows], A, B, C, D, dt_bias,
-                                                   dt_limit=cfg.time_step_limit)
-                cache.conv[slot] = conv_states[0]
             else:                                          # prefill chunk
-                xbc, conv_state = ops.causal_conv1d(xBC[rows], conv_w, self.conv1d.bias, conv0)
+                xbc, conv_state = ops.causal_conv1d(xBC[rows], conv_w, self.conv1d.bias, None if fresh else cache.conv[slot])
                 x, B, C = self._split_xbc(xbc)
                 ys, ssm_state = ops.ssd_chunk_scan(x, dt[rows], A, B, C, D, dt_bias,
-                                                   chunk_size=cfg.chunk_size, initial_state=ssm0,
+                                                   chunk_size=cfg.chunk_size, initial_state=None if fresh else cache.ssm[slot],
                                                    dt_limit=cfg.time_step_limit)
                 cache.conv[slot] = conv_state.float()
                 cache.ssm[slot] = ssm_state
             y[rows] = ys.reshape(s.num_tokens, cfg.d_inner).to(h.dtype)
         return self.out_proj(self.norm(y, z))
+
+    def _decode_steps(self, steps, xBC, dt, A, D, dt_bias, conv_w, cache: MambaStateCache, y) -> None:
+        """One token of each sequence in `steps`: gather their slots' states, one batched update, scatter."""
+        for s in steps:
+            if s.start_pos == 0:
+                cache.reset(s.mamba_slot)                  # a one-token prompt starts from zeros
+        rows = torch.tensor([s.offset for s in steps], device=xBC.device)
+        slots = torch.tensor([s.mamba_slot for s in steps], device=xBC.device)
+        xbc, conv_new = ops.conv_step(xBC.index_select(0, rows), cache.conv.index_select(0, slots), conv_w,
+                                      self.conv1d.bias)
+        x, B, C = self._split_xbc(xbc)
+        ys, ssm_new = ops.ssd_step(cache.ssm.index_select(0, slots), x, dt.index_select(0, rows), A, B, C, D,
+                                   dt_bias, dt_limit=self.cfg.time_step_limit)
+        cache.conv.index_copy_(0, slots, conv_new.float())
+        cache.ssm.index_copy_(0, slots, ssm_new)
+        y.index_copy_(0, rows, ys.reshape(len(steps), self.cfg.d_inner).to(y.dtype))
 
     def _split_xbc(self, xbc: torch.Tensor):
         """(T, conv_dim) -> x (T, H, P), B (T, G, N), C (T, G, N)."""

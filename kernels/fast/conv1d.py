@@ -1,4 +1,5 @@
-"""Causal depthwise conv1d over T new positions with the state after each one, in a few ops.
+"""Causal depthwise conv1d for decoding: T new positions of one sequence with the state after each one,
+or one new position of each of S sequences, in a few ops.
 Reference: kernels/reference/conv1d.py (causal_conv1d_update). Shapes: x (T, C); state (C, K-1) or None
 (a fresh sequence: zeros); weight (C, K); bias (C,) or None."""
 from __future__ import annotations
@@ -22,3 +23,15 @@ def causal_conv1d_update(x, state, weight, bias, *, activation: bool = True):
     if activation:
         y = F.silu(y)
     return y.t(), xs.unfold(1, K - 1, 1)[:, 1:].transpose(0, 1)        # states: (T, C, K-1) view
+
+
+def conv_step(x, states, weight, bias, *, activation: bool = True):
+    """One new position of each of S sequences (batched decode): x (S, C), states (S, C, K-1).
+    Returns y (S, C) and the new states (S, C, K-1)."""
+    xs = torch.cat([states.to(x.dtype), x[..., None]], dim=-1)         # (S, C, K), oldest first
+    y = (xs * weight.to(x.dtype)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    if activation:
+        y = F.silu(y)
+    return y, xs[..., 1:]

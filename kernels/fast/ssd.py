@@ -1,8 +1,9 @@
-"""Mamba-2 SSD for a few positions of one sequence: a decode step, and verification of T = k+1
-positions that never materialises the T intermediate states. Reference: kernels/reference/ssd.py
+"""Mamba-2 SSD for decoding: one step of many sequences at once, and verification of T = k+1 positions
+of one sequence that never materialises the T intermediate states. Reference: kernels/reference/ssd.py
 (ssd_state_update returns all T states; these three functions together give the same numbers).
 
-Shapes: state (H, P, N) float32, or None for a fresh sequence (zeros); x (T, H, P); dt (T, H);
+Shapes (verification, one sequence): state (H, P, N) float32, or None for a fresh sequence (zeros);
+x (T, H, P); dt (T, H);
 A, D, dt_bias (H,) float32; B, C (T, G, N), each group shared by R = H / G consecutive heads.
     dt_t        = softplus(dt_t + dt_bias), clamped to dt_limit
     cum[t]      = sum_{i<=t} dt_i A                     (T, H)   log-decay since the pass began
@@ -37,17 +38,18 @@ def _prep_dt(dt, dt_bias, dt_limit):
 
 
 def ssd_step(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf"))):
-    """One position (T = 1). Returns y (1, H, P) in x's dtype and the new state (H, P, N) float32."""
-    _, H, P = x.shape
+    """One position of each of S sequences (batched decode): state (S, H, P, N) or None (all fresh),
+    x (S, H, P), dt (S, H), B, C (S, G, N). Returns y (S, H, P) in x's dtype, new states (S, H, P, N)."""
+    S, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
     R = H // G
-    dt = _prep_dt(dt[0], dt_bias, dt_limit).view(G, R)                 # (G, R)
-    xf = x[0].float().view(G, R, P)
-    new = (dt[..., None] * xf)[..., None] * B[0].float().view(G, 1, 1, N)   # (G, R, P, N) dt x B^T
+    dt = _prep_dt(dt, dt_bias, dt_limit).view(S, G, R)
+    xf = x.float().view(S, G, R, P)
+    new = (dt[..., None] * xf)[..., None] * B.float().view(S, G, 1, 1, N)        # (S, G, R, P, N) dt x B^T
     if state is not None:
-        new = new + (dt * A.view(G, R)).exp()[..., None, None] * state.view(G, R, P, N)
-    y = torch.matmul(new, C[0].float().view(G, 1, N, 1)).view(H, P) + D[:, None] * xf.view(H, P)
-    return y[None].to(x.dtype), new.view(H, P, N)
+        new = new + (dt * A.view(G, R)).exp()[..., None, None] * state.view(S, G, R, P, N)
+    y = torch.matmul(new, C.float().view(S, G, 1, N, 1)).view(S, H, P) + D[:, None] * xf.view(S, H, P)
+    return y.to(x.dtype), new.view(S, H, P, N)
 
 
 def ssd_verify(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf"))):

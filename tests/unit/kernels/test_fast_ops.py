@@ -58,13 +58,20 @@ def _ssd_inputs(T, H, P, G, N, dtype, seed):
 @pytest.mark.parametrize("H,P,G,N", [(8, 16, 2, 8), (6, 4, 3, 8), (4, 8, 1, 16)])
 @pytest.mark.parametrize("fresh", [False, True])
 @pytest.mark.parametrize("dt_limit", [(0.0, float("inf")), (0.05, 0.8)])
-def test_ssd_step_is_the_reference_update_over_one_position(dtype, H, P, G, N, fresh, dt_limit):
-    args, state = _ssd_inputs(1, H, P, G, N, dtype, seed=hash((H, G, fresh)) % 1000)
-    y, new = fast_ssd.ssd_step(None if fresh else state, **args, dt_limit=dt_limit)
-    y_ref, states_ref = ref_ssd.ssd_state_update(torch.zeros_like(state) if fresh else state, **args,
-                                                 dt_limit=dt_limit)
-    _close(y, y_ref, dtype)
-    torch.testing.assert_close(new, states_ref[0], atol=STATE_TOL[0], rtol=STATE_TOL[1])
+def test_batched_ssd_step_is_the_reference_update_of_each_sequence(dtype, H, P, G, N, fresh, dt_limit):
+    """S sequences, one token each, in one call: sequence i gets what the reference gives it alone."""
+    S = 3
+    seqs = [_ssd_inputs(1, H, P, G, N, dtype, seed=hash((H, G, fresh, i)) % 1000) for i in range(S)]
+    cat = {name: torch.cat([a[name] for a, _ in seqs]) for name in ("x", "dt", "B", "C")}
+    shared = {name: seqs[0][0][name] for name in ("A", "D", "dt_bias")}
+    states = None if fresh else torch.stack([st for _, st in seqs])
+    y, new = fast_ssd.ssd_step(states, **cat, **shared, dt_limit=dt_limit)
+    for i, (args, state) in enumerate(seqs):
+        args = {**args, **shared}
+        y_ref, states_ref = ref_ssd.ssd_state_update(torch.zeros_like(state) if fresh else state, **args,
+                                                     dt_limit=dt_limit)
+        _close(y[i:i + 1], y_ref, dtype)
+        torch.testing.assert_close(new[i], states_ref[0], atol=STATE_TOL[0], rtol=STATE_TOL[1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -96,6 +103,19 @@ def test_conv_update_matches_the_reference(dtype, T, C, K, with_bias):
     torch.testing.assert_close(states.float(), states_ref.float(), atol=0, rtol=0)   # a copy: exact
     y0, _ = fast_conv.causal_conv1d_update(x, None, w, b)                 # fresh: zero state
     _close(y0, ref_conv.causal_conv1d_update(x, torch.zeros_like(state), w, b)[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batched_conv_step_is_the_reference_update_of_each_sequence(dtype):
+    g = torch.Generator().manual_seed(11)
+    S, C, K = 4, 12, 4
+    x, states = _rand(g, S, C).to(dtype), _rand(g, S, C, K - 1).to(dtype).float()
+    w, b = _rand(g, C, K), _rand(g, C)
+    y, new = fast_conv.conv_step(x, states, w, b)
+    for i in range(S):
+        y_ref, states_ref = ref_conv.causal_conv1d_update(x[i:i + 1], states[i], w, b)
+        _close(y[i:i + 1], y_ref, dtype)
+        assert torch.equal(new[i].float(), states_ref[0].float())
 
 
 # ---- grouped experts: both schedules, one shard of many ------------------------------------------
