@@ -27,7 +27,15 @@ class Attention(nn.Module):
         k = self.k_proj(h).view(T, self.Hkv, self.Dh)
         v = self.v_proj(h).view(T, self.Hkv, self.Dh)
         out = torch.empty_like(q)
+        steps = [s for s in batch.seqs if s.num_tokens == 1]
+        if len(steps) > 1:                                 # decode steps of all sequences at once
+            rows = torch.tensor([s.offset for s in steps], device=h.device)
+            out.index_copy_(0, rows, ops.decode_attention(
+                q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows), cache.k, cache.v,
+                [s.block_table for s in steps], [s.start_pos for s in steps]))
         for s in batch.seqs:
+            if len(steps) > 1 and s.num_tokens == 1:
+                continue
             rows = slice(s.offset, s.end)
             ops.write_kv(cache.k, cache.v, k[rows], v[rows], s.block_table, s.start_pos)
             out[rows] = ops.paged_attention(q[rows], cache.k, cache.v, s.block_table, start_pos=s.start_pos)

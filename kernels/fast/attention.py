@@ -49,3 +49,30 @@ def paged_attention(q, k_cache, v_cache, block_table: torch.Tensor, *, start_pos
         scores = scores.view(hkv, R, T, S).masked_fill(future, float("-inf")).view(hkv, R * T, S)
     out = torch.bmm(torch.softmax(scores, dim=-1), v.transpose(0, 1))     # (H_kv, R*T, Dh)
     return out.view(hkv, R, T, Dh).permute(2, 0, 1, 3).reshape(T, H, Dh).to(q.dtype)
+
+
+def decode_attention(q, k, v, k_cache, v_cache, block_tables: list[torch.Tensor], positions: list[int]):
+    """One new token of each of S sequences (batched decode): writes its k, v at its position, then
+    attends over the sequence's positions 0..position. q (S, H, Dh); k, v (S, H_kv, Dh).
+
+    The sequences' slot lists are padded to the longest; padded keys are masked out."""
+    S, H, Dh = q.shape
+    nb, bs, hkv, _ = k_cache.shape
+    R, L = H // hkv, max(positions) + 1
+    nblk = -(-L // bs)
+    tables = torch.stack([t[:nblk] if t.numel() >= nblk else torch.cat([t, t.new_zeros(nblk - t.numel())])
+                          for t in block_tables])                        # (S, nblk), padded with block 0
+    slots = (tables[:, :, None] * bs + torch.arange(bs, device=q.device)).view(S, -1)[:, :L]   # (S, L)
+    pos = torch.tensor(positions, device=q.device)
+    new = slots.gather(1, pos[:, None])[:, 0]                           # (S,) rows of the new tokens
+    kf, vf = k_cache.view(nb * bs, hkv, Dh), v_cache.view(nb * bs, hkv, Dh)
+    kf.index_copy_(0, new, k.to(k_cache.dtype))
+    vf.index_copy_(0, new, v.to(v_cache.dtype))
+    keys = kf[slots].float()                                            # (S, L, H_kv, Dh)
+    vals = vf[slots].float()
+    qg = q.float().view(S, hkv, R, Dh)
+    scores = torch.einsum("sgrd,slgd->sgrl", qg, keys) * (1.0 / math.sqrt(Dh))   # (S, H_kv, R, L)
+    beyond = torch.arange(L, device=q.device)[None, :] > pos[:, None]             # (S, L) padding
+    scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
+    out = torch.einsum("sgrl,slgd->sgrd", torch.softmax(scores, dim=-1), vals)
+    return out.reshape(S, H, Dh).to(q.dtype)

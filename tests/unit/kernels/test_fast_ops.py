@@ -163,3 +163,27 @@ def test_paged_writes_and_attention_match_the_reference(dtype, start, T):
         assert torch.equal(a, b)                                         # same rows written, nothing else
     out = fast_attn.paged_attention(q, *caches["fast"], table, start_pos=start)
     _close(out, ref_attn.paged_attention(q, *caches["ref"], table, start_pos=start), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batched_decode_attention_is_each_sequence_alone(dtype):
+    """Sequences of different lengths, blocks scattered over the pool, one new token each."""
+    g = torch.Generator().manual_seed(21)
+    H, Hkv, Dh, bs, nb = 4, 2, 8, 4, 32
+    positions = [0, 5, 13, 8]                                          # the new token's position
+    perm = torch.randperm(nb, generator=g)
+    tables, at = [], 0
+    for p in positions:
+        n = p // bs + 1 + (1 if p == 5 else 0)                         # one table longer than it needs
+        tables.append(perm[at:at + n])
+        at += n
+    cache = [_rand(g, nb, bs, Hkv, Dh).to(dtype) for _ in range(2)]
+    ref_cache = [c.clone() for c in cache]
+    S = len(positions)
+    q, k, v = _rand(g, S, H, Dh).to(dtype), _rand(g, S, Hkv, Dh).to(dtype), _rand(g, S, Hkv, Dh).to(dtype)
+    out = fast_attn.decode_attention(q, k, v, *cache, tables, positions)
+    for i, (t, p) in enumerate(zip(tables, positions)):
+        ref_attn.write_kv(*ref_cache, k[i:i + 1], v[i:i + 1], t, p)
+        _close(out[i:i + 1], ref_attn.paged_attention(q[i:i + 1], *ref_cache, t, start_pos=p), dtype)
+    for a, b in zip(cache, ref_cache):
+        assert torch.equal(a, b)
