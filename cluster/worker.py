@@ -37,9 +37,8 @@ class StageWorker:
         t0 = time.perf_counter()
         for seq_id in plan.released:
             self.store.drop(seq_id)
-        for s in plan.seqs:
-            if s.commit_index >= 0:
-                self.cache.commit(s.mamba_slot, s.commit_index)
+        commits = [(s.mamba_slot, s.commit_index) for s in plan.seqs if s.commit_index >= 0]
+        self.cache.commit_many([c[0] for c in commits], [c[1] for c in commits])
         layout = self.layout(plan)
         if self.model.first:
             x = torch.tensor([t for s in plan.seqs for t in s.input_ids], device=self.device)

@@ -47,23 +47,27 @@ class MambaStateCache:
         self.scratch_B = torch.zeros((num_slots, max_positions, G, N), dtype=f32, device=device)
         self.kept = [0] * num_slots                       # positions in scratch, per slot
 
-    def keep(self, slot: int, conv_states, cum, dtx, B) -> None:
-        """Scratch of a verification pass: conv_states (T, C, K-1), cum (T, H), dtx (T, H, P), B (T, G, N)."""
-        T = cum.shape[0]
-        self.scratch_conv[slot, :T] = conv_states
-        self.scratch_cum[slot, :T] = cum
-        self.scratch_dtx[slot, :T] = dtx
-        self.scratch_B[slot, :T] = B
-        self.kept[slot] = T
+    def keep(self, slots: torch.Tensor, conv_states, cum, dtx, B) -> None:
+        """Scratch of a verification pass of S sequences (slots (S,) int64), T positions each:
+        conv_states (S, T, C, K-1), cum (S, T, H), dtx (S, T, H, P), B (S, T, G, N)."""
+        T = cum.shape[1]
+        for scratch, new in ((self.scratch_conv, conv_states), (self.scratch_cum, cum),
+                             (self.scratch_dtx, dtx), (self.scratch_B, B)):
+            scratch[:, :T].index_copy_(0, slots, new.to(scratch.dtype))
+        for slot in slots.tolist():
+            self.kept[slot] = T
 
-    def commit(self, slot: int, index: int) -> None:
-        """The state after verified position `index` becomes the sequence's state."""
-        if not 0 <= index < self.kept[slot]:
-            raise IndexError(f"commit index {index} outside the {self.kept[slot]} verified positions of slot {slot}")
-        self.conv[slot] = self.scratch_conv[slot, index]
-        self.ssm[slot] = ops.ssd_state_at(self.ssm[slot], self.scratch_cum[slot], self.scratch_dtx[slot],
-                                          self.scratch_B[slot], index)
-        self.kept[slot] = 0
+    def commit(self, slots: list[int], indices: list[int]) -> None:
+        """For each sequence, the state after its verified position `index` becomes its state."""
+        for slot, index in zip(slots, indices):
+            if not 0 <= index < self.kept[slot]:
+                raise IndexError(f"commit index {index} outside the {self.kept[slot]} verified positions of slot {slot}")
+            self.kept[slot] = 0
+        sl = torch.tensor(slots, device=self.ssm.device)
+        ix = torch.tensor(indices, device=self.ssm.device)
+        self.conv.index_copy_(0, sl, self.scratch_conv[sl, ix])
+        self.ssm.index_copy_(0, sl, ops.ssd_state_at(self.ssm[sl], self.scratch_cum[sl], self.scratch_dtx[sl],
+                                                     self.scratch_B[sl], ix))
 
     def reset(self, slot: int) -> None:
         self.conv[slot].zero_()
@@ -95,5 +99,11 @@ class HybridCache:
             self.kv["mtp"] = PagedKVCache(cfg, num_blocks, block_size, kv_dtype, device)
 
     def commit(self, slot: int, index: int) -> None:
-        for c in self.mamba.values():
-            c.commit(slot, index)
+        """The Mamba state after verified position `index` becomes sequence `slot`'s state."""
+        self.commit_many([slot], [index])
+
+    def commit_many(self, slots: list[int], indices: list[int]) -> None:
+        """commit for several sequences at once: one batched update per Mamba layer."""
+        if slots:
+            for c in self.mamba.values():
+                c.commit(slots, indices)

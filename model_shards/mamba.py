@@ -53,27 +53,24 @@ class Mamba2Mixer(nn.Module):
         steps = [s for s in batch.seqs if s.num_tokens == 1 and not s.keep_states]
         if steps:                                          # decode steps of all sequences at once
             self._decode_steps(steps, xBC, dt, A, D, dt_bias, conv_w, cache, y)
+        verifies: dict[int, list] = {}                     # verification passes, grouped by length
         for s in batch.seqs:
-            if s.num_tokens == 1 and not s.keep_states:
+            if s.keep_states:
+                verifies.setdefault(s.num_tokens, []).append(s)
+        for group in verifies.values():
+            self._verify(group, xBC, dt, A, D, dt_bias, conv_w, cache, y)
+        for s in batch.seqs:                               # prefill chunks, one sequence at a time
+            if s.keep_states or s.num_tokens == 1:
                 continue
             rows, slot = slice(s.offset, s.end), s.mamba_slot
             fresh = s.start_pos == 0
-            if s.keep_states:                              # verification: the state moves at commit
-                if fresh:
-                    cache.reset(slot)                      # commit builds on the slot's state
-                xbc, conv_states = ops.causal_conv1d_update(xBC[rows], cache.conv[slot], conv_w, self.conv1d.bias)
-                x, B, C = self._split_xbc(xbc)
-                ys, cum, dtx = ops.ssd_verify(cache.ssm[slot], x, dt[rows], A, B, C, D, dt_bias,
-                                              dt_limit=cfg.time_step_limit)
-                cache.keep(slot, conv_states, cum, dtx, B)
-            else:                                          # prefill chunk
-                xbc, conv_state = ops.causal_conv1d(xBC[rows], conv_w, self.conv1d.bias, None if fresh else cache.conv[slot])
-                x, B, C = self._split_xbc(xbc)
-                ys, ssm_state = ops.ssd_chunk_scan(x, dt[rows], A, B, C, D, dt_bias,
-                                                   chunk_size=cfg.chunk_size, initial_state=None if fresh else cache.ssm[slot],
-                                                   dt_limit=cfg.time_step_limit)
-                cache.conv[slot] = conv_state.float()
-                cache.ssm[slot] = ssm_state
+            xbc, conv_state = ops.causal_conv1d(xBC[rows], conv_w, self.conv1d.bias, None if fresh else cache.conv[slot])
+            x, B, C = self._split_xbc(xbc)
+            ys, ssm_state = ops.ssd_chunk_scan(x, dt[rows], A, B, C, D, dt_bias, chunk_size=cfg.chunk_size,
+                                               initial_state=None if fresh else cache.ssm[slot],
+                                               dt_limit=cfg.time_step_limit)
+            cache.conv[slot] = conv_state.float()
+            cache.ssm[slot] = ssm_state
             y[rows] = ys.reshape(s.num_tokens, cfg.d_inner).to(h.dtype)
         return self.out_proj(self.norm(y, z))
 
@@ -92,6 +89,24 @@ class Mamba2Mixer(nn.Module):
         cache.conv.index_copy_(0, slots, conv_new.float())
         cache.ssm.index_copy_(0, slots, ssm_new)
         y.index_copy_(0, rows, ys.reshape(len(steps), self.cfg.d_inner).to(y.dtype))
+
+    def _verify(self, seqs, xBC, dt, A, D, dt_bias, conv_w, cache: MambaStateCache, y) -> None:
+        """T tokens of each sequence in `seqs` (same T) under verification: outputs now, and scratch
+        from which the next pass's commit builds the accepted position's state; the slots' states stay."""
+        S, T = len(seqs), seqs[0].num_tokens
+        for s in seqs:
+            if s.start_pos == 0:
+                cache.reset(s.mamba_slot)                  # commit builds on the slot's state
+        rows = torch.tensor([s.offset + t for s in seqs for t in range(T)], device=xBC.device)
+        slots = torch.tensor([s.mamba_slot for s in seqs], device=xBC.device)
+        xbc, conv_states = ops.causal_conv1d_update(xBC.index_select(0, rows).view(S, T, -1),
+                                                    cache.conv.index_select(0, slots), conv_w, self.conv1d.bias)
+        x, B, C = self._split_xbc(xbc.reshape(S * T, -1))
+        x, B, C = x.view(S, T, self.H, self.P), B.view(S, T, self.G, self.N), C.view(S, T, self.G, self.N)
+        ys, cum, dtx = ops.ssd_verify(cache.ssm.index_select(0, slots), x, dt.index_select(0, rows).view(S, T, -1),
+                                      A, B, C, D, dt_bias, dt_limit=self.cfg.time_step_limit)
+        cache.keep(slots, conv_states, cum, dtx, B)
+        y.index_copy_(0, rows, ys.reshape(S * T, self.cfg.d_inner).to(y.dtype))
 
     def _split_xbc(self, xbc: torch.Tensor):
         """(T, conv_dim) -> x (T, H, P), B (T, G, N), C (T, G, N)."""

@@ -1,7 +1,7 @@
-"""Causal depthwise conv1d for decoding: T new positions of one sequence with the state after each one,
-or one new position of each of S sequences, in a few ops.
-Reference: kernels/reference/conv1d.py (causal_conv1d_update). Shapes: x (T, C); state (C, K-1) or None
-(a fresh sequence: zeros); weight (C, K); bias (C,) or None."""
+"""Causal depthwise conv1d for decoding, batched over sequences: T new positions of S sequences with the
+state after each one, or one new position of S sequences, in a few ops.
+Reference: kernels/reference/conv1d.py (causal_conv1d_update), per sequence: x (T, C); state (C, K-1);
+weight (C, K); bias (C,) or None."""
 from __future__ import annotations
 
 import torch
@@ -9,20 +9,21 @@ import torch.nn.functional as F
 
 
 def causal_conv1d_update(x, state, weight, bias, *, activation: bool = True):
-    """Returns y (T, C) = SiLU(conv) and states (T, C, K-1): the last K-1 inputs after each position."""
-    T, Cdim = x.shape
+    """T new positions of each of S sequences: x (S, T, C); state (S, C, K-1) or None (fresh: zeros).
+    Returns y (S, T, C) = SiLU(conv) and states (S, T, C, K-1): the last K-1 inputs after each position."""
+    S, T, Cdim = x.shape
     K = weight.shape[1]
     if state is None:
-        state = x.new_zeros(Cdim, K - 1)
-    xs = torch.cat([state.to(x.dtype), x.t()], dim=1)                  # (C, K-1+T), oldest first
+        state = x.new_zeros(S, Cdim, K - 1)
+    xs = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=2)     # (S, C, K-1+T), oldest first
     # Each output is a K-wide window of xs: a multiply-add, not a conv call (oneDNN's depthwise conv
     # costs ~100 us at these sizes).
-    y = (xs.unfold(1, K, 1) * weight[:, None, :].to(x.dtype)).sum(-1)  # (C, T)
+    y = (xs.unfold(2, K, 1) * weight[:, None, :].to(x.dtype)).sum(-1)  # (S, C, T)
     if bias is not None:
         y = y + bias.to(x.dtype)[:, None]
     if activation:
         y = F.silu(y)
-    return y.t(), xs.unfold(1, K - 1, 1)[:, 1:].transpose(0, 1)        # states: (T, C, K-1) view
+    return y.transpose(1, 2), xs.unfold(2, K - 1, 1)[:, :, 1:].transpose(1, 2)   # states: (S, T, C, K-1)
 
 
 def conv_step(x, states, weight, bias, *, activation: bool = True):

@@ -1,9 +1,8 @@
-"""Mamba-2 SSD for decoding: one step of many sequences at once, and verification of T = k+1 positions
-of one sequence that never materialises the T intermediate states. Reference: kernels/reference/ssd.py
+"""Mamba-2 SSD for decoding, batched over sequences: one step of S sequences, and verification of T = k+1
+positions of S sequences that never materialises the T intermediate states. Reference: kernels/reference/ssd.py
 (ssd_state_update returns all T states; these three functions together give the same numbers).
 
-Shapes (verification, one sequence): state (H, P, N) float32, or None for a fresh sequence (zeros);
-x (T, H, P); dt (T, H);
+Shapes, per sequence (a leading S on each): state (H, P, N) float32 (None: all fresh, zeros); x (T, H, P); dt (T, H);
 A, D, dt_bias (H,) float32; B, C (T, G, N), each group shared by R = H / G consecutive heads.
     dt_t        = softplus(dt_t + dt_bias), clamped to dt_limit
     cum[t]      = sum_{i<=t} dt_i A                     (T, H)   log-decay since the pass began
@@ -53,38 +52,40 @@ def ssd_step(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf")))
 
 
 def ssd_verify(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf"))):
-    """T positions from `state` (not modified). Returns y (T, H, P) in x's dtype, cum (T, H) and
-    dtx = dt x (T, H, P), float32: with B they determine every intermediate state (ssd_state_at)."""
-    T, H, P = x.shape
-    G, N = B.shape[1], B.shape[2]
+    """T positions of each of S sequences from `state` (S, H, P, N) or None (all fresh), not modified.
+    x (S, T, H, P); dt (S, T, H); B, C (S, T, G, N). Returns y (S, T, H, P) in x's dtype, cum (S, T, H)
+    and dtx = dt x (S, T, H, P), float32: with B they determine every intermediate state (ssd_state_at)."""
+    S, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
     R = H // G
-    dt = _prep_dt(dt, dt_bias, dt_limit)                                # (T, H)
-    cum = (dt * A).cumsum(0)                                            # (T, H)
-    decay = (cum[:, None] - cum[None]).masked_fill_(_strict_upper(T)[..., None], float("-inf")).exp_()  # (t, j, H)
-    xf = x.float()
-    dtx = xf * dt[..., None]                                            # (T, H, P)
+    dt = _prep_dt(dt, dt_bias, dt_limit)                                # (S, T, H)
+    cum = (dt * A).cumsum(1)                                            # (S, T, H)
+    decay = (cum[:, :, None] - cum[:, None]).masked_fill_(_strict_upper(T)[..., None], float("-inf")).exp_()
+    xf = x.float()                                                      # decay: (S, t, j, H)
+    dtx = xf * dt[..., None]                                            # (S, T, H, P)
     Cf = C.float()
-    CB = torch.einsum("tgn,jgn->gtj", Cf, B.float())                   # (G, T, T)
-    M = decay.permute(2, 0, 1).reshape(G, R, T, T) * CB[:, None]       # (G, R, t, j)
-    y = torch.matmul(M, dtx.permute(1, 0, 2).reshape(G, R, T, P))       # (G, R, T, P) from this pass's inputs
+    CB = torch.einsum("stgn,sjgn->sgtj", Cf, B.float())                # (S, G, T, T)
+    M = decay.permute(0, 3, 1, 2).reshape(S, G, R, T, T) * CB[:, :, None]
+    y = torch.matmul(M, dtx.permute(0, 2, 1, 3).reshape(S, G, R, T, P))   # (S, G, R, T, P) from this pass
     if state is not None:                                               # + exp(cum_t) state C_t
-        from_state = torch.matmul(state.view(G, R, P, N), Cf.permute(1, 2, 0)[:, None])  # (G, R, P, T)
-        y = y + from_state.transpose(-1, -2) * cum.exp().t().reshape(G, R, T, 1)
-    y = y.reshape(H, T, P).transpose(0, 1) + xf * D[:, None]
+        from_state = torch.matmul(state.view(S, G, R, P, N), Cf.permute(0, 2, 3, 1)[:, :, None])  # (S, G, R, P, T)
+        y = y + from_state.transpose(-1, -2) * cum.exp().permute(0, 2, 1).reshape(S, G, R, T, 1)
+    y = y.reshape(S, H, T, P).transpose(1, 2) + xf * D[:, None]
     return y.to(x.dtype), cum, dtx
 
 
-def ssd_state_at(state, cum, dtx, B, index: int):
-    """The state after position `index` of a verified pass: state (H, P, N) or None is the state the
-    pass started from, cum (T, H), dtx (T, H, P), B (T, G, N) what ssd_verify saw. Returns (H, P, N)."""
-    _, H, P = dtx.shape
-    G, N = B.shape[1], B.shape[2]
+def ssd_state_at(state, cum, dtx, B, index: torch.Tensor):
+    """The state after position index[s] of each sequence's verified pass. state (S, H, P, N) or None:
+    the states the pass started from; cum (S, T, H), dtx (S, T, H, P), B (S, T, G, N) what ssd_verify
+    saw; index (S,) int64. Returns (S, H, P, N) float32."""
+    S, T, H, P = dtx.shape
+    G, N = B.shape[2], B.shape[3]
     R = H // G
-    c = cum[:index + 1]                                                 # (J, H)
-    w = (c[-1] - c).exp()                                               # (J, H) decay from j to index
-    u = (dtx[:index + 1] * w[..., None]).permute(1, 2, 0).reshape(G, R, P, index + 1)
-    new = torch.matmul(u, B[:index + 1].float().permute(1, 0, 2)[:, None])   # (G, R, P, N)
-    new = new.reshape(H, P, N)
+    last = cum.gather(1, index.view(S, 1, 1).expand(S, 1, H))          # (S, 1, H) log-decay at index
+    after = torch.arange(T, device=cum.device)[None, :] > index[:, None]   # (S, T) positions not taken
+    w = (last - cum).masked_fill_(after[..., None], float("-inf")).exp_()  # (S, T, H) decay from j to index
+    u = (dtx * w[..., None]).permute(0, 2, 3, 1).reshape(S, G, R, P, T)
+    new = torch.matmul(u, B.float().permute(0, 2, 1, 3)[:, :, None]).reshape(S, H, P, N)
     if state is not None:
-        new = new + c[-1].exp()[:, None, None] * state
+        new = new + last.view(S, H, 1, 1).exp() * state
     return new

@@ -79,14 +79,21 @@ def test_batched_ssd_step_is_the_reference_update_of_each_sequence(dtype, H, P, 
 @pytest.mark.parametrize("H,P,G,N", [(8, 16, 2, 8), (6, 4, 3, 8), (4, 8, 1, 16)])
 @pytest.mark.parametrize("fresh", [False, True])
 def test_ssd_verify_outputs_and_every_committable_state_match_the_reference(dtype, T, H, P, G, N, fresh):
-    args, state = _ssd_inputs(T, H, P, G, N, dtype, seed=T * 31 + H)
-    s0 = None if fresh else state
-    y, cum, dtx = fast_ssd.ssd_verify(s0, **args)
-    y_ref, states_ref = ref_ssd.ssd_state_update(torch.zeros_like(state) if fresh else state, **args)
-    _close(y, y_ref, dtype)
-    for j in range(T):
-        got = fast_ssd.ssd_state_at(s0, cum, dtx, args["B"], j)
-        torch.testing.assert_close(got, states_ref[j], atol=STATE_TOL[0], rtol=STATE_TOL[1])
+    """S sequences verified in one call; any mix of accepted positions is committed in one call."""
+    S = 3
+    seqs = [_ssd_inputs(T, H, P, G, N, dtype, seed=T * 31 + H + 7 * i) for i in range(S)]
+    stack = {name: torch.stack([a[name] for a, _ in seqs]) for name in ("x", "dt", "B", "C")}
+    shared = {name: seqs[0][0][name] for name in ("A", "D", "dt_bias")}
+    s0 = None if fresh else torch.stack([st for _, st in seqs])
+    y, cum, dtx = fast_ssd.ssd_verify(s0, **stack, **shared)
+    refs = [ref_ssd.ssd_state_update(torch.zeros_like(st) if fresh else st, **{**a, **shared}) for a, st in seqs]
+    for i, (y_ref, _) in enumerate(refs):
+        _close(y[i], y_ref, dtype)
+    for j in range(T):                                               # every sequence at j, j+1, ... (mod T)
+        index = torch.tensor([(j + i) % T for i in range(S)])
+        got = fast_ssd.ssd_state_at(s0, cum, dtx, stack["B"], index)
+        for i, (_, states_ref) in enumerate(refs):
+            torch.testing.assert_close(got[i], states_ref[int(index[i])], atol=STATE_TOL[0], rtol=STATE_TOL[1])
 
 
 # ---- conv1d update ----------------------------------------------------------------------------------
@@ -95,14 +102,16 @@ def test_ssd_verify_outputs_and_every_committable_state_match_the_reference(dtyp
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_conv_update_matches_the_reference(dtype, T, C, K, with_bias):
     g = torch.Generator().manual_seed(T * 100 + C)
-    x, state = _rand(g, T, C).to(dtype), _rand(g, C, K - 1).to(dtype).float()
+    S = 2
+    x, state = _rand(g, S, T, C).to(dtype), _rand(g, S, C, K - 1).to(dtype).float()
     w, b = _rand(g, C, K), (_rand(g, C) if with_bias else None)
     y, states = fast_conv.causal_conv1d_update(x, state, w, b)
-    y_ref, states_ref = ref_conv.causal_conv1d_update(x, state, w, b)
-    _close(y, y_ref, dtype)
-    torch.testing.assert_close(states.float(), states_ref.float(), atol=0, rtol=0)   # a copy: exact
-    y0, _ = fast_conv.causal_conv1d_update(x, None, w, b)                 # fresh: zero state
-    _close(y0, ref_conv.causal_conv1d_update(x, torch.zeros_like(state), w, b)[0], dtype)
+    y0, _ = fast_conv.causal_conv1d_update(x, None, w, b)                 # fresh: zero states
+    for i in range(S):
+        y_ref, states_ref = ref_conv.causal_conv1d_update(x[i], state[i], w, b)
+        _close(y[i], y_ref, dtype)
+        torch.testing.assert_close(states[i].float(), states_ref.float(), atol=0, rtol=0)   # a copy: exact
+        _close(y0[i], ref_conv.causal_conv1d_update(x[i], torch.zeros_like(state[i]), w, b)[0], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
