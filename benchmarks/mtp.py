@@ -24,6 +24,7 @@ from training import corpus
 from training.acceptance import code_prompts
 from training.tokenizer import BOS_ID, EOS_ID
 
+from . import pass_anatomy
 from .common import machine, run_batch, table, write_section
 
 
@@ -75,7 +76,9 @@ async def run(args):
             speed_rows.append(row)
     finally:
         await engine.shutdown()
-    return folder, acc_rows, speed_rows, identical
+    from model_shards.weights import load_checkpoint
+    anatomy = pass_anatomy.measure(load_checkpoint(folder), prompts[0], 3)
+    return folder, acc_rows, speed_rows, identical, anatomy
 
 
 def main() -> None:
@@ -87,7 +90,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    folder, acc_rows, speed_rows, identical = asyncio.run(run(args))
+    folder, acc_rows, speed_rows, identical, anatomy = asyncio.run(run(args))
     body = (f"## MTP speculative decoding (`python -m benchmarks.mtp --model {args.model}`)\n\n"
             f"Machine: {machine()}; model {folder.name}; {args.prompts} held-out code prompts of "
             f"{args.prompt_len} tokens, {args.max_tokens} new tokens each; single-process engine.\n\n"
@@ -95,7 +98,10 @@ def main() -> None:
             + "\n\n" + table(["concurrent sequences", "tok/s MTP off", "speedup k=1", "speedup k=2", "speedup k=3"],
                              speed_rows)
             + f"\n\nGreedy text identical with MTP off and with k=1, 2, 3: {identical}. Speedup = tok/s with "
-            "MTP over tok/s without, measured back to back in the same engine.\n")
+            "MTP over tok/s without, measured back to back in the same engine.\n\n"
+            "Why the speedup is what it is: the pieces of one pass, timed alone at one sequence "
+            "(`benchmarks/pass_anatomy.py`; speedup = tokens per pass / pass cost in decode steps):\n\n"
+            + table(["piece", "ms", "in decode steps"], anatomy) + "\n")
     print(body)
     if not args.no_write:
         write_section("mtp", body)
