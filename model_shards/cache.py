@@ -1,4 +1,4 @@
-"""Per-layer caches: paged KV for attention, one recurrent-state slot per sequence for Mamba.
+"""Caches: paged KV per attention layer; Mamba states (one slot per sequence) stacked over a stage's layers.
 
 A stage allocates caches only for the layers it owns. Block ids and slot ids come from the engine's
 allocator (router/block_manager.py); these classes only hold the tensors.
@@ -27,57 +27,78 @@ class PagedKVCache:
 
 
 class MambaStateCache:
-    """conv (S, conv_dim, K-1) and ssm (S, H, P, N), float32, one row per sequence slot.
+    """The Mamba states of every Mamba layer a stage owns, stacked: conv (L, S, conv_dim, K-1) and
+    ssm (L, S, H, P, N) float32, one row per layer and sequence slot; `layer(l)` is layer l's view.
 
-    A verification pass over up to `max_positions` tokens leaves the slot's state untouched and keeps
+    A verification pass over up to `max_positions` tokens leaves the slots' states untouched and keeps
     in scratch what any of its positions' states needs: the conv window after each position, and the
-    SSM inputs (cum log-decay, dt*x, B). When the accepted count arrives, `commit` builds the one
-    state that is kept (kernels ssd_state_at), so a pass never materialises T full SSM states.
+    SSM inputs (cum log-decay, dt*x, B). When the accepted count arrives, `commit` builds the one state
+    that is kept (kernels ssd_state_at), for every layer at once: a pass never materialises T full
+    SSM states, and a commit is one batched update, not one per layer.
     """
 
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_positions: int = 1, device="cpu"):
+    def __init__(self, cfg: ModelConfig, num_layers: int, num_slots: int, max_positions: int = 1, device="cpu"):
         f32 = torch.float32
         H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
-        conv = (cfg.conv_dim, cfg.conv_kernel - 1)
-        self.conv = torch.zeros((num_slots, *conv), dtype=f32, device=device)
-        self.ssm = torch.zeros((num_slots, H, P, N), dtype=f32, device=device)
-        self.scratch_conv = torch.zeros((num_slots, max_positions, *conv), dtype=f32, device=device)
-        self.scratch_cum = torch.zeros((num_slots, max_positions, H), dtype=f32, device=device)
-        self.scratch_dtx = torch.zeros((num_slots, max_positions, H, P), dtype=f32, device=device)
-        self.scratch_B = torch.zeros((num_slots, max_positions, G, N), dtype=f32, device=device)
-        self.kept = [0] * num_slots                       # positions in scratch, per slot
+        L, S, T, conv = num_layers, num_slots, max_positions, (cfg.conv_dim, cfg.conv_kernel - 1)
+        self.conv = torch.zeros((L, S, *conv), dtype=f32, device=device)
+        self.ssm = torch.zeros((L, S, H, P, N), dtype=f32, device=device)
+        self.scratch_conv = torch.zeros((L, S, T, *conv), dtype=f32, device=device)
+        self.scratch_cum = torch.zeros((L, S, T, H), dtype=f32, device=device)
+        self.scratch_dtx = torch.zeros((L, S, T, H, P), dtype=f32, device=device)
+        self.scratch_B = torch.zeros((L, S, T, G, N), dtype=f32, device=device)
+        self.kept = [0] * num_slots                       # verified positions in scratch, per slot
+
+    def layer(self, index: int) -> "MambaLayerCache":
+        return MambaLayerCache(self, index)
+
+    def commit(self, slots: list[int], indices: list[int]) -> None:
+        """For each sequence, the state after its verified position `index` becomes its state (all layers)."""
+        for slot, index in zip(slots, indices):
+            if not 0 <= index < self.kept[slot]:
+                raise IndexError(f"commit index {index} outside the {self.kept[slot]} verified positions of slot {slot}")
+            self.kept[slot] = 0
+        L, S = self.ssm.shape[0], len(slots)
+        sl = torch.tensor(slots, device=self.ssm.device)
+        ix = torch.tensor(indices, device=self.ssm.device)
+        self.conv.index_copy_(1, sl, self.scratch_conv[:, sl, ix])                 # (L, S, C, K-1)
+
+        def rows(t):                                                                # (L, S, ...) -> (L*S, ...)
+            t = t.index_select(1, sl)
+            return t.reshape(L * S, *t.shape[2:])
+        new = ops.ssd_state_at(rows(self.ssm), rows(self.scratch_cum), rows(self.scratch_dtx),
+                               rows(self.scratch_B), ix.repeat(L))                  # (L*S, H, P, N)
+        self.ssm.index_copy_(1, sl, new.view(L, S, *new.shape[1:]))
+
+    @staticmethod
+    def bytes_per_slot(cfg: ModelConfig, max_positions: int = 1) -> int:
+        """Per layer and slot: the state and the verification scratch."""
+        H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
+        conv = cfg.conv_dim * (cfg.conv_kernel - 1)
+        return 4 * (conv + H * P * N + max_positions * (conv + H + H * P + G * N))
+
+
+class MambaLayerCache:
+    """One layer's view of a MambaStateCache: conv (S, C, K-1), ssm (S, H, P, N), scratch (S, T, ...)."""
+
+    def __init__(self, store: MambaStateCache, index: int):
+        self.store = store
+        self.conv, self.ssm = store.conv[index], store.ssm[index]
+        self.scratch = (store.scratch_conv[index], store.scratch_cum[index], store.scratch_dtx[index],
+                        store.scratch_B[index])
 
     def keep(self, slots: torch.Tensor, conv_states, cum, dtx, B) -> None:
         """Scratch of a verification pass of S sequences (slots (S,) int64), T positions each:
         conv_states (S, T, C, K-1), cum (S, T, H), dtx (S, T, H, P), B (S, T, G, N)."""
         T = cum.shape[1]
-        for scratch, new in ((self.scratch_conv, conv_states), (self.scratch_cum, cum),
-                             (self.scratch_dtx, dtx), (self.scratch_B, B)):
+        for scratch, new in zip(self.scratch, (conv_states, cum, dtx, B)):
             scratch[:, :T].index_copy_(0, slots, new.to(scratch.dtype))
         for slot in slots.tolist():
-            self.kept[slot] = T
-
-    def commit(self, slots: list[int], indices: list[int]) -> None:
-        """For each sequence, the state after its verified position `index` becomes its state."""
-        for slot, index in zip(slots, indices):
-            if not 0 <= index < self.kept[slot]:
-                raise IndexError(f"commit index {index} outside the {self.kept[slot]} verified positions of slot {slot}")
-            self.kept[slot] = 0
-        sl = torch.tensor(slots, device=self.ssm.device)
-        ix = torch.tensor(indices, device=self.ssm.device)
-        self.conv.index_copy_(0, sl, self.scratch_conv[sl, ix])
-        self.ssm.index_copy_(0, sl, ops.ssd_state_at(self.ssm[sl], self.scratch_cum[sl], self.scratch_dtx[sl],
-                                                     self.scratch_B[sl], ix))
+            self.store.kept[slot] = T
 
     def reset(self, slot: int) -> None:
         self.conv[slot].zero_()
         self.ssm[slot].zero_()
-
-    @staticmethod
-    def bytes_per_slot(cfg: ModelConfig, max_positions: int = 1) -> int:
-        H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
-        conv = cfg.conv_dim * (cfg.conv_kernel - 1)
-        return 4 * (conv + H * P * N + max_positions * (conv + H + H * P + G * N))
 
 
 class HybridCache:
@@ -88,13 +109,12 @@ class HybridCache:
                  kv_dtype=torch.float32, device="cpu"):
         self.block_size = block_size
         self.kv: dict = {}
-        self.mamba: dict = {}
+        mamba_ids = [i for i in layer_ids if cfg.layer_kind(i) == "M"]
+        self.mamba_states = MambaStateCache(cfg, len(mamba_ids), num_slots, max_verify_positions, device)
+        self.mamba = {i: self.mamba_states.layer(n) for n, i in enumerate(mamba_ids)}
         for i in layer_ids:
-            kind = cfg.layer_kind(i)
-            if kind == "*":
+            if cfg.layer_kind(i) == "*":
                 self.kv[i] = PagedKVCache(cfg, num_blocks, block_size, kv_dtype, device)
-            elif kind == "M":
-                self.mamba[i] = MambaStateCache(cfg, num_slots, max_verify_positions, device)
         if with_mtp:
             self.kv["mtp"] = PagedKVCache(cfg, num_blocks, block_size, kv_dtype, device)
 
@@ -103,7 +123,6 @@ class HybridCache:
         self.commit_many([slot], [index])
 
     def commit_many(self, slots: list[int], indices: list[int]) -> None:
-        """commit for several sequences at once: one batched update per Mamba layer."""
-        if slots:
-            for c in self.mamba.values():
-                c.commit(slots, indices)
+        """commit for several sequences at once: one batched update for all Mamba layers."""
+        if slots and self.mamba:
+            self.mamba_states.commit(slots, indices)

@@ -1,4 +1,4 @@
-"""Mamba-2 mixer over a ragged batch, with recurrent state kept in a MambaStateCache slot per sequence."""
+"""Mamba-2 mixer over a ragged batch, with recurrent state kept in a MambaLayerCache slot per sequence."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +7,7 @@ from torch import nn
 from kernels import ops
 
 from .batch import BatchLayout
-from .cache import MambaStateCache
+from .cache import MambaLayerCache
 from .config import ModelConfig
 
 
@@ -41,7 +41,7 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(cfg.d_inner, cfg.d_inner // G, cfg.layer_norm_epsilon)
         self.out_proj = nn.Linear(cfg.d_inner, cfg.hidden_size, bias=False)
 
-    def forward(self, h: torch.Tensor, batch: BatchLayout, cache: MambaStateCache) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, batch: BatchLayout, cache: MambaLayerCache) -> torch.Tensor:
         """h (T, d) -> (T, d). Reads and advances each sequence's state slot (or its scratch)."""
         cfg = self.cfg
         zxbcdt = self.in_proj(h)                                             # (T, d_inner + conv_dim + H)
@@ -74,7 +74,7 @@ class Mamba2Mixer(nn.Module):
             y[rows] = ys.reshape(s.num_tokens, cfg.d_inner).to(h.dtype)
         return self.out_proj(self.norm(y, z))
 
-    def _decode_steps(self, steps, xBC, dt, A, D, dt_bias, conv_w, cache: MambaStateCache, y) -> None:
+    def _decode_steps(self, steps, xBC, dt, A, D, dt_bias, conv_w, cache: MambaLayerCache, y) -> None:
         """One token of each sequence in `steps`: gather their slots' states, one batched update, scatter."""
         for s in steps:
             if s.start_pos == 0:
@@ -90,7 +90,7 @@ class Mamba2Mixer(nn.Module):
         cache.ssm.index_copy_(0, slots, ssm_new)
         y.index_copy_(0, rows, ys.reshape(len(steps), self.cfg.d_inner).to(y.dtype))
 
-    def _verify(self, seqs, xBC, dt, A, D, dt_bias, conv_w, cache: MambaStateCache, y) -> None:
+    def _verify(self, seqs, xBC, dt, A, D, dt_bias, conv_w, cache: MambaLayerCache, y) -> None:
         """T tokens of each sequence in `seqs` (same T) under verification: outputs now, and scratch
         from which the next pass's commit builds the accepted position's state; the slots' states stay."""
         S, T = len(seqs), seqs[0].num_tokens
