@@ -54,7 +54,8 @@ async def run(args):
     folder = resolve_checkpoint(args.model)
     prompts = heldout_prompts(folder, args.prompts, args.prompt_len)
     engine = AsyncEngine(EngineConfig(model=str(folder), num_speculative_tokens=4, max_model_len=1024,
-                                      max_num_seqs=max(16, args.prompts), max_num_batched_tokens=2048))
+                                      max_num_seqs=max(16, args.prompts), max_num_batched_tokens=2048,
+                                      torch_threads=args.torch_threads))
     await engine.start()
     try:
         acc_rows = []
@@ -65,15 +66,20 @@ async def run(args):
         greedy = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
         speed_rows, identical = [], True
         for n in (1, 16):
-            batch = (prompts * ((n // len(prompts)) + 1))[:n]
-            await run_batch(engine, batch[:1], greedy, 0, f"warm{n}-")
-            toks_off, s_off, out_off = await run_batch(engine, batch, greedy, 0, f"off{n}-")
-            row = [n, toks_off / s_off]
-            for k in (1, 2, 3):
-                toks_on, s_on, out_on = await run_batch(engine, batch, greedy, k, f"on{n}-k{k}-")
-                identical &= out_off == out_on
-                row.append((toks_on / s_on) / (toks_off / s_off))
-            speed_rows.append(row)
+            await run_batch(engine, prompts[:1], greedy, 0, f"warm{n}-")
+            tokens, seconds = {k: 0 for k in (0, 1, 2, 3)}, {k: 0.0 for k in (0, 1, 2, 3)}
+            for r in range(args.rounds):
+                # Each round a different batch of n prompts; the four modes run back to back on it, so
+                # slow drift on a shared machine hits all of them alike.
+                batch = [prompts[(r * n + i) % len(prompts)] for i in range(n)]
+                outs = {}
+                for k in (0, 1, 2, 3):
+                    toks, secs, outs[k] = await run_batch(engine, batch, greedy, k, f"n{n}-r{r}-k{k}-")
+                    tokens[k] += toks
+                    seconds[k] += secs
+                identical &= all(outs[k] == outs[0] for k in (1, 2, 3))
+            rate = {k: tokens[k] / seconds[k] for k in tokens}
+            speed_rows.append([n, rate[0]] + [rate[k] / rate[0] for k in (1, 2, 3)])
     finally:
         await engine.shutdown()
     from model_shards.weights import load_checkpoint
@@ -87,18 +93,21 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=8, help="speed rounds per concurrency, each on other prompts")
+    ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the engine's worker")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     folder, acc_rows, speed_rows, identical, anatomy = asyncio.run(run(args))
     body = (f"## MTP speculative decoding (`python -m benchmarks.mtp --model {args.model}`)\n\n"
-            f"Machine: {machine()}; model {folder.name}; {args.prompts} held-out code prompts of "
+            f"Machine: {machine()}, {args.torch_threads} torch thread(s); model {folder.name}; {args.prompts} held-out code prompts of "
             f"{args.prompt_len} tokens, {args.max_tokens} new tokens each; single-process engine.\n\n"
             + table(["k (drafts)", "mean acceptance length, greedy", "mean acceptance length, T=0.7"], acc_rows)
             + "\n\n" + table(["concurrent sequences", "tok/s MTP off", "speedup k=1", "speedup k=2", "speedup k=3"],
                              speed_rows)
             + f"\n\nGreedy text identical with MTP off and with k=1, 2, 3: {identical}. Speedup = tok/s with "
-            "MTP over tok/s without, measured back to back in the same engine.\n\n"
+            f"MTP over tok/s without, measured back to back in the same engine: {args.rounds} rounds per row, "
+            "each on a different batch of prompts, the four modes in turn on each.\n\n"
             "Why the speedup is what it is: the pieces of one pass, timed alone at one sequence "
             "(`benchmarks/pass_anatomy.py`; speedup = tokens per pass / pass cost in decode steps):\n\n"
             + table(["piece", "ms", "in decode steps"], anatomy) + "\n")
