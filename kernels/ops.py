@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .fast.attention import decode_attention, paged_attention, write_kv  # noqa: F401
 from .fast.conv1d import causal_conv1d_update, conv_step  # noqa: F401
+from .fast.linear import linear  # noqa: F401
 from .fast.moe import grouped_experts  # noqa: F401
 from .fast.norm import gated_rms_norm, rms_norm  # noqa: F401
 from .fast.ssd import ssd_state_at, ssd_step, ssd_verify  # noqa: F401

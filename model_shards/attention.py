@@ -9,16 +9,17 @@ from kernels import ops
 from .batch import BatchLayout
 from .cache import PagedKVCache
 from .config import ModelConfig
+from .linear import Linear
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.H, self.Hkv, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.H * self.Dh, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.Hkv * self.Dh, bias=False)
-        self.o_proj = nn.Linear(self.H * self.Dh, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.H * self.Dh)
+        self.k_proj = Linear(cfg.hidden_size, self.Hkv * self.Dh)
+        self.v_proj = Linear(cfg.hidden_size, self.Hkv * self.Dh)
+        self.o_proj = Linear(self.H * self.Dh, cfg.hidden_size)
 
     def forward(self, h: torch.Tensor, batch: BatchLayout, cache: PagedKVCache) -> torch.Tensor:
         """h (T, d) -> (T, d). Writes each sequence's new k, v at its positions, then attends causally."""

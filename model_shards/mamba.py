@@ -9,6 +9,7 @@ from kernels import ops
 from .batch import BatchLayout
 from .cache import MambaLayerCache
 from .config import ModelConfig
+from .linear import Linear
 
 
 class GatedRMSNorm(nn.Module):
@@ -32,14 +33,14 @@ class Mamba2Mixer(nn.Module):
         self.cfg = cfg
         H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
         self.H, self.P, self.N, self.G = H, P, N, G
-        self.in_proj = nn.Linear(cfg.hidden_size, cfg.mamba_in_proj_dim, bias=False)
+        self.in_proj = Linear(cfg.hidden_size, cfg.mamba_in_proj_dim)
         self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.conv_kernel, groups=cfg.conv_dim,
                                 bias=cfg.use_conv_bias)  # holds weight (C, 1, K) and bias; never called
         self.A_log = nn.Parameter(torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(H))
         self.dt_bias = nn.Parameter(torch.ones(H))
         self.norm = GatedRMSNorm(cfg.d_inner, cfg.d_inner // G, cfg.layer_norm_epsilon)
-        self.out_proj = nn.Linear(cfg.d_inner, cfg.hidden_size, bias=False)
+        self.out_proj = Linear(cfg.d_inner, cfg.hidden_size)
 
     def forward(self, h: torch.Tensor, batch: BatchLayout, cache: MambaLayerCache) -> torch.Tensor:
         """h (T, d) -> (T, d). Reads and advances each sequence's state slot (or its scratch)."""

@@ -13,6 +13,7 @@ from .batch import BatchLayout
 from .cache import HybridCache
 from .config import ModelConfig
 from .layers import Block, RMSNorm
+from .linear import Linear
 from .mtp import MTPBlock
 from .random_init import randomize_
 
@@ -43,7 +44,7 @@ class HybridModel(nn.Module):
         # The last stage needs the embedding too when it runs the MTP block (shared weights).
         self.backbone = Backbone(cfg, layers, self.first or with_mtp, self.last, expert_range)
         if self.last:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.mtp = MTPBlock(cfg) if with_mtp else None
 
     # ---- construction helpers --------------------------------------------------------------------

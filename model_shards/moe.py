@@ -11,6 +11,7 @@ from torch import nn
 from kernels import ops
 
 from .config import ModelConfig
+from .linear import Linear
 
 
 class ReluSquaredMLP(nn.Module):
@@ -18,8 +19,8 @@ class ReluSquaredMLP(nn.Module):
 
     def __init__(self, d: int, inter: int):
         super().__init__()
-        self.up_proj = nn.Linear(d, inter, bias=False)
-        self.down_proj = nn.Linear(inter, d, bias=False)
+        self.up_proj = Linear(d, inter)
+        self.down_proj = Linear(inter, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(torch.relu(self.up_proj(x)).square())
@@ -65,8 +66,8 @@ class LatentMoE(nn.Module):
         self.gate = Router(cfg)
         self.latent = cfg.moe_latent_size is not None
         if self.latent:
-            self.fc1_latent_proj = nn.Linear(cfg.hidden_size, cfg.moe_latent_size, bias=False)
-            self.fc2_latent_proj = nn.Linear(cfg.moe_latent_size, cfg.hidden_size, bias=False)
+            self.fc1_latent_proj = Linear(cfg.hidden_size, cfg.moe_latent_size)
+            self.fc2_latent_proj = Linear(cfg.moe_latent_size, cfg.hidden_size)
         self.experts: nn.Module = RoutedExperts(cfg, first_expert, num_local)
         self.shared_experts = ReluSquaredMLP(cfg.hidden_size, cfg.moe_shared_expert_intermediate_size)
 

@@ -13,6 +13,7 @@ from .batch import BatchLayout
 from .cache import PagedKVCache
 from .config import ATTENTION, ModelConfig
 from .layers import Block, RMSNorm
+from .linear import Linear
 
 
 class MTPLayer(Block):
@@ -24,7 +25,7 @@ class MTPLayer(Block):
         if first:
             self.enorm = RMSNorm(d, eps)
             self.hnorm = RMSNorm(d, eps)
-            self.eh_proj = nn.Linear(2 * d, d, bias=False)
+            self.eh_proj = Linear(2 * d, d)
         if last:
             self.final_layernorm = RMSNorm(d, eps)
 

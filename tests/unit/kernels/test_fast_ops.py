@@ -13,6 +13,7 @@ import torch
 
 from kernels.fast import attention as fast_attn
 from kernels.fast import conv1d as fast_conv
+from kernels.fast import linear as fast_linear
 from kernels.fast import moe as fast_moe
 from kernels.fast import norm as fast_norm
 from kernels.fast import ssd as fast_ssd
@@ -196,3 +197,14 @@ def test_batched_decode_attention_is_each_sequence_alone(dtype):
         _close(out[i:i + 1], ref_attn.paged_attention(q[i:i + 1], *ref_cache, t, start_pos=p), dtype)
     for a, b in zip(cache, ref_cache):
         assert torch.equal(a, b)
+
+
+# ---- linear for a few rows ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 2, 4, 8, 9, 33])
+def test_linear_is_torch_linear_for_any_row_count(dtype, T):
+    g = torch.Generator().manual_seed(T)
+    x, w = _rand(g, T, 48).to(dtype), _rand(g, 40, 48, scale=0.2).to(dtype)
+    out = fast_linear.linear(x, w)
+    assert out.shape == (T, 40) and out.is_contiguous()
+    _close(out, torch.nn.functional.linear(x, w), dtype)
