@@ -18,14 +18,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_UPPER: dict[int, torch.Tensor] = {}
+_UPPER: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
-def _strict_upper(T: int) -> torch.Tensor:
-    """(T, T) bool, True where j > t: the entries masked out of the decay matrix."""
-    if T not in _UPPER:
-        _UPPER[T] = torch.ones(T, T, dtype=torch.bool).triu(1)
-    return _UPPER[T]
+def _strict_upper(T: int, device: torch.device) -> torch.Tensor:
+    """(T, T) bool, True where j > t: the entries masked out of the decay matrix (cached per T, device)."""
+    key = (T, device)
+    if key not in _UPPER:
+        _UPPER[key] = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+    return _UPPER[key]
 
 
 def _prep_dt(dt, dt_bias, dt_limit):
@@ -60,7 +61,7 @@ def ssd_verify(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf")
     R = H // G
     dt = _prep_dt(dt, dt_bias, dt_limit)                                # (S, T, H)
     cum = (dt * A).cumsum(1)                                            # (S, T, H)
-    decay = (cum[:, :, None] - cum[:, None]).masked_fill_(_strict_upper(T)[..., None], float("-inf")).exp_()
+    decay = (cum[:, :, None] - cum[:, None]).masked_fill_(_strict_upper(T, x.device)[..., None], float("-inf")).exp_()
     xf = x.float()                                                      # decay: (S, t, j, H)
     dtx = xf * dt[..., None]                                            # (S, T, H, P)
     Cf = C.float()
