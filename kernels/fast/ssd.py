@@ -65,7 +65,7 @@ def ssd_verify(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf")
     xf = x.float()                                                      # decay: (S, t, j, H)
     dtx = xf * dt[..., None]                                            # (S, T, H, P)
     Cf = C.float()
-    CB = torch.einsum("stgn,sjgn->sgtj", Cf, B.float())                # (S, G, T, T)
+    CB = torch.matmul(Cf.transpose(1, 2), B.float().permute(0, 2, 3, 1))   # (S, G, T, T): C_t . B_j
     M = decay.permute(0, 3, 1, 2).reshape(S, G, R, T, T) * CB[:, :, None]
     y = torch.matmul(M, dtx.permute(0, 2, 1, 3).reshape(S, G, R, T, P))   # (S, G, R, T, P) from this pass
     if state is not None:                                               # + exp(cum_t) state C_t
