@@ -83,8 +83,10 @@ async def run(args):
     finally:
         await engine.shutdown()
     from model_shards.weights import load_checkpoint
-    anatomy = pass_anatomy.measure(load_checkpoint(folder), prompts[0], 3)
-    return folder, acc_rows, speed_rows, identical, anatomy
+    model = load_checkpoint(folder)
+    anatomy = pass_anatomy.measure(model, prompts[0], 3)
+    experts = pass_anatomy.experts_touched(model, prompts, 3)
+    return folder, acc_rows, speed_rows, identical, (anatomy, experts)
 
 
 def main() -> None:
@@ -99,7 +101,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    folder, acc_rows, speed_rows, identical, anatomy = asyncio.run(run(args))
+    folder, acc_rows, speed_rows, identical, (anatomy, experts) = asyncio.run(run(args))
     body = (f"## MTP speculative decoding (`python -m benchmarks.mtp --model {args.model}`)\n\n"
             f"Machine: {machine()}, {args.torch_threads} torch thread(s); model {folder.name}; {args.prompts} held-out code prompts of "
             f"{args.prompt_len} tokens, {args.max_tokens} new tokens each; single-process engine.\n\n"
@@ -112,7 +114,10 @@ def main() -> None:
             "in turn on each (reversed every other round).\n\n"
             "Why the speedup is what it is: the pieces of one pass, timed alone at one sequence "
             "(`benchmarks/pass_anatomy.py`; speedup = tokens per pass / pass cost in decode steps):\n\n"
-            + table(["piece", "ms", "in decode steps"], anatomy) + "\n")
+            + table(["piece", "ms", "in decode steps"], anatomy)
+            + f"\n\nThe 4 tokens of a k=3 verification route to {experts:.2f} distinct experts per MoE layer on "
+            f"average over the {args.prompts} prompts (`pass_anatomy.experts_touched`); one token reads "
+            "num_experts_per_tok of them.\n")
     print(body)
     if not args.no_write:
         write_section("mtp", body)

@@ -11,6 +11,7 @@ import time
 import torch
 
 from model_shards.batch import BatchLayout
+from model_shards.config import MOE
 from model_shards.model import HybridModel
 
 
@@ -58,3 +59,30 @@ def measure(model: HybridModel, prompt: list[int], k: int, reps: int = 200) -> l
     rows = [[name, ms, ms / step] for name, ms in pieces]
     rows.append([f"MTP pass k={k} (verify + drafting)", total, total / step])
     return rows
+
+
+
+@torch.no_grad()
+def experts_touched(model: HybridModel, prompts: list[list[int]], k: int) -> float:
+    """Mean distinct routed experts per backbone MoE layer for the k+1 tokens of a verification pass
+    (the last k+1 of each prompt, after the rest as prefill): the expert weights such a pass reads, where
+    one token reads num_experts_per_tok."""
+    counts: list[int] = []
+    routers = [layer.mixer.gate for layer in model.backbone.layers.values() if layer.kind == MOE]
+
+    def count(module, inputs, output):
+        if output[1].shape[0] == k + 1:                  # the verification pass, not the prefill
+            counts.append(int(output[1].unique().numel()))
+    hooks = [r.register_forward_hook(count) for r in routers]
+    try:
+        for prompt in prompts:
+            head, tail = prompt[:-(k + 1)], prompt[-(k + 1):]
+            n_blocks = len(prompt) // 16 + 1
+            cache = model.make_cache(num_blocks=n_blocks, block_size=16, num_slots=1, max_verify_positions=k + 1)
+            table = torch.arange(n_blocks)
+            model(torch.tensor(head), BatchLayout.single(len(head), 0, table), cache)
+            model(torch.tensor(tail), BatchLayout.single(k + 1, len(head), table, keep_states=True), cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(counts) / max(len(counts), 1)
