@@ -13,8 +13,7 @@ from .fast.linear import linear  # noqa: F401
 from .fast.moe import grouped_experts  # noqa: F401
 from .fast.norm import gated_rms_norm, rms_norm  # noqa: F401
 from .fast.ssd import ssd_state_at, ssd_step, ssd_verify  # noqa: F401
-from .reference.attention import attention_prefill, gather_kv  # noqa: F401
 from .reference.conv1d import causal_conv1d  # noqa: F401
 from .reference.moe import route  # noqa: F401
 from .reference.sampling import probs_from_logits, rejection_sample  # noqa: F401
-from .reference.ssd import ssd_chunk_scan, ssd_state_update  # noqa: F401
+from .reference.ssd import ssd_chunk_scan  # noqa: F401

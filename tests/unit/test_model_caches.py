@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from kernels.ops import gather_kv
+from kernels.reference.attention import gather_kv
 from model_shards import tail
 from model_shards.batch import BatchLayout, SeqSlice
 from model_shards.generate import generate
