@@ -128,7 +128,7 @@ def test_batched_conv_step_is_the_reference_update_of_each_sequence(dtype):
         assert torch.equal(new[i].float(), states_ref[0].float())
 
 
-# ---- grouped experts: both schedules, one shard of many ------------------------------------------
+# ---- grouped experts: both schedules (few rows, many rows), one shard of many ------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,k,E", [(1, 2, 8), (1, 4, 16), (4, 2, 8), (5, 4, 16), (3, 1, 4), (40, 2, 8)])
 @pytest.mark.parametrize("shard", [None, (2, 4)])                  # (first_expert, experts owned)
