@@ -59,6 +59,12 @@ class MambaStateCache:
                 raise IndexError(f"commit index {index} outside the {self.kept[slot]} verified positions of slot {slot}")
             self.kept[slot] = 0
         L, S = self.ssm.shape[0], len(slots)
+        if S == 1:                                        # one sequence: views and in-place updates
+            slot, index = slots[0], indices[0]
+            self.conv[:, slot].copy_(self.scratch_conv[:, slot, index])
+            ops.ssd_advance_(self.ssm[:, slot], self.scratch_cum[:, slot], self.scratch_dtx[:, slot],
+                             self.scratch_B[:, slot], index)
+            return
         sl = torch.tensor(slots, device=self.ssm.device)
         ix = torch.tensor(indices, device=self.ssm.device)
         self.conv.index_copy_(1, sl, self.scratch_conv[:, sl, ix])                 # (L, S, C, K-1)

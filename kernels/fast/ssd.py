@@ -10,7 +10,8 @@ A, D, dt_bias (H,) float32; B, C (T, G, N), each group shared by R = H / G conse
     y_t         = state_t C_t + D x_t
 Verification needs every y_t but, once the accepted count is known, only one state_t: ssd_verify
 computes the y_t in the "dual" (attention-like) form, from C_t.B_j and the pass's initial state, and
-returns (cum, dt x) so that ssd_state_at can build the one state that is committed. cum is
+returns (cum, dt x) so that ssd_state_at (a batch of sequences) or ssd_advance_ (one sequence, every layer
+at once, in place) can build the one state that is committed. cum is
 non-increasing (A < 0, dt > 0), so every exponent taken below is <= 0.
 """
 from __future__ import annotations
@@ -90,3 +91,19 @@ def ssd_state_at(state, cum, dtx, B, index: torch.Tensor):
     if state is not None:
         new = new + last.view(S, H, 1, 1).exp() * state
     return new
+
+
+def ssd_advance_(state, cum, dtx, B, index: int) -> None:
+    """In place, one sequence: state (L, H, P, N) float32, a stack of L states (e.g. every Mamba layer of
+    a stage; any strides that view as (L, G, R*P, N)) becomes the state after position `index` of the
+    verified pass; cum (L, T, H), dtx (L, T, H, P), B (L, T, G, N) are what ssd_verify returned/saw.
+    The same numbers as ssd_state_at, in ~8 ops over the stack and without copying the states: the commit
+    after every verification pass at one sequence."""
+    L, H, P, N = state.shape
+    G = B.shape[2]
+    R, n = H // G, index + 1
+    last = cum[:, index]                                                 # (L, H) log-decay at index
+    w = (last[:, None] - cum[:, :n]).exp_()                              # (L, n, H) decay from j to index
+    u = (dtx[:, :n] * w[..., None]).permute(0, 2, 3, 1).reshape(L, G, R * P, n)
+    state.mul_(last.exp()[:, :, None, None])
+    state.view(L, G, R * P, N).add_(torch.matmul(u, B[:, :n].float().transpose(1, 2)))   # + sum_j u_j B_j^T

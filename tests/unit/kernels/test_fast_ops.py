@@ -97,6 +97,28 @@ def test_ssd_verify_outputs_and_every_committable_state_match_the_reference(dtyp
             torch.testing.assert_close(got[i], states_ref[int(index[i])], atol=STATE_TOL[0], rtol=STATE_TOL[1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("H,P,G,N", [(8, 16, 2, 8), (6, 4, 3, 8)])
+def test_ssd_advance_commits_one_sequence_of_a_layer_stack_in_place(dtype, T, H, P, G, N):
+    """The one-sequence commit: a stack of layers' states, viewed out of a (L, slots, ...) cache
+    (not contiguous), advanced in place to each verified position equals the reference's state there."""
+    L, slots, slot = 3, 4, 2
+    layers = [_ssd_inputs(T, H, P, G, N, dtype, seed=T * 13 + H + 5 * i) for i in range(L)]
+    shared = {name: layers[0][0][name] for name in ("A", "D", "dt_bias")}
+    stack = {name: torch.stack([a[name] for a, _ in layers]) for name in ("x", "dt", "B", "C")}
+    start = torch.stack([st for _, st in layers])                       # (L, H, P, N)
+    _, cum, dtx = fast_ssd.ssd_verify(start, **stack, **shared)
+    refs = [ref_ssd.ssd_state_update(st, **{**a, **shared})[1] for a, st in layers]
+    for index in range(T):
+        cache = torch.full((L, slots, H, P, N), 7.0)
+        cache[:, slot] = start
+        fast_ssd.ssd_advance_(cache[:, slot], cum, dtx, stack["B"], index)
+        for layer in range(L):
+            torch.testing.assert_close(cache[layer, slot], refs[layer][index], atol=STATE_TOL[0], rtol=STATE_TOL[1])
+        assert torch.all(cache[:, [s for s in range(slots) if s != slot]] == 7.0)    # other slots untouched
+
+
 # ---- conv1d update ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,C,K", [(1, 24, 4), (4, 10, 4), (5, 8, 3), (2, 6, 2)])
