@@ -32,9 +32,10 @@ class MambaStateCache:
 
     A verification pass over up to `max_positions` tokens leaves the slots' states untouched and keeps
     in scratch what any of its positions' states needs: the conv window after each position, and the
-    SSM inputs (cum log-decay, dt*x, B). When the accepted count arrives, `commit` builds the one state
-    that is kept (kernels ssd_state_at), for every layer at once: a pass never materialises T full
-    SSM states, and a commit is one batched update, not one per layer.
+    SSM inputs (cum log-decay (L, S, H, T), dt*x (L, S, H, T, P), B (L, S, T, G, N)). When the accepted
+    count arrives, `commit` builds the one state that is kept (kernels ssd_advance_ for one sequence,
+    ssd_state_at for several), for every layer at once: a pass never materialises T full SSM states,
+    and a commit is one batched update, not one per layer.
     """
 
     def __init__(self, cfg: ModelConfig, num_layers: int, num_slots: int, max_positions: int = 1, device="cpu"):
@@ -44,8 +45,8 @@ class MambaStateCache:
         self.conv = torch.zeros((L, S, *conv), dtype=f32, device=device)
         self.ssm = torch.zeros((L, S, H, P, N), dtype=f32, device=device)
         self.scratch_conv = torch.zeros((L, S, T, *conv), dtype=f32, device=device)
-        self.scratch_cum = torch.zeros((L, S, T, H), dtype=f32, device=device)
-        self.scratch_dtx = torch.zeros((L, S, T, H, P), dtype=f32, device=device)
+        self.scratch_cum = torch.zeros((L, S, H, T), dtype=f32, device=device)
+        self.scratch_dtx = torch.zeros((L, S, H, T, P), dtype=f32, device=device)
         self.scratch_B = torch.zeros((L, S, T, G, N), dtype=f32, device=device)
         self.kept = [0] * num_slots                       # verified positions in scratch, per slot
 
@@ -93,13 +94,17 @@ class MambaLayerCache:
         self.scratch = (store.scratch_conv[index], store.scratch_cum[index], store.scratch_dtx[index],
                         store.scratch_B[index])
 
-    def keep(self, slots: torch.Tensor, conv_states, cum, dtx, B) -> None:
-        """Scratch of a verification pass of S sequences (slots (S,) int64), T positions each:
-        conv_states (S, T, C, K-1), cum (S, T, H), dtx (S, T, H, P), B (S, T, G, N)."""
-        T = cum.shape[1]
-        for scratch, new in zip(self.scratch, (conv_states, cum, dtx, B)):
-            scratch[:, :T].index_copy_(0, slots, new.to(scratch.dtype))
-        for slot in slots.tolist():
+    def keep(self, slots: torch.Tensor | slice, conv_states, cum, dtx, B) -> None:
+        """Scratch of a verification pass of S sequences (slots: (S,) int64, or a slice of S slots), T
+        positions each: conv_states (S, T, C, K-1), cum (S, H, T), dtx (S, H, T, P), B (S, T, G, N)."""
+        T = B.shape[1]
+        conv, cum_, dtx_, B_ = self.scratch
+        conv[slots, :T] = conv_states
+        cum_[slots, :, :T] = cum
+        dtx_[slots, :, :T] = dtx
+        B_[slots, :T] = B
+        ids = range(len(self.conv))[slots] if isinstance(slots, slice) else slots.tolist()
+        for slot in ids:
             self.store.kept[slot] = T
 
     def reset(self, slot: int) -> None:

@@ -98,16 +98,19 @@ class Mamba2Mixer(nn.Module):
         for s in seqs:
             if s.start_pos == 0:
                 cache.reset(s.mamba_slot)                  # commit builds on the slot's state
-        rows = torch.tensor([s.offset + t for s in seqs for t in range(T)], device=xBC.device)
-        slots = torch.tensor([s.mamba_slot for s in seqs], device=xBC.device)
-        xbc, conv_states = ops.causal_conv1d_update(xBC.index_select(0, rows).view(S, T, -1),
-                                                    cache.conv.index_select(0, slots), conv_w, self.conv1d.bias)
+        if S == 1:                                         # one sequence: rows and slot as views, no gathers
+            rows, slots = slice(seqs[0].offset, seqs[0].end), slice(seqs[0].mamba_slot, seqs[0].mamba_slot + 1)
+        else:
+            rows = torch.tensor([s.offset + t for s in seqs for t in range(T)], device=xBC.device)
+            slots = torch.tensor([s.mamba_slot for s in seqs], device=xBC.device)
+        xbc, conv_states = ops.causal_conv1d_update(xBC[rows].reshape(S, T, -1), cache.conv[slots], conv_w,
+                                                    self.conv1d.bias)
         x, B, C = self._split_xbc(xbc.reshape(S * T, -1))
         x, B, C = x.view(S, T, self.H, self.P), B.view(S, T, self.G, self.N), C.view(S, T, self.G, self.N)
-        ys, cum, dtx = ops.ssd_verify(cache.ssm.index_select(0, slots), x, dt.index_select(0, rows).view(S, T, -1),
-                                      A, B, C, D, dt_bias, dt_limit=self.cfg.time_step_limit)
+        ys, cum, dtx = ops.ssd_verify(cache.ssm[slots], x, dt[rows].reshape(S, T, -1), A, B, C, D, dt_bias,
+                                      dt_limit=self.cfg.time_step_limit)
         cache.keep(slots, conv_states, cum, dtx, B)
-        y.index_copy_(0, rows, ys.reshape(S * T, self.cfg.d_inner).to(y.dtype))
+        y[rows] = ys.reshape(S * T, self.cfg.d_inner).to(y.dtype)
 
     def _split_xbc(self, xbc: torch.Tensor):
         """(T, conv_dim) -> x (T, H, P), B (T, G, N), C (T, G, N)."""

@@ -5,7 +5,7 @@ positions of S sequences that never materialises the T intermediate states. Refe
 Shapes, per sequence (a leading S on each): state (H, P, N) float32 (None: all fresh, zeros); x (T, H, P); dt (T, H);
 A, D, dt_bias (H,) float32; B, C (T, G, N), each group shared by R = H / G consecutive heads.
     dt_t        = softplus(dt_t + dt_bias), clamped to dt_limit
-    cum[t]      = sum_{i<=t} dt_i A                     (T, H)   log-decay since the pass began
+    cum[t]      = sum_{i<=t} dt_i A                     (H, T)   log-decay since the pass began
     state_t     = exp(cum[t]) state + sum_{j<=t} exp(cum[t] - cum[j]) dt_j x_j B_j^T
     y_t         = state_t C_t + D x_t
 Verification needs every y_t but, once the accepted count is known, only one state_t: ssd_verify
@@ -55,39 +55,41 @@ def ssd_step(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf")))
 
 def ssd_verify(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf"))):
     """T positions of each of S sequences from `state` (S, H, P, N) or None (all fresh), not modified.
-    x (S, T, H, P); dt (S, T, H); B, C (S, T, G, N). Returns y (S, T, H, P) in x's dtype, cum (S, T, H)
-    and dtx = dt x (S, T, H, P), float32: with B they determine every intermediate state (ssd_state_at)."""
+    x (S, T, H, P); dt (S, T, H); B, C (S, T, G, N). Returns y (S, T, H, P) in x's dtype (a view),
+    and, heads-major and float32, cum (S, H, T) and dtx = dt x (S, H, T, P): with B they determine every
+    intermediate state (ssd_state_at, ssd_advance_). Products are 3-D bmm over (sequence, head or group)
+    with the layouts prepared once: at T = 4 torch.matmul's broadcasting costs more copies than the math."""
     S, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     R = H // G
-    dt = _prep_dt(dt, dt_bias, dt_limit)                                # (S, T, H)
-    cum = (dt * A).cumsum(1)                                            # (S, T, H)
-    decay = (cum[:, :, None] - cum[:, None]).masked_fill_(_strict_upper(T, x.device)[..., None], float("-inf")).exp_()
-    xf = x.float()                                                      # decay: (S, t, j, H)
-    dtx = xf * dt[..., None]                                            # (S, T, H, P)
-    Cf = C.float()
-    CB = torch.matmul(Cf.transpose(1, 2), B.float().permute(0, 2, 3, 1))   # (S, G, T, T): C_t . B_j
-    M = decay.permute(0, 3, 1, 2).reshape(S, G, R, T, T) * CB[:, :, None]
-    y = torch.matmul(M, dtx.permute(0, 2, 1, 3).reshape(S, G, R, T, P))   # (S, G, R, T, P) from this pass
+    dtT = _prep_dt(dt, dt_bias, dt_limit).transpose(1, 2)              # (S, H, T)
+    cum = (dtT * A[:, None]).cumsum(-1)                                 # (S, H, T)
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill_(_strict_upper(T, x.device), float("-inf")).exp_()
+    xT = x.float().transpose(1, 2)                                      # (S, H, T, P) view; decay (S, H, t, j)
+    dtx = torch.mul(xT, dtT[..., None], out=torch.empty(S, H, T, P, device=x.device))
+    Cg = C.float().permute(0, 2, 1, 3).reshape(S * G, T, N)
+    CB = torch.bmm(Cg, B.float().permute(0, 2, 3, 1).reshape(S * G, N, T))   # (S*G, T, T): C_t . B_j
+    M = decay.view(S, G, R, T, T).mul_(CB.view(S, G, 1, T, T))
+    y = torch.bmm(M.view(S * H, T, T), dtx.view(S * H, T, P)).view(S, H, T, P)   # from this pass
     if state is not None:                                               # + exp(cum_t) state C_t
-        from_state = torch.matmul(state.view(S, G, R, P, N), Cf.permute(0, 2, 3, 1)[:, :, None])  # (S, G, R, P, T)
-        y = y + from_state.transpose(-1, -2) * cum.exp().permute(0, 2, 1).reshape(S, G, R, T, 1)
-    y = y.reshape(S, H, T, P).transpose(1, 2) + xf * D[:, None]
-    return y.to(x.dtype), cum, dtx
+        from_state = torch.bmm(state.reshape(S * G, R * P, N), Cg.transpose(1, 2))   # (S*G, R*P, T)
+        y.addcmul_(from_state.view(S, H, P, T).transpose(-1, -2), cum.exp()[..., None])
+    y.addcmul_(xT, D[:, None, None])
+    return y.transpose(1, 2).to(x.dtype), cum, dtx
 
 
 def ssd_state_at(state, cum, dtx, B, index: torch.Tensor):
     """The state after position index[s] of each sequence's verified pass. state (S, H, P, N) or None:
-    the states the pass started from; cum (S, T, H), dtx (S, T, H, P), B (S, T, G, N) what ssd_verify
-    saw; index (S,) int64. Returns (S, H, P, N) float32."""
-    S, T, H, P = dtx.shape
+    the states the pass started from; cum (S, H, T), dtx (S, H, T, P) from ssd_verify; B (S, T, G, N)
+    what it saw; index (S,) int64. Returns (S, H, P, N) float32."""
+    S, H, T, P = dtx.shape
     G, N = B.shape[2], B.shape[3]
     R = H // G
-    last = cum.gather(1, index.view(S, 1, 1).expand(S, 1, H))          # (S, 1, H) log-decay at index
+    last = cum.gather(2, index.view(S, 1, 1).expand(S, H, 1))          # (S, H, 1) log-decay at index
     after = torch.arange(T, device=cum.device)[None, :] > index[:, None]   # (S, T) positions not taken
-    w = (last - cum).masked_fill_(after[..., None], float("-inf")).exp_()  # (S, T, H) decay from j to index
-    u = (dtx * w[..., None]).permute(0, 2, 3, 1).reshape(S, G, R, P, T)
-    new = torch.matmul(u, B.float().permute(0, 2, 1, 3)[:, :, None]).reshape(S, H, P, N)
+    w = (last - cum).masked_fill_(after[:, None], float("-inf")).exp_()    # (S, H, T) decay from j to index
+    u = (dtx * w[..., None]).view(S, G, R, T, P).transpose(-1, -2).reshape(S * G, R * P, T)
+    new = torch.bmm(u, B.float().transpose(1, 2).reshape(S * G, T, N)).view(S, H, P, N)
     if state is not None:
         new = new + last.view(S, H, 1, 1).exp() * state
     return new
@@ -96,14 +98,14 @@ def ssd_state_at(state, cum, dtx, B, index: torch.Tensor):
 def ssd_advance_(state, cum, dtx, B, index: int) -> None:
     """In place, one sequence: state (L, H, P, N) float32, a stack of L states (e.g. every Mamba layer of
     a stage; any strides that view as (L, G, R*P, N)) becomes the state after position `index` of the
-    verified pass; cum (L, T, H), dtx (L, T, H, P), B (L, T, G, N) are what ssd_verify returned/saw.
+    verified pass; cum (L, H, T), dtx (L, H, T, P), B (L, T, G, N) are what ssd_verify returned/saw.
     The same numbers as ssd_state_at, in ~8 ops over the stack and without copying the states: the commit
     after every verification pass at one sequence."""
     L, H, P, N = state.shape
     G = B.shape[2]
     R, n = H // G, index + 1
-    last = cum[:, index]                                                 # (L, H) log-decay at index
-    w = (last[:, None] - cum[:, :n]).exp_()                              # (L, n, H) decay from j to index
-    u = (dtx[:, :n] * w[..., None]).permute(0, 2, 3, 1).reshape(L, G, R * P, n)
+    last = cum[..., index]                                               # (L, H) log-decay at index
+    w = (last[..., None] - cum[..., :n]).exp_()                          # (L, H, n) decay from j to index
+    u = (dtx[:, :, :n] * w[..., None]).view(L, G, R, n, P).transpose(-1, -2).reshape(L, G, R * P, n)
     state.mul_(last.exp()[:, :, None, None])
     state.view(L, G, R * P, N).add_(torch.matmul(u, B[:, :n].float().transpose(1, 2)))   # + sum_j u_j B_j^T
