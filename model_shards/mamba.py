@@ -110,7 +110,10 @@ class Mamba2Mixer(nn.Module):
         ys, cum, dtx = ops.ssd_verify(cache.ssm[slots], x, dt[rows].reshape(S, T, -1), A, B, C, D, dt_bias,
                                       dt_limit=self.cfg.time_step_limit)
         cache.keep(slots, conv_states, cum, dtx, B)
-        y[rows] = ys.reshape(S * T, self.cfg.d_inner).to(y.dtype)
+        if S == 1:
+            y[rows].view(1, T, self.H, self.P).copy_(ys)
+        else:
+            y[rows] = ys.reshape(S * T, self.cfg.d_inner).to(y.dtype)
 
     def _split_xbc(self, xbc: torch.Tensor):
         """(T, conv_dim) -> x (T, H, P), B (T, G, N), C (T, G, N)."""

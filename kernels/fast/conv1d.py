@@ -13,17 +13,17 @@ def causal_conv1d_update(x, state, weight, bias, *, activation: bool = True):
     Returns y (S, T, C) = SiLU(conv) and states (S, T, C, K-1): the last K-1 inputs after each position."""
     S, T, Cdim = x.shape
     K = weight.shape[1]
-    if state is None:
-        state = x.new_zeros(S, Cdim, K - 1)
-    xs = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=2)     # (S, C, K-1+T), oldest first
-    # Each output is a K-wide window of xs: a multiply-add, not a conv call (oneDNN's depthwise conv
-    # costs ~100 us at these sizes).
-    y = (xs.unfold(2, K, 1) * weight[:, None, :].to(x.dtype)).sum(-1)  # (S, C, T)
-    if bias is not None:
-        y = y + bias.to(x.dtype)[:, None]
+    past = x.new_zeros(S, K - 1, Cdim) if state is None else state.to(x.dtype).transpose(1, 2)
+    xs = torch.cat([past, x], dim=1)                                   # (S, K-1+T, C), oldest first
+    # Time-major, so each tap is a multiply-add over contiguous (T, C) rows: K fused ops, not a conv call
+    # (oneDNN's depthwise conv costs ~100 us at these sizes) nor a product over unfolded windows (~1.5x).
+    taps = weight.to(x.dtype).t()                                      # (K, C)
+    y = xs[:, :T] * taps[0] if bias is None else torch.addcmul(bias.to(x.dtype), xs[:, :T], taps[0])
+    for k in range(1, K):
+        y.addcmul_(xs[:, k:k + T], taps[k])
     if activation:
         y = F.silu(y)
-    return y.transpose(1, 2), xs.unfold(2, K - 1, 1)[:, :, 1:].transpose(1, 2)   # states: (S, T, C, K-1)
+    return y, xs.unfold(1, K - 1, 1)[:, 1:]                            # states: (S, T, C, K-1)
 
 
 def conv_step(x, states, weight, bias, *, activation: bool = True):
