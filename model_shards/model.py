@@ -79,12 +79,10 @@ class HybridModel(nn.Module):
                     cache: HybridCache, logit_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP application. next_tokens (T,) are tokens t+1; h_prev (T, d).
 
-        Returns (h_out (T, d), logits (R, V)) for the rows in `logit_rows` (all T rows when None):
+        Returns (h_out (R, d), logits (R, V)) for the rows in `logit_rows` (all T rows when None):
         drafting needs only each sequence's newest row, and lm_head is the block's largest matrix.
         """
-        h_out, normed = self.mtp(self.embed(next_tokens), h_prev, batch, cache.kv.get("mtp"))
-        if logit_rows is not None:
-            normed = normed[logit_rows]
+        h_out, normed = self.mtp(self.embed(next_tokens), h_prev, batch, cache.kv.get("mtp"), rows=logit_rows)
         return h_out, self.lm_head(normed).float()
 
     def init_random(self, seed: int) -> "HybridModel":

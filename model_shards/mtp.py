@@ -35,15 +35,24 @@ class MTPBlock(nn.Module):
         super().__init__()
         pat = cfg.mtp_hybrid_override_pattern
         self.layers = nn.ModuleList(MTPLayer(cfg, k, i == 0, i == len(pat) - 1) for i, k in enumerate(pat))
+        # Layers after the last attention layer mix nothing across tokens: they need only the rows asked for.
+        self.per_token_from = max((i + 1 for i, k in enumerate(pat) if k == ATTENTION), default=0)
 
     def forward(self, emb_next: torch.Tensor, h_prev: torch.Tensor, batch: BatchLayout,
-                kv: PagedKVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+                kv: PagedKVCache | None, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """emb_next (T, d) embeddings of tokens t+1, h_prev (T, d) hidden states at t.
 
-        Returns (h_out (T, d) before the final norm: the next recursion's h_prev; normed (T, d) for lm_head).
+        Returns (h_out (R, d) before the final norm: the next recursion's h_prev; normed (R, d) for lm_head)
+        for the R rows in `rows` (all T when None). Every row still writes its KV: drafting feeds all
+        settled pairs but needs only each sequence's newest output, so the MoE after the attention runs
+        on those rows alone.
         """
         first = self.layers[0]
         h = first.eh_proj(torch.cat([first.enorm(emb_next), first.hnorm(h_prev)], dim=-1))
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if i == self.per_token_from and rows is not None:
+                h = h[rows]
             h = layer(h, batch, kv if layer.kind == ATTENTION else None)
+        if self.per_token_from == len(self.layers) and rows is not None:
+            h = h[rows]
         return h, self.layers[-1].final_layernorm(h)

@@ -22,8 +22,8 @@ def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return ops.probs_from_logits(logits, p.temperature, p.top_k, p.top_p)
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> tuple[int, torch.Tensor | None]:
-    """One token from logits (V,). Returns (token, its distribution or None when greedy)."""
+def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+    """One token from logits (V,). Returns (token, its distribution or None when greedy; gen may be None then)."""
     if p.greedy:
         return int(logits.argmax()), None
     q = probs(logits[None], p)[0]
@@ -31,7 +31,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> tup
 
 
 def verify(target_logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None,
-           p: SamplingParams, gen: torch.Generator) -> tuple[list[int], int]:
+           p: SamplingParams, gen: torch.Generator | None) -> tuple[list[int], int]:
     """target_logits (k+1, V) at [last token, d_1..d_k]; drafts d_1..d_k.
 
     Returns (new tokens = accepted drafts + one corrected/bonus token, number accepted). Lossless:

@@ -83,7 +83,7 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
     for j, n in owners:
         r, s = reqs[j], batch.seqs[j]
         seed_pos = s.start_pos + s.num_tokens - len(r.drafts)          # tokens committed before this pass
-        gen = speculative.step_generator(r.seed, seed_pos)
+        gen = None if r.params.greedy else speculative.step_generator(r.seed, seed_pos)
         if r.drafts:
             toks, acc = speculative.verify(logits[at:at + n], r.drafts, store.take(r.seq_id), r.params, gen)
         else:
@@ -112,12 +112,12 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> None:
     if not seqs:
         return
     h_prev = model.mtp_hidden_input(h[pair_rows])
-    last = {j: seqs[i].end - 1 for j, i in drafting}                 # row of each sequence's newest MTP output
-    h_mtp, logits = model.mtp_forward(torch.tensor(pair_tokens), h_prev, BatchLayout(seqs), cache,
-                                      logit_rows=list(last.values()))
-    logit_row = {j: n for n, j in enumerate(last)}                   # sequence -> its row in `logits`
+    newest = [seqs[i].end - 1 for _, i in drafting]                  # each drafting sequence's newest pair
+    # Only those rows come back (the MoE after the MTP attention runs on them alone); all rows write KV.
+    cur_h, cur_logits = model.mtp_forward(torch.tensor(pair_tokens), h_prev, BatchLayout(seqs), cache,
+                                          logit_rows=newest)
+    row = {j: n for n, (j, _) in enumerate(drafting)}               # sequence -> its row in cur_h, cur_logits
     # Recursive drafting: k steps, each one token per drafting sequence.
-    cur_h, cur_logits = h_mtp, logits
     pos = {j: seqs[i].start_pos + seqs[i].num_tokens for j, i in drafting}  # MTP position of the next draft step
     qs: dict[int, list] = {j: [] for j, _ in drafting}
     max_k = max((reqs[j].num_drafts for j, _ in drafting), default=0)
@@ -126,8 +126,8 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> None:
         for j in active:
             r, s = reqs[j], batch.seqs[j]
             committed = s.start_pos + s.num_tokens - len(r.drafts) + len(results[j].new_tokens)
-            gen = speculative.step_generator(r.seed, committed, stream=1 + step)
-            tok, q = speculative.sample(cur_logits[logit_row[j]], r.params, gen)
+            gen = None if r.params.greedy else speculative.step_generator(r.seed, committed, stream=1 + step)
+            tok, q = speculative.sample(cur_logits[row[j]], r.params, gen)
             results[j].drafts.append(tok)
             qs[j].append(q)
         if step + 1 == max_k:
@@ -137,11 +137,11 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> None:
             break
         layout = BatchLayout([SeqSlice(n, 1, pos[j], batch.seqs[j].mamba_slot, batch.seqs[j].block_table)
                               for n, j in enumerate(active)])
-        prev_h = torch.stack([cur_h[last[j]] for j in active])
+        prev_h = cur_h[[row[j] for j in active]]
         tok_t = torch.tensor([results[j].drafts[-1] for j in active])
         cur_h, cur_logits = model.mtp_forward(tok_t, prev_h, layout, cache)
         for n, j in enumerate(active):
-            last[j] = logit_row[j] = n
+            row[j] = n
             pos[j] += 1
     for j, _ in drafting:
         store.put(reqs[j].seq_id, None if reqs[j].params.greedy else torch.stack(qs[j]))
