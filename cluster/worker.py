@@ -12,6 +12,7 @@ import time
 import torch
 
 from model_shards.batch import BatchLayout, SeqSlice
+from model_shards.drafter import resolve_draft_dtype
 from model_shards.model import HybridModel
 from model_shards.sampling_params import SamplingParams
 from model_shards.tail import DraftStore, TailRequest, run_tail
@@ -22,8 +23,10 @@ log = logging.getLogger("hybridserve.worker")
 
 class StageWorker:
     def __init__(self, model: HybridModel, *, num_blocks: int, block_size: int, num_slots: int,
-                 max_verify_positions: int, device: str = "cpu"):
+                 max_verify_positions: int, device: str = "cpu", draft_dtype: str = "auto"):
         self.model = model
+        if model.mtp is not None:
+            model.set_draft_dtype(resolve_draft_dtype(draft_dtype, model, device))
         self.cache = model.make_cache(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                                       max_verify_positions=max_verify_positions, device=device)
         self.store = DraftStore()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import ops
+
 from .batch import BatchLayout
 from .cache import HybridCache
 from .config import ModelConfig
@@ -46,6 +48,7 @@ class HybridModel(nn.Module):
         if self.last:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.mtp = MTPBlock(cfg) if with_mtp else None
+        self.draft_head: torch.Tensor | None = None   # lm_head in the drafter's dtype, when that differs
 
     # ---- construction helpers --------------------------------------------------------------------
     def make_cache(self, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int = 1,
@@ -83,7 +86,22 @@ class HybridModel(nn.Module):
         drafting needs only each sequence's newest row, and lm_head is the block's largest matrix.
         """
         h_out, normed = self.mtp(self.embed(next_tokens), h_prev, batch, cache.kv.get("mtp"), rows=logit_rows)
-        return h_out, self.lm_head(normed).float()
+        head = self.lm_head.weight if self.draft_head is None else self.draft_head
+        return h_out, ops.linear(normed, head).float()
+
+    @property
+    def draft_dtype(self) -> torch.dtype:
+        """The dtype the MTP block computes in (model_shards/drafter.py)."""
+        return self.mtp.layers[0].eh_proj.weight.dtype
+
+    def set_draft_dtype(self, dtype: torch.dtype) -> None:
+        """Cast the MTP block to `dtype`, with a copy of lm_head in it when that differs from the model's:
+        drafts come out of it; the model's own logits (verification) keep lm_head as it is."""
+        if self.mtp is None:
+            raise ValueError("set_draft_dtype: this model (or pipeline stage) has no MTP block")
+        self.mtp.to(dtype)
+        same = dtype == self.lm_head.weight.dtype
+        self.draft_head = None if same else self.lm_head.weight.detach().to(dtype)
 
     def init_random(self, seed: int) -> "HybridModel":
         """Random weights with the shapes of a real checkpoint (see random_init.randomize_)."""

@@ -48,7 +48,8 @@ class MTPBlock(nn.Module):
         on those rows alone.
         """
         first = self.layers[0]
-        h = first.eh_proj(torch.cat([first.enorm(emb_next), first.hnorm(h_prev)], dim=-1))
+        dt = first.eh_proj.weight.dtype                    # the block may compute in its own dtype (drafter.py)
+        h = first.eh_proj(torch.cat([first.enorm(emb_next).to(dt), first.hnorm(h_prev).to(dt)], dim=-1))
         for i, layer in enumerate(self.layers):
             if i == self.per_token_from and rows is not None:
                 h = h[rows]

@@ -14,12 +14,16 @@ DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "hybrid-mini"
 FALLBACK_PRESET = "small"
 
 
+DRAFT_DTYPES = ("auto", "model", "float32", "float16", "bfloat16")
+
+
 @dataclasses.dataclass
 class EngineConfig:
     model: str = "default"                 # a checkpoint folder, a preset name, or "default"
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
     num_speculative_tokens: int = 0        # MTP drafts per round (0: off)
+    draft_dtype: str = "auto"              # the MTP drafter's dtype (model_shards/drafter.py); auto: float16 on CPU
     max_num_seqs: int = 16
     max_model_len: int = 2048
     max_num_batched_tokens: int = 512
@@ -56,6 +60,7 @@ class EngineConfig:
         need(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1")
         need(self.expert_parallel_size >= 1, "expert_parallel_size", "must be >= 1")
         need(self.num_speculative_tokens >= 0, "num_speculative_tokens", "must be >= 0")
+        need(self.draft_dtype in DRAFT_DTYPES, "draft_dtype", f"must be one of {', '.join(DRAFT_DTYPES)}")
         need(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         need(self.max_model_len >= 2, "max_model_len", "must be >= 2")
         need(self.max_num_batched_tokens > self.num_speculative_tokens, "max_num_batched_tokens",

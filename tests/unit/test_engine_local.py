@@ -5,6 +5,7 @@ import asyncio
 import random
 
 import pytest
+import torch
 
 from model_shards.sampling_params import SamplingParams
 from router.engine import AsyncEngine
@@ -39,8 +40,11 @@ def test_memory_pressure_preempts_by_recompute_and_outputs_stay_exact(preset_cac
     assert engine.blocks.all_free()
 
 
-def test_mtp_on_and_off_give_the_same_greedy_tokens(preset_cache):
-    engine = AsyncEngine(EngineConfig(model="tiny", num_speculative_tokens=4, max_model_len=128))
+@pytest.mark.parametrize("draft_dtype,expected", [("auto", torch.float16), ("model", torch.float32)])
+def test_mtp_on_and_off_give_the_same_greedy_tokens(preset_cache, draft_dtype, expected):
+    engine = AsyncEngine(EngineConfig(model="tiny", num_speculative_tokens=4, max_model_len=128,
+                                      draft_dtype=draft_dtype))
+    assert engine.executor.worker.model.draft_dtype == expected       # auto: float16 drafts on a CPU
     params = SamplingParams(max_tokens=25, ignore_eos=True)
     prompts = _prompts(4, seed=3)
 

@@ -1,6 +1,8 @@
 """Small pieces of the front door: metrics rendering, SSE framing, generated gRPC code, CLI options."""
 from __future__ import annotations
 
+import pytest
+
 from router import responses as R
 from router.metrics import Metrics
 from router.outputs import EngineStats
@@ -59,16 +61,23 @@ def test_cli_defaults_and_vllm_names():
         ("default", 8000, 50051, 1, 1)
     args = build_parser().parse_args(
         ["serve", "--model", "tiny", "--pipeline-parallel-size", "2", "--expert-parallel-size", "2",
-         "--num-speculative-tokens", "1", "--min-replicas", "1", "--max-replicas", "3", "--host", "0.0.0.0",
+         "--num-speculative-tokens", "1", "--draft-dtype", "float32", "--min-replicas", "1", "--max-replicas", "3", "--host", "0.0.0.0",
          "--port", "9000", "--grpc-port", "0", "--api-key", "k", "--served-model-name", "x", "--max-model-len", "512",
          "--max-num-seqs", "4", "--max-queued-requests", "2", "--autoscaling-config", '{"downscale_delay_s": 2}'])
     cfg = serve_config_from_args(args)
     e = cfg.engine
     assert (e.pipeline_parallel_size, e.expert_parallel_size, e.use_ray, e.num_speculative_tokens) == (2, 2, True, 1)
-    assert (e.max_model_len, e.max_num_seqs, e.max_queued_requests) == (512, 4, 2)
+    assert (e.max_model_len, e.max_num_seqs, e.max_queued_requests, e.draft_dtype) == (512, 4, 2, "float32")
     assert (cfg.api_key, cfg.served_model_name, cfg.grpc_port, cfg.host, cfg.port) == ("k", "x", 0, "0.0.0.0", 9000)
     auto = cfg.autoscaling_config()
     assert auto["max_replicas"] == 3 and auto["downscale_delay_s"] == 2 and auto["target_ongoing_requests"] == 4
+
+
+def test_an_unknown_draft_dtype_is_refused_by_name():
+    from router.engine_config import EngineConfig
+
+    with pytest.raises(ValueError, match=r"draft_dtype: must be one of auto, model, float32, float16, bfloat16"):
+        EngineConfig(draft_dtype="int8").validate()
 
 
 def test_cli_rejects_bad_replica_bounds():

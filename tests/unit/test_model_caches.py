@@ -223,13 +223,43 @@ def greedy_reference(model):
     return generate(model, prompt_of(model), SamplingParams(max_tokens=MAX_TOKENS + 12, ignore_eos=True)).tokens
 
 
+def with_drafter(model: HybridModel, dtype: torch.dtype) -> HybridModel:
+    """A copy of `model` whose MTP block drafts in `dtype` (model_shards/drafter.py)."""
+    if dtype == torch.float32:
+        return model
+    other = copy.deepcopy(model)
+    other.set_draft_dtype(dtype)
+    return other
+
+
+@pytest.mark.parametrize("draft_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("prefill_chunk", [None, 5])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_mtp_drafting_does_not_change_greedy_tokens(model, greedy_reference, k, prefill_chunk):
-    out = generate(model, prompt_of(model), SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True),
-                   num_drafts=k, prefill_chunk=prefill_chunk)
+def test_mtp_drafting_does_not_change_greedy_tokens(model, greedy_reference, k, prefill_chunk, draft_dtype):
+    out = generate(with_drafter(model, draft_dtype), prompt_of(model),
+                   SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), num_drafts=k, prefill_chunk=prefill_chunk)
     assert out.tokens == greedy_reference[:MAX_TOKENS]
     assert out.num_drafted > 0 and out.finish_reason == "length"
+
+
+def test_a_float16_drafter_computes_the_float32_drafts_to_float16_precision(tiny):
+    """Same inputs through the MTP block in float32 and in float16 (with lm_head copied to float16): the
+    draft logits agree to float16 precision, and the model's own (verification) head is untouched."""
+    half = with_drafter(tiny, torch.float16)
+    assert half.draft_dtype == torch.float16 and half.lm_head.weight.dtype == torch.float32
+    n, table = 9, torch.arange(NUM_BLOCKS)
+    ids = tokens(n + 1, 5, tiny.cfg.vocab_size)
+    outs = []
+    for m in (tiny, half):
+        cache = new_cache(m)
+        with torch.no_grad():
+            h = m(ids[:n], BatchLayout.single(n, 0, table), cache)
+            outs.append(m.mtp_forward(ids[1:], m.mtp_hidden_input(h), BatchLayout.single(n, 0, table), cache,
+                                      logit_rows=[n - 1, n - 3]))
+    (h32, l32), (h16, l16) = outs
+    assert h16.dtype == torch.float16 and l16.dtype == torch.float32 and l16.shape == (2, tiny.cfg.vocab_size)
+    torch.testing.assert_close(l16, l32, atol=2e-2 * float(l32.abs().max()), rtol=2e-2)
+    torch.testing.assert_close(h16.float(), h32, atol=2e-2 * float(h32.abs().max()), rtol=2e-2)
 
 
 @pytest.mark.parametrize("prefill_chunk", [3, 8])
@@ -316,11 +346,13 @@ def recomputed_drafts(model, history: list[int], k: int) -> list[int]:
 
 @pytest.mark.parametrize("prefill_chunk", [None, 3, 8])
 @pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("draft_dtype", [torch.float32, torch.float16])
 def test_mtp_drafts_at_every_pass_equal_a_direct_recomputation(model, greedy_reference, monkeypatch, k,
-                                                                prefill_chunk):
+                                                                prefill_chunk, draft_dtype):
     """The MTP block's incremental KV cache (fed across prefill chunks and after 0..k accepted drafts) gives
     the drafts a from-scratch MTP pass over the committed history gives. The real drafter runs and is
     recorded; its drafts are then replaced by oracle ones so that some passes accept several."""
+    model = with_drafter(model, draft_dtype)
     prompt = prompt_of(model)
     real, oracle = tail._mtp_draft, oracle_drafter(prompt + greedy_reference, corrupt_cycle=True)
     records = []
