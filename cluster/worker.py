@@ -26,7 +26,7 @@ class StageWorker:
                  max_verify_positions: int, device: str = "cpu", draft_dtype: str = "auto"):
         self.model = model
         if model.mtp is not None:
-            model.set_draft_dtype(resolve_draft_dtype(draft_dtype, model, device))
+            model.set_draft_dtype(*resolve_draft_dtype(draft_dtype, model, device))
         self.cache = model.make_cache(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                                       max_verify_positions=max_verify_positions, device=device)
         self.store = DraftStore()

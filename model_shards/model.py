@@ -14,6 +14,7 @@ from kernels import ops
 from .batch import BatchLayout
 from .cache import HybridCache
 from .config import ModelConfig
+from .drafter import Drafter
 from .layers import Block, RMSNorm
 from .linear import Linear
 from .mtp import MTPBlock
@@ -48,7 +49,7 @@ class HybridModel(nn.Module):
         if self.last:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.mtp = MTPBlock(cfg) if with_mtp else None
-        self.draft_head: torch.Tensor | None = None   # lm_head in the drafter's dtype, when that differs
+        self.drafter: Drafter | None = None          # the MTP block in another dtype for drafting (set_draft_dtype)
 
     # ---- construction helpers --------------------------------------------------------------------
     def make_cache(self, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int = 1,
@@ -82,26 +83,27 @@ class HybridModel(nn.Module):
                     cache: HybridCache, logit_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP application. next_tokens (T,) are tokens t+1; h_prev (T, d).
 
-        Returns (h_out (R, d), logits (R, V)) for the rows in `logit_rows` (all T rows when None):
+        Returns (h_out (R, d), logits (R, V) float32) for the rows in `logit_rows` (all T rows when None):
         drafting needs only each sequence's newest row, and lm_head is the block's largest matrix.
+        Runs in the drafter's copy (set_draft_dtype) when there is one and T is within its row limit.
         """
-        h_out, normed = self.mtp(self.embed(next_tokens), h_prev, batch, cache.kv.get("mtp"), rows=logit_rows)
-        head = self.lm_head.weight if self.draft_head is None else self.draft_head
+        block, head = self.mtp, self.lm_head.weight
+        if self.drafter is not None and (self.drafter.max_rows is None or len(next_tokens) <= self.drafter.max_rows):
+            block, head = self.drafter.block, self.drafter.head
+        h_out, normed = block(self.embed(next_tokens), h_prev, batch, cache.kv.get("mtp"), rows=logit_rows)
         return h_out, ops.linear(normed, head).float()
 
     @property
     def draft_dtype(self) -> torch.dtype:
-        """The dtype the MTP block computes in (model_shards/drafter.py)."""
-        return self.mtp.layers[0].eh_proj.weight.dtype
+        """The dtype drafting computes in (within the drafter's row limit; model_shards/drafter.py)."""
+        return self.mtp.layers[0].eh_proj.weight.dtype if self.drafter is None else self.drafter.head.dtype
 
-    def set_draft_dtype(self, dtype: torch.dtype) -> None:
-        """Cast the MTP block to `dtype`, with a copy of lm_head in it when that differs from the model's:
-        drafts come out of it; the model's own logits (verification) keep lm_head as it is."""
+    def set_draft_dtype(self, dtype: torch.dtype, max_rows: int | None = None) -> None:
+        """Draft with a copy of the MTP block and of lm_head in `dtype` (for MTP calls of at most
+        `max_rows` rows; None: every call). The model's own logits (verification) keep lm_head as it is."""
         if self.mtp is None:
             raise ValueError("set_draft_dtype: this model (or pipeline stage) has no MTP block")
-        self.mtp.to(dtype)
-        same = dtype == self.lm_head.weight.dtype
-        self.draft_head = None if same else self.lm_head.weight.detach().to(dtype)
+        self.drafter = None if dtype == self.lm_head.weight.dtype else Drafter(self.mtp, self.lm_head.weight, dtype, max_rows)
 
     def init_random(self, seed: int) -> "HybridModel":
         """Random weights with the shapes of a real checkpoint (see random_init.randomize_)."""

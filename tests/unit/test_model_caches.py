@@ -262,6 +262,21 @@ def test_a_float16_drafter_computes_the_float32_drafts_to_float16_precision(tiny
     torch.testing.assert_close(h16.float(), h32, atol=2e-2 * float(h32.abs().max()), rtol=2e-2)
 
 
+def test_a_drafter_with_a_row_limit_leaves_larger_mtp_calls_to_the_model_dtype(tiny):
+    """auto on a CPU: float16 for the few-row calls of one or a few sequences, float32 above the limit
+    (the CPU's float16 GEMM loses with many rows)."""
+    m = copy.deepcopy(tiny)
+    m.set_draft_dtype(torch.float16, max_rows=4)
+    table = torch.arange(NUM_BLOCKS)
+    cache = new_cache(m)
+    with torch.no_grad():
+        h = m(tokens(9, 6, m.cfg.vocab_size), BatchLayout.single(9, 0, table), cache)
+        big, _ = m.mtp_forward(tokens(9, 7, m.cfg.vocab_size), h, BatchLayout.single(9, 0, table), cache)
+        small, _ = m.mtp_forward(tokens(1, 8, m.cfg.vocab_size), big[-1:], BatchLayout.single(1, 9, table), cache)
+    assert big.dtype == torch.float32 and small.dtype == torch.float16
+    assert m.mtp.layers[0].eh_proj.weight.dtype == torch.float32        # the model's block is untouched
+
+
 @pytest.mark.parametrize("prefill_chunk", [3, 8])
 def test_chunked_prefill_does_not_change_greedy_tokens(model, greedy_reference, prefill_chunk):
     out = generate(model, prompt_of(model), SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True),
