@@ -42,7 +42,8 @@ class ExpertShardActor:
 class StageActor:
     def __init__(self, folder: str, layers: tuple[int, int], *, shards: list | None,
                  shard_ranges: list[tuple[int, int]] | None, num_blocks: int, block_size: int, num_slots: int,
-                 max_verify_positions: int, draft_dtype: str = "auto", threads: int = 1):
+                 max_verify_positions: int, draft_dtype: str = "auto", draft_vocab: bool = True,
+                 threads: int = 1):
         device = _setup(threads)
         from model_shards.config import MOE
         from model_shards.weights import load_checkpoint
@@ -58,7 +59,8 @@ class StageActor:
                 if block.kind == MOE:
                     block.mixer.experts = RemoteExperts(int(i), block.mixer.experts, shards, shard_ranges[1:])
         self.worker = StageWorker(model, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
-                                  max_verify_positions=max_verify_positions, device=device, draft_dtype=draft_dtype)
+                                  max_verify_positions=max_verify_positions, device=device, draft_dtype=draft_dtype,
+                                  draft_vocab=draft_vocab)
         self.transport, self.rank = None, 0
 
     def node_ip(self) -> str:

@@ -16,12 +16,13 @@ class LocalExecutor:
     num_stages = 1
 
     def __init__(self, folder, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int,
-                 torch_threads: int | None = None, draft_dtype: str = "auto"):
+                 torch_threads: int | None = None, draft_dtype: str = "auto",
+                 draft_vocab: bool = True):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.worker = StageWorker(load_checkpoint(folder), num_blocks=num_blocks, block_size=block_size,
                                   num_slots=num_slots, max_verify_positions=max_verify_positions,
-                                  draft_dtype=draft_dtype)
+                                  draft_dtype=draft_dtype, draft_vocab=draft_vocab)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hybridserve-worker")
 
     async def submit(self, plan: StepPlan) -> StepResult:

@@ -24,7 +24,8 @@ log = logging.getLogger("hybridserve.cluster")
 
 class RayExecutor:
     def __init__(self, folder, plan, *, num_blocks: int, block_size: int, num_slots: int,
-                 max_verify_positions: int, draft_dtype: str = "auto", actor_num_cpus: float = 0.25,
+                 max_verify_positions: int, draft_dtype: str = "auto", draft_vocab: bool = True,
+                 actor_num_cpus: float = 0.25,
                  torch_threads: int = 1, placement_strategy: str = "PACK", stage_resources: list[dict] | None = None,
                  transport: str = "ray"):
         """transport: how hidden states move stage to stage: "ray" (object store, chained ObjectRefs),
@@ -39,7 +40,8 @@ class RayExecutor:
         self.stages_layers = plan.stage_bounds
         self.shard_ranges = plan.parallel.expert_ranges(self.cfg.n_routed_experts) if self.ep > 1 else None
         self.cache_kw = dict(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
-                             max_verify_positions=max_verify_positions, draft_dtype=draft_dtype)
+                             max_verify_positions=max_verify_positions, draft_dtype=draft_dtype,
+                             draft_vocab=draft_vocab)
         self.actor_num_cpus, self.torch_threads = actor_num_cpus, torch_threads
         self.placement_strategy, self.stage_resources = placement_strategy, stage_resources
         self.num_stages = self.pp

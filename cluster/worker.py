@@ -23,10 +23,13 @@ log = logging.getLogger("hybridserve.worker")
 
 class StageWorker:
     def __init__(self, model: HybridModel, *, num_blocks: int, block_size: int, num_slots: int,
-                 max_verify_positions: int, device: str = "cpu", draft_dtype: str = "auto"):
+                 max_verify_positions: int, device: str = "cpu", draft_dtype: str = "auto",
+                 draft_vocab: bool = True):
         self.model = model
         if model.mtp is not None:
-            model.set_draft_dtype(*resolve_draft_dtype(draft_dtype, model, device))
+            dtype, max_rows = resolve_draft_dtype(draft_dtype, model, device)
+            model.configure_drafting(dtype=dtype, max_rows=max_rows,
+                                     vocab=model.checkpoint_draft_vocab if draft_vocab else None)
         self.cache = model.make_cache(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                                       max_verify_positions=max_verify_positions, device=device)
         self.store = DraftStore()

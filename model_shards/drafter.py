@@ -22,13 +22,36 @@ AUTO_MAX_ROWS = 8
 
 
 class Drafter:
-    """A copy of the MTP block and of lm_head's weight in `dtype`, used for MTP calls of at most
-    `max_rows` rows (None: all). The model's own block and head stay as they are."""
+    """How the MTP block drafts when serving: which weights (the model's, or a copy in `dtype` for MTP
+    calls of at most `max_rows` rows) and which vocabulary (all of it, or `vocab`: the token ids drafts
+    may take, e.g. the checkpoint's frequent tokens). The model's own block and lm_head stay as they are."""
 
-    def __init__(self, mtp: nn.Module, lm_head_weight: torch.Tensor, dtype: torch.dtype, max_rows: int | None):
-        self.block: nn.Module = copy.deepcopy(mtp).to(dtype)
-        self.head: torch.Tensor = lm_head_weight.detach().to(dtype)
-        self.max_rows = max_rows
+    def __init__(self, mtp: nn.Module, lm_head_weight: torch.Tensor, *, dtype: torch.dtype | None = None,
+                 max_rows: int | None = None, vocab: torch.Tensor | None = None):
+        self.mtp, self.max_rows, self.vocab_size = mtp, max_rows, lm_head_weight.shape[0]
+        self.vocab = None if vocab is None else vocab.to(device=lm_head_weight.device, dtype=torch.long)
+        self.head = lm_head_weight if self.vocab is None else lm_head_weight.detach()[self.vocab].contiguous()
+        self.small: tuple[nn.Module, torch.Tensor] | None = None
+        if dtype is not None and dtype != lm_head_weight.dtype:
+            self.small = (copy.deepcopy(mtp).to(dtype), self.head.detach().to(dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of calls within the row limit."""
+        return self.head.dtype if self.small is None else self.small[1].dtype
+
+    def weights_for(self, rows: int) -> tuple[nn.Module, torch.Tensor]:
+        """(MTP block, head rows (V', d)) for an MTP call over `rows` rows."""
+        if self.small is not None and (self.max_rows is None or rows <= self.max_rows):
+            return self.small
+        return self.mtp, self.head
+
+    def full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """(R, V') logits over the draft vocabulary -> (R, V), -inf for tokens drafts may not take."""
+        if self.vocab is None:
+            return logits
+        out = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
+        return out.index_copy_(1, self.vocab, logits)
 
 
 def resolve_draft_dtype(name: str, model, device) -> tuple[torch.dtype, int | None]:

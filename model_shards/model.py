@@ -49,7 +49,8 @@ class HybridModel(nn.Module):
         if self.last:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.mtp = MTPBlock(cfg) if with_mtp else None
-        self.drafter: Drafter | None = None          # the MTP block in another dtype for drafting (set_draft_dtype)
+        self.drafter: Drafter | None = None          # serving's drafting weights and vocabulary (configure_drafting)
+        self.checkpoint_draft_vocab: torch.Tensor | None = None   # draft_vocab.json of the checkpoint, if any
 
     # ---- construction helpers --------------------------------------------------------------------
     def make_cache(self, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int = 1,
@@ -85,25 +86,30 @@ class HybridModel(nn.Module):
 
         Returns (h_out (R, d), logits (R, V) float32) for the rows in `logit_rows` (all T rows when None):
         drafting needs only each sequence's newest row, and lm_head is the block's largest matrix.
-        Runs in the drafter's copy (set_draft_dtype) when there is one and T is within its row limit.
+        With a drafter (configure_drafting) its weights and vocabulary are used.
         """
         block, head = self.mtp, self.lm_head.weight
-        if self.drafter is not None and (self.drafter.max_rows is None or len(next_tokens) <= self.drafter.max_rows):
-            block, head = self.drafter.block, self.drafter.head
+        if self.drafter is not None:
+            block, head = self.drafter.weights_for(len(next_tokens))
         h_out, normed = block(self.embed(next_tokens), h_prev, batch, cache.kv.get("mtp"), rows=logit_rows)
-        return h_out, ops.linear(normed, head).float()
+        logits = ops.linear(normed, head).float()
+        return h_out, logits if self.drafter is None else self.drafter.full_vocab(logits)
 
     @property
     def draft_dtype(self) -> torch.dtype:
         """The dtype drafting computes in (within the drafter's row limit; model_shards/drafter.py)."""
-        return self.mtp.layers[0].eh_proj.weight.dtype if self.drafter is None else self.drafter.head.dtype
+        return self.lm_head.weight.dtype if self.drafter is None else self.drafter.dtype
 
-    def set_draft_dtype(self, dtype: torch.dtype, max_rows: int | None = None) -> None:
-        """Draft with a copy of the MTP block and of lm_head in `dtype` (for MTP calls of at most
-        `max_rows` rows; None: every call). The model's own logits (verification) keep lm_head as it is."""
+    def configure_drafting(self, *, dtype: torch.dtype | None = None, max_rows: int | None = None,
+                           vocab: torch.Tensor | None = None) -> None:
+        """Serve drafts from a Drafter (model_shards/drafter.py): the MTP block and lm_head copied to
+        `dtype` for MTP calls of at most `max_rows` rows, drafts restricted to the token ids `vocab`.
+        The model's own logits (verification) keep lm_head as it is. Call after the weights are loaded."""
         if self.mtp is None:
-            raise ValueError("set_draft_dtype: this model (or pipeline stage) has no MTP block")
-        self.drafter = None if dtype == self.lm_head.weight.dtype else Drafter(self.mtp, self.lm_head.weight, dtype, max_rows)
+            raise ValueError("configure_drafting: this model (or pipeline stage) has no MTP block")
+        plain = (dtype is None or dtype == self.lm_head.weight.dtype) and vocab is None
+        self.drafter = None if plain else Drafter(self.mtp, self.lm_head.weight, dtype=dtype, max_rows=max_rows,
+                                                  vocab=vocab)
 
     def init_random(self, seed: int) -> "HybridModel":
         """Random weights with the shapes of a real checkpoint (see random_init.randomize_)."""

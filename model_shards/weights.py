@@ -245,4 +245,26 @@ def load_checkpoint(folder: str | os.PathLike, *, layers: range | None = None,
         if hasattr(mod, "e_score_correction_bias"):
             mod.e_score_correction_bias = mod.e_score_correction_bias.float()
     load_into(model, folder, index=index, device=device)
+    if model.mtp is not None:
+        model.checkpoint_draft_vocab = read_draft_vocab(folder, cfg.vocab_size)
     return model.eval()
+
+
+DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+
+def read_draft_vocab(folder: str | os.PathLike, vocab_size: int) -> torch.Tensor | None:
+    """The token ids MTP drafts may take (`draft_vocab.json`: {"token_ids": [...]}, written by
+    training/draft_vocab.py), or None when the checkpoint has none. Serving restricts drafts to them
+    (model_shards/drafter.py): a smaller draft head, the same outputs."""
+    path = Path(folder) / DRAFT_VOCAB_FILE
+    if not path.exists():
+        return None
+    try:
+        ids = json.loads(path.read_text())["token_ids"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: expected JSON with a token_ids list ({e})") from None
+    if not ids or len(set(ids)) != len(ids) or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
+        raise CheckpointError(f"{path}: token_ids must be distinct ints in 0..{vocab_size - 1}, at least one")
+    log.info("draft vocabulary: %d of %d tokens (%s)", len(ids), vocab_size, path.name)
+    return torch.tensor(ids, dtype=torch.long)

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--draft-dtype", default="auto", choices=["auto", "model", "float32", "float16", "bfloat16"],
                    help="dtype the MTP drafter computes in; auto: float16 on a CPU (verification keeps the "
                         "model's dtype, so outputs do not change)")
+    m.add_argument("--no-draft-vocab", dest="draft_vocab", action="store_false",
+                   help="draft from the whole vocabulary, not only the checkpoint's draft_vocab.json")
     m.add_argument("--max-model-len", type=int, default=2048, help="context length (prompt + output)")
     m.add_argument("--max-num-seqs", type=int, default=16, help="sequences running at once per replica")
     m.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")
@@ -74,7 +76,7 @@ def serve_config_from_args(args):
     pp, ep = args.pipeline_parallel_size, args.expert_parallel_size
     engine = EngineConfig(model=args.model, pipeline_parallel_size=pp, expert_parallel_size=ep,
                           num_speculative_tokens=args.num_speculative_tokens, draft_dtype=args.draft_dtype,
-                          max_num_seqs=args.max_num_seqs,
+                          draft_vocab=args.draft_vocab, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                           block_size=args.block_size, max_queued_requests=args.max_queued_requests,
                           use_ray=pp * ep > 1, seed=args.seed)

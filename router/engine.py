@@ -31,7 +31,8 @@ log = logging.getLogger("hybridserve.engine")
 
 def make_executor(config: EngineConfig, folder, plan, num_blocks: int, num_slots: int):
     kw = dict(num_blocks=num_blocks, block_size=config.block_size, num_slots=num_slots,
-              max_verify_positions=config.num_speculative_tokens + 1, draft_dtype=config.draft_dtype)
+              max_verify_positions=config.num_speculative_tokens + 1, draft_dtype=config.draft_dtype,
+              draft_vocab=config.draft_vocab)
     if not config.use_ray:
         from cluster.local_executor import LocalExecutor
         return LocalExecutor(folder, torch_threads=config.torch_threads, **kw)

@@ -5,7 +5,7 @@ router's correction bias stays float32 as in the real checkpoints. `time_step_mi
 model was trained (and hybridserve / vLLM run it) without a floor on dt, which transformers otherwise
 applies at 0.001; some trained heads go below it. Files: config.json (nemotron_h, MTP
 fields, `mtp_use_final_norm_hidden` as measured), model.safetensors (HF names incl. mtp.*), tokenizer.json,
-tokenizer_config.json (with a chat template), generation_config.json.
+tokenizer_config.json (with a chat template), generation_config.json, draft_vocab.json (training/draft_vocab.py).
 `python -m training.export [--state S] [--variant prenorm|postnorm]` (default: the choice saved beside S).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from model_shards.weights import save_checkpoint
 
-from . import data
+from . import data, draft_vocab
 from .choose_mtp import VARIANTS, choice_path, load_variant
 from .recipe import MODEL
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, tokenizer_config
@@ -41,8 +41,9 @@ def run(state_path: Path, use_final_norm_hidden: bool, out_dir: Path = OUT_DIR) 
     cfg["torch_dtype"] = "bfloat16"
     cfg["dtype"] = "bfloat16"
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    tok, _, _, _ = data.prepare(MODEL.vocab_size)
+    tok, train_stream, _, _ = data.prepare(MODEL.vocab_size)
     tok.save(str(out_dir / "tokenizer.json"))
+    draft_vocab.write(out_dir, train_stream, MODEL.vocab_size)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, indent=2) + "\n")

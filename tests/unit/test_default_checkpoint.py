@@ -51,7 +51,7 @@ def our_logits(model, ids: list[int]) -> torch.Tensor:
 def test_files_config_and_size():
     names = {p.name for p in FOLDER.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"} <= names
+            "generation_config.json", "draft_vocab.json"} <= names
     assert sum(p.stat().st_size for p in FOLDER.iterdir()) < 32e6
     cfg = json.loads((FOLDER / "config.json").read_text())
     assert cfg["model_type"] == "nemotron_h" and cfg["num_nextn_predict_layers"] == 1
@@ -66,6 +66,29 @@ def test_hybridserve_loader_reads_every_tensor_including_mtp(ours):
     cfg = json.loads((FOLDER / "config.json").read_text())
     assert ours.mtp is not None and ours.cfg.has_mtp
     assert ours.cfg.mtp_use_final_norm_hidden == cfg["mtp_use_final_norm_hidden"]
+
+
+def test_the_draft_vocabulary_is_the_most_frequent_tokens_and_is_loaded(ours, tok):
+    """draft_vocab.json (training/draft_vocab.py): 2048 distinct ids, most frequent first; byte-level BPE
+    merges the most frequent pairs first, so its ids lean low, and the commonest code tokens are in it."""
+    data = json.loads((FOLDER / "draft_vocab.json").read_text())
+    ids = data["token_ids"]
+    assert len(ids) == len(set(ids)) == data["size"] == 2048 and data["train_tokens_covered"] > 0.9
+    assert torch.equal(ours.checkpoint_draft_vocab, torch.tensor(ids))
+    common = {t for word in ("    ", " self", "def", " return", "(", ")", ":\n", " =") for t in tok.encode(word).ids}
+    assert common <= set(ids)
+
+
+@pytest.mark.parametrize("content,error", [('{"ids": [1]}', "token_ids list"), ('{"token_ids": [1, 1]}', "distinct"),
+                                           ('{"token_ids": [5000]}', "0..4095"), ("not json", "token_ids list")])
+def test_a_bad_draft_vocabulary_file_is_refused_with_its_path(tmp_path, content, error):
+    from model_shards.weights import CheckpointError, read_draft_vocab
+
+    (tmp_path / "draft_vocab.json").write_text(content)
+    with pytest.raises(CheckpointError, match=error) as e:
+        read_draft_vocab(tmp_path, 4096)
+    assert "draft_vocab.json" in str(e.value)
+    assert read_draft_vocab(tmp_path / "nowhere", 4096) is None
 
 
 def test_tokenizer_round_trip_and_specials(tok):

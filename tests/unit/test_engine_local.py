@@ -61,6 +61,27 @@ def test_mtp_on_and_off_give_the_same_greedy_tokens(preset_cache, draft_dtype, e
     assert [t for t, _ in on] == [t for t, _ in off]
 
 
+@pytest.mark.parametrize("draft_vocab", [True, False])
+def test_the_engine_drafts_from_the_checkpoint_draft_vocabulary_unless_told_not_to(draft_vocab):
+    engine = AsyncEngine(EngineConfig(model="default", num_speculative_tokens=3, max_model_len=256,
+                                      draft_vocab=draft_vocab))
+    drafter = engine.executor.worker.model.drafter
+    assert drafter is not None and drafter.dtype == torch.float16            # auto on a CPU
+    assert (drafter.vocab is not None and len(drafter.vocab) == 2048) == draft_vocab
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    prompt = [1, 475, 285, 302, 14, 295, 32, 300]
+
+    async def scenario():
+        await engine.start()
+        try:
+            return await collect(engine, "mtp", prompt, params, 3), await collect(engine, "plain", prompt, params, 0)
+        finally:
+            await engine.shutdown()
+
+    (on, _), (off, _) = asyncio.run(scenario())
+    assert on == off and len(on) == 12
+
+
 def test_a_prompt_over_the_context_is_refused_with_the_limit_and_the_count(preset_cache):
     engine = AsyncEngine(EngineConfig(model="tiny", max_model_len=32))
     with pytest.raises(ValueError, match=r"prompt: 40 tokens, but the context limit is 32"):

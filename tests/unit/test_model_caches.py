@@ -223,12 +223,15 @@ def greedy_reference(model):
     return generate(model, prompt_of(model), SamplingParams(max_tokens=MAX_TOKENS + 12, ignore_eos=True)).tokens
 
 
-def with_drafter(model: HybridModel, dtype: torch.dtype) -> HybridModel:
-    """A copy of `model` whose MTP block drafts in `dtype` (model_shards/drafter.py)."""
-    if dtype == torch.float32:
+def with_drafter(model: HybridModel, dtype: torch.dtype, vocab_fraction: float = 1.0) -> HybridModel:
+    """A copy of `model` that drafts in `dtype` from the first `vocab_fraction` of a fixed random
+    permutation of its vocabulary (model_shards/drafter.py)."""
+    if dtype == torch.float32 and vocab_fraction == 1.0:
         return model
+    V = model.cfg.vocab_size
+    vocab = None if vocab_fraction == 1.0 else torch.randperm(V, generator=torch.Generator().manual_seed(3))[:int(V * vocab_fraction)]
     other = copy.deepcopy(model)
-    other.set_draft_dtype(dtype)
+    other.configure_drafting(dtype=dtype, vocab=vocab)
     return other
 
 
@@ -262,11 +265,44 @@ def test_a_float16_drafter_computes_the_float32_drafts_to_float16_precision(tiny
     torch.testing.assert_close(h16.float(), h32, atol=2e-2 * float(h32.abs().max()), rtol=2e-2)
 
 
+@pytest.mark.parametrize("draft_dtype", [torch.float32, torch.float16])
+def test_a_draft_vocabulary_keeps_greedy_tokens_and_drafts_only_its_tokens(model, greedy_reference, monkeypatch,
+                                                                          draft_dtype):
+    """Drafts restricted to half the vocabulary (a random half, so that many greedy tokens fall outside it):
+    every draft is in it, its logits equal the full head's there (-inf elsewhere), outputs do not change."""
+    m = with_drafter(model, draft_dtype, vocab_fraction=0.5)
+    allowed = set(m.drafter.vocab.tolist())
+    real, drafts = tail._mtp_draft, []
+
+    def spy(model_, cache, h, batch, reqs, results, store):
+        real(model_, cache, h, batch, reqs, results, store)
+        drafts.extend(d for res in results for d in res.drafts)
+
+    monkeypatch.setattr(tail, "_mtp_draft", spy)
+    out = generate(m, prompt_of(model), SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), num_drafts=3)
+    assert out.tokens == greedy_reference[:MAX_TOKENS]
+    assert drafts and set(drafts) <= allowed
+    n, table = 7, torch.arange(NUM_BLOCKS)
+    ids = tokens(n + 1, 9, model.cfg.vocab_size)
+    full = with_drafter(model, draft_dtype)
+    logits = []
+    for mm in (m, full):
+        cache = new_cache(mm)
+        with torch.no_grad():
+            h = mm(ids[:n], BatchLayout.single(n, 0, table), cache)
+            logits.append(mm.mtp_forward(ids[1:], mm.mtp_hidden_input(h), BatchLayout.single(n, 0, table), cache)[1])
+    inside = m.drafter.vocab
+    torch.testing.assert_close(logits[0][:, inside], logits[1][:, inside])
+    outside = torch.ones(model.cfg.vocab_size, dtype=torch.bool)
+    outside[inside] = False
+    assert torch.all(logits[0][:, outside] == float("-inf"))
+
+
 def test_a_drafter_with_a_row_limit_leaves_larger_mtp_calls_to_the_model_dtype(tiny):
     """auto on a CPU: float16 for the few-row calls of one or a few sequences, float32 above the limit
     (the CPU's float16 GEMM loses with many rows)."""
     m = copy.deepcopy(tiny)
-    m.set_draft_dtype(torch.float16, max_rows=4)
+    m.configure_drafting(dtype=torch.float16, max_rows=4)
     table = torch.arange(NUM_BLOCKS)
     cache = new_cache(m)
     with torch.no_grad():
