@@ -115,7 +115,7 @@ def main() -> None:
     body = (f"## MTP speculative decoding (`python -m benchmarks.mtp --model {args.model}`)\n\n"
             f"Machine: {machine()}, {args.torch_threads} torch thread(s); model {folder.name}; {args.prompts} held-out code prompts of "
             f"{args.prompt_len} tokens, {args.max_tokens} new tokens each; single-process engine with its "
-            "defaults: drafts in float16 (up to 8 rows a call) from the checkpoint's draft vocabulary "
+            "defaults: drafts in float16 (up to 8 rows a call), greedy ones from the checkpoint's draft vocabulary "
             "(model_shards/drafter.py).\n\n"
             + table(["k (drafts)", "mean acceptance length, greedy", "mean acceptance length, T=0.7"], acc_rows)
             + f"\n\nThe acceptance table runs the {args.prompts} prompts at once (so drafting computes in float32 "

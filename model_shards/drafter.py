@@ -1,14 +1,19 @@
-"""The dtype the MTP drafter computes in, apart from the model's.
+"""How serving drafts with the MTP block: in which dtype, and from which tokens.
 
-Drafts are proposals: verification runs in the model's dtype and decides every token, so greedy output
-is the same whatever the drafter computes in, and random sampling keeps the target distribution (the
-draft distribution q only has to be the one the draft was sampled from). On a CPU a decode-sized
-drafting step is bound by reading weights (the MTP block and lm_head, 4 MB of it in float32 for
-hybrid-mini): float16 weights halve those reads, and with one row at a time float16 products cost no
-more than float32 ones here; with many rows (a large batch drafting) the CPU's float16 GEMM is slower
-than float32. So "auto" drafts in float16 on a CPU when the model is float32, for MTP calls of up to
-AUTO_MAX_ROWS rows (one or a few sequences), and in the model's dtype otherwise (a GPU model is
-already 16-bit). Measured through the engine at one sequence, k=3: drafting ~3.4 -> ~3.0 ms a pass.
+Drafts are proposals: verification runs in the model's dtype over the full vocabulary and decides
+every token, so greedy output is the same whatever the drafter does, and random sampling keeps the
+target distribution (the draft distribution q only has to be the one the draft was sampled from; tokens
+outside the draft vocabulary get q = 0). On a CPU a decode-sized drafting step is bound by reading
+weights (the MTP block and lm_head, 4 MB of it in float32 for hybrid-mini):
+- dtype: float16 weights halve those reads, and with one row at a time float16 products cost no more
+  than float32 ones here; with many rows (a large batch drafting) the CPU's float16 GEMM is slower than
+  float32. So "auto" drafts in float16 on a CPU when the model is float32, for MTP calls of up to
+  AUTO_MAX_ROWS rows (one or a few sequences), and in the model's dtype otherwise (a GPU model is
+  already 16-bit).
+- vocabulary: the checkpoint's `draft_vocab.json` (training/draft_vocab.py: its most frequent tokens)
+  makes the head of greedy drafts a fraction of lm_head (random sampling drafts from every token).
+Measured through the engine at one sequence, k=3 (benchmarks/engine_profile.py): drafting 3.5 -> 2.9 ms
+a pass, together with running the MTP MoE on the newest rows only (model_shards/mtp.py).
 """
 from __future__ import annotations
 
@@ -17,20 +22,35 @@ import copy
 import torch
 from torch import nn
 
+from kernels import ops
+
 NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUTO_MAX_ROWS = 8
 
 
 class Drafter:
     """How the MTP block drafts when serving: which weights (the model's, or a copy in `dtype` for MTP
-    calls of at most `max_rows` rows) and which vocabulary (all of it, or `vocab`: the token ids drafts
-    may take, e.g. the checkpoint's frequent tokens). The model's own block and lm_head stay as they are."""
+    calls of at most `max_rows` rows) and which vocabulary (all of it, or `vocab`: the token ids greedy
+    drafts may take, e.g. the checkpoint's frequent tokens). The model's own block and lm_head stay as
+    they are.
+
+    With a vocabulary the head is kept as a copy of lm_head with the vocabulary's rows first, so the
+    draft head is a view of its first rows; rows that sample (random sampling) also get the rest, so
+    their draft distribution covers every token (a restricted q would cost acceptance: measured at
+    T = 0.7, k = 4, 2.70 -> 2.52)."""
 
     def __init__(self, mtp: nn.Module, lm_head_weight: torch.Tensor, *, dtype: torch.dtype | None = None,
                  max_rows: int | None = None, vocab: torch.Tensor | None = None):
-        self.mtp, self.max_rows, self.vocab_size = mtp, max_rows, lm_head_weight.shape[0]
-        self.vocab = None if vocab is None else vocab.to(device=lm_head_weight.device, dtype=torch.long)
-        self.head = lm_head_weight if self.vocab is None else lm_head_weight.detach()[self.vocab].contiguous()
+        V, dev = lm_head_weight.shape[0], lm_head_weight.device
+        self.mtp, self.max_rows, self.vocab_size = mtp, max_rows, V
+        self.vocab = None if vocab is None else vocab.to(device=dev, dtype=torch.long)
+        if self.vocab is None:
+            self.order, self.head = None, lm_head_weight
+        else:
+            rest = torch.ones(V, dtype=torch.bool, device=dev)
+            rest[self.vocab] = False
+            self.order = torch.cat([self.vocab, rest.nonzero()[:, 0]])             # vocabulary first
+            self.head = lm_head_weight.detach()[self.order].contiguous()           # (V, d) in that order
         self.small: tuple[nn.Module, torch.Tensor] | None = None
         if dtype is not None and dtype != lm_head_weight.dtype:
             self.small = (copy.deepcopy(mtp).to(dtype), self.head.detach().to(dtype))
@@ -41,17 +61,24 @@ class Drafter:
         return self.head.dtype if self.small is None else self.small[1].dtype
 
     def weights_for(self, rows: int) -> tuple[nn.Module, torch.Tensor]:
-        """(MTP block, head rows (V', d)) for an MTP call over `rows` rows."""
+        """(MTP block, head) for an MTP call over `rows` rows."""
         if self.small is not None and (self.max_rows is None or rows <= self.max_rows):
             return self.small
         return self.mtp, self.head
 
-    def full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """(R, V') logits over the draft vocabulary -> (R, V), -inf for tokens drafts may not take."""
+    def logits(self, normed: torch.Tensor, head: torch.Tensor, full_rows: list[int] | None) -> torch.Tensor:
+        """normed (R, d) -> float32 logits (R, V): over the vocabulary only (-inf elsewhere), except the
+        rows in `full_rows`, which get every token's."""
         if self.vocab is None:
-            return logits
-        out = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
-        return out.index_copy_(1, self.vocab, logits)
+            return ops.linear(normed, head).float()
+        n = len(self.vocab)
+        out = normed.new_full((normed.shape[0], self.vocab_size), float("-inf"), dtype=torch.float32)
+        out.index_copy_(1, self.vocab, ops.linear(normed, head[:n]).float())
+        if full_rows:
+            rows = out[full_rows]
+            rows.index_copy_(1, self.order[n:], ops.linear(normed[full_rows], head[n:]).float())
+            out[full_rows] = rows
+        return out
 
 
 def resolve_draft_dtype(name: str, model, device) -> tuple[torch.dtype, int | None]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import ops
-
 from .batch import BatchLayout
 from .cache import HybridCache
 from .config import ModelConfig
@@ -81,19 +79,21 @@ class HybridModel(nn.Module):
         return self.backbone.norm_f(h) if self.cfg.mtp_use_final_norm_hidden else h
 
     def mtp_forward(self, next_tokens: torch.Tensor, h_prev: torch.Tensor, batch: BatchLayout,
-                    cache: HybridCache, logit_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    cache: HybridCache, logit_rows: list[int] | None = None,
+                    full_vocab_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP application. next_tokens (T,) are tokens t+1; h_prev (T, d).
 
         Returns (h_out (R, d), logits (R, V) float32) for the rows in `logit_rows` (all T rows when None):
         drafting needs only each sequence's newest row, and lm_head is the block's largest matrix.
-        With a drafter (configure_drafting) its weights and vocabulary are used.
+        With a drafter (configure_drafting) its weights and vocabulary are used; `full_vocab_rows`
+        (positions among the R rows: those that sample at random) get logits over every token anyway.
         """
-        block, head = self.mtp, self.lm_head.weight
-        if self.drafter is not None:
-            block, head = self.drafter.weights_for(len(next_tokens))
+        if self.drafter is None:
+            h_out, normed = self.mtp(self.embed(next_tokens), h_prev, batch, cache.kv.get("mtp"), rows=logit_rows)
+            return h_out, self.lm_head(normed).float()
+        block, head = self.drafter.weights_for(len(next_tokens))
         h_out, normed = block(self.embed(next_tokens), h_prev, batch, cache.kv.get("mtp"), rows=logit_rows)
-        logits = ops.linear(normed, head).float()
-        return h_out, logits if self.drafter is None else self.drafter.full_vocab(logits)
+        return h_out, self.drafter.logits(normed, head, full_vocab_rows)
 
     @property
     def draft_dtype(self) -> torch.dtype:
@@ -103,7 +103,7 @@ class HybridModel(nn.Module):
     def configure_drafting(self, *, dtype: torch.dtype | None = None, max_rows: int | None = None,
                            vocab: torch.Tensor | None = None) -> None:
         """Serve drafts from a Drafter (model_shards/drafter.py): the MTP block and lm_head copied to
-        `dtype` for MTP calls of at most `max_rows` rows, drafts restricted to the token ids `vocab`.
+        `dtype` for MTP calls of at most `max_rows` rows, greedy drafts restricted to the token ids `vocab`.
         The model's own logits (verification) keep lm_head as it is. Call after the weights are loaded."""
         if self.mtp is None:
             raise ValueError("configure_drafting: this model (or pipeline stage) has no MTP block")

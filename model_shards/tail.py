@@ -114,8 +114,9 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> None:
     h_prev = model.mtp_hidden_input(h[pair_rows])
     newest = [seqs[i].end - 1 for _, i in drafting]                  # each drafting sequence's newest pair
     # Only those rows come back (the MoE after the MTP attention runs on them alone); all rows write KV.
+    sampled = [n for n, (j, _) in enumerate(drafting) if not reqs[j].params.greedy]   # need every token's logit
     cur_h, cur_logits = model.mtp_forward(torch.tensor(pair_tokens), h_prev, BatchLayout(seqs), cache,
-                                          logit_rows=newest)
+                                          logit_rows=newest, full_vocab_rows=sampled)
     row = {j: n for n, (j, _) in enumerate(drafting)}               # sequence -> its row in cur_h, cur_logits
     # Recursive drafting: k steps, each one token per drafting sequence.
     pos = {j: seqs[i].start_pos + seqs[i].num_tokens for j, i in drafting}  # MTP position of the next draft step
@@ -139,7 +140,8 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> None:
                               for n, j in enumerate(active)])
         prev_h = cur_h[[row[j] for j in active]]
         tok_t = torch.tensor([results[j].drafts[-1] for j in active])
-        cur_h, cur_logits = model.mtp_forward(tok_t, prev_h, layout, cache)
+        sampled = [n for n, j in enumerate(active) if not reqs[j].params.greedy]
+        cur_h, cur_logits = model.mtp_forward(tok_t, prev_h, layout, cache, full_vocab_rows=sampled)
         for n, j in enumerate(active):
             row[j] = n
             pos[j] += 1

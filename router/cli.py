@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype the MTP drafter computes in; auto: float16 on a CPU (verification keeps the "
                         "model's dtype, so outputs do not change)")
     m.add_argument("--no-draft-vocab", dest="draft_vocab", action="store_false",
-                   help="draft from the whole vocabulary, not only the checkpoint's draft_vocab.json")
+                   help="greedy requests draft from the whole vocabulary, not only the checkpoint's draft_vocab.json")
     m.add_argument("--max-model-len", type=int, default=2048, help="context length (prompt + output)")
     m.add_argument("--max-num-seqs", type=int, default=16, help="sequences running at once per replica")
     m.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")

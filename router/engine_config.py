@@ -24,7 +24,7 @@ class EngineConfig:
     expert_parallel_size: int = 1
     num_speculative_tokens: int = 0        # MTP drafts per round (0: off)
     draft_dtype: str = "auto"              # the MTP drafter's dtype (model_shards/drafter.py); auto: float16 on CPU
-    draft_vocab: bool = True               # drafts only from the checkpoint's draft_vocab.json (when it has one)
+    draft_vocab: bool = True               # greedy drafts only from the checkpoint's draft_vocab.json (if any)
     max_num_seqs: int = 16
     max_model_len: int = 2048
     max_num_batched_tokens: int = 512

@@ -298,6 +298,26 @@ def test_a_draft_vocabulary_keeps_greedy_tokens_and_drafts_only_its_tokens(model
     assert torch.all(logits[0][:, outside] == float("-inf"))
 
 
+@pytest.mark.parametrize("draft_dtype", [torch.float32, torch.float16])
+def test_rows_that_sample_get_every_tokens_logit_despite_a_draft_vocabulary(tiny, draft_dtype):
+    """Random sampling drafts from the whole vocabulary (a restricted q costs acceptance); greedy rows of
+    the same call stay restricted."""
+    m, full = with_drafter(tiny, draft_dtype, vocab_fraction=0.5), with_drafter(tiny, draft_dtype)
+    n, table = 6, torch.arange(NUM_BLOCKS)
+    ids = tokens(n + 1, 11, tiny.cfg.vocab_size)
+    got = []
+    for mm in (m, full):
+        cache = new_cache(mm)
+        with torch.no_grad():
+            h = mm(ids[:n], BatchLayout.single(n, 0, table), cache)
+            got.append(mm.mtp_forward(ids[1:], mm.mtp_hidden_input(h), BatchLayout.single(n, 0, table), cache,
+                                      logit_rows=[1, 3, 5], full_vocab_rows=[0, 2])[1])
+    restricted, everything = got
+    torch.testing.assert_close(restricted[[0, 2]], everything[[0, 2]])
+    assert torch.isfinite(restricted[[0, 2]]).all()
+    assert (restricted[1] == float("-inf")).sum() == tiny.cfg.vocab_size - len(m.drafter.vocab)
+
+
 def test_a_drafter_with_a_row_limit_leaves_larger_mtp_calls_to_the_model_dtype(tiny):
     """auto on a CPU: float16 for the few-row calls of one or a few sequences, float32 above the limit
     (the CPU's float16 GEMM loses with many rows)."""
