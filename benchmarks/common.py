@@ -47,3 +47,10 @@ def write_section(name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(text)
+
+
+def publish(name: str, body: str, write: bool) -> None:
+    """Print a benchmark's section and, unless told not to, write it into docs/BENCHMARKS.md."""
+    print(body)
+    if write:
+        write_section(name, body)

@@ -22,7 +22,7 @@ from model_shards.sampling_params import SamplingParams
 from router.engine import AsyncEngine
 from router.engine_config import EngineConfig
 
-from .common import machine, run_batch, table, write_section
+from .common import machine, publish, run_batch, table
 
 
 def prompts_for(n, length, seed=0, vocab=250):
@@ -151,9 +151,7 @@ def main() -> None:
             "compute time of one stage (Ray: the stages' mean), i.e. transport and queueing.\n\n"
             f"Ray Compiled Graphs, tried on a chain of two trivial stage actors (16x256 hidden): plain actor "
             f"calls {plain_ms:.2f} ms per pass, compiled graph {compiled_ms:.2f} ms per pass.\n")
-    print(body)
-    if not args.no_write:
-        write_section("engine", body)
+    publish("engine", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from model_shards.sampling_params import SamplingParams
 from router.engine import AsyncEngine
 from router.engine_config import EngineConfig, resolve_checkpoint
 
-from .common import machine, run_batch, table, write_section
+from .common import machine, publish, run_batch, table
 from .mtp import heldout_prompts
 
 TOTAL: dict[str, float] = collections.defaultdict(float)
@@ -101,9 +101,7 @@ def main() -> None:
             + f"\n\nSpeedup k=3 over MTP off in this run (tokens/s ratio, the same {args.prompts} prompts): "
             f"{speedup:.2f}x. Layers include their pre-norm and residual; MTP drafting includes the MTP "
             "catch-up over the settled tokens and k-1 recursive steps.\n")
-    print(body)
-    if not args.no_write:
-        write_section("engine-profile", body)
+    publish("engine-profile", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

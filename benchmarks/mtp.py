@@ -25,7 +25,7 @@ from training.acceptance import code_prompts
 from training.tokenizer import BOS_ID, EOS_ID
 
 from . import pass_anatomy
-from .common import machine, run_batch, table, write_section
+from .common import machine, publish, run_batch, table
 
 
 def heldout_prompts(folder, count: int, length: int) -> list[list[int]]:
@@ -133,9 +133,7 @@ def main() -> None:
             + f"\n\nThe 4 tokens of a k=3 verification route to {experts:.2f} distinct experts per MoE layer on "
             f"average over the {args.prompts} prompts (`pass_anatomy.experts_touched`); one token reads "
             "num_experts_per_tok of them.\n")
-    print(body)
-    if not args.no_write:
-        write_section("mtp", body)
+    publish("mtp", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

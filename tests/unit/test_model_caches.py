@@ -245,21 +245,22 @@ def test_mtp_drafting_does_not_change_greedy_tokens(model, greedy_reference, k, 
     assert out.num_drafted > 0 and out.finish_reason == "length"
 
 
+def mtp_after_prefix(model: HybridModel, ids: torch.Tensor, **kwargs):
+    """The model over ids[:-1] in a fresh cache, then one MTP call over every (h_t, ids[t+1]) pair."""
+    n, table = len(ids) - 1, torch.arange(NUM_BLOCKS)
+    cache = new_cache(model)
+    with torch.no_grad():
+        h = model(ids[:n], BatchLayout.single(n, 0, table), cache)
+        return model.mtp_forward(ids[1:], model.mtp_hidden_input(h), BatchLayout.single(n, 0, table), cache, **kwargs)
+
+
 def test_a_float16_drafter_computes_the_float32_drafts_to_float16_precision(tiny):
     """Same inputs through the MTP block in float32 and in float16 (with lm_head copied to float16): the
     draft logits agree to float16 precision, and the model's own (verification) head is untouched."""
     half = with_drafter(tiny, torch.float16)
     assert half.draft_dtype == torch.float16 and half.lm_head.weight.dtype == torch.float32
-    n, table = 9, torch.arange(NUM_BLOCKS)
-    ids = tokens(n + 1, 5, tiny.cfg.vocab_size)
-    outs = []
-    for m in (tiny, half):
-        cache = new_cache(m)
-        with torch.no_grad():
-            h = m(ids[:n], BatchLayout.single(n, 0, table), cache)
-            outs.append(m.mtp_forward(ids[1:], m.mtp_hidden_input(h), BatchLayout.single(n, 0, table), cache,
-                                      logit_rows=[n - 1, n - 3]))
-    (h32, l32), (h16, l16) = outs
+    ids = tokens(10, 5, tiny.cfg.vocab_size)
+    (h32, l32), (h16, l16) = [mtp_after_prefix(m, ids, logit_rows=[8, 6]) for m in (tiny, half)]
     assert h16.dtype == torch.float16 and l16.dtype == torch.float32 and l16.shape == (2, tiny.cfg.vocab_size)
     torch.testing.assert_close(l16, l32, atol=2e-2 * float(l32.abs().max()), rtol=2e-2)
     torch.testing.assert_close(h16.float(), h32, atol=2e-2 * float(h32.abs().max()), rtol=2e-2)
@@ -282,15 +283,8 @@ def test_a_draft_vocabulary_keeps_greedy_tokens_and_drafts_only_its_tokens(model
     out = generate(m, prompt_of(model), SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), num_drafts=3)
     assert out.tokens == greedy_reference[:MAX_TOKENS]
     assert drafts and set(drafts) <= allowed
-    n, table = 7, torch.arange(NUM_BLOCKS)
-    ids = tokens(n + 1, 9, model.cfg.vocab_size)
-    full = with_drafter(model, draft_dtype)
-    logits = []
-    for mm in (m, full):
-        cache = new_cache(mm)
-        with torch.no_grad():
-            h = mm(ids[:n], BatchLayout.single(n, 0, table), cache)
-            logits.append(mm.mtp_forward(ids[1:], mm.mtp_hidden_input(h), BatchLayout.single(n, 0, table), cache)[1])
+    ids = tokens(8, 9, model.cfg.vocab_size)
+    logits = [mtp_after_prefix(mm, ids)[1] for mm in (m, with_drafter(model, draft_dtype))]
     inside = m.drafter.vocab
     torch.testing.assert_close(logits[0][:, inside], logits[1][:, inside])
     outside = torch.ones(model.cfg.vocab_size, dtype=torch.bool)
@@ -303,16 +297,9 @@ def test_rows_that_sample_get_every_tokens_logit_despite_a_draft_vocabulary(tiny
     """Random sampling drafts from the whole vocabulary (a restricted q costs acceptance); greedy rows of
     the same call stay restricted."""
     m, full = with_drafter(tiny, draft_dtype, vocab_fraction=0.5), with_drafter(tiny, draft_dtype)
-    n, table = 6, torch.arange(NUM_BLOCKS)
-    ids = tokens(n + 1, 11, tiny.cfg.vocab_size)
-    got = []
-    for mm in (m, full):
-        cache = new_cache(mm)
-        with torch.no_grad():
-            h = mm(ids[:n], BatchLayout.single(n, 0, table), cache)
-            got.append(mm.mtp_forward(ids[1:], mm.mtp_hidden_input(h), BatchLayout.single(n, 0, table), cache,
-                                      logit_rows=[1, 3, 5], full_vocab_rows=[0, 2])[1])
-    restricted, everything = got
+    ids = tokens(7, 11, tiny.cfg.vocab_size)
+    restricted, everything = [mtp_after_prefix(mm, ids, logit_rows=[1, 3, 5], full_vocab_rows=[0, 2])[1]
+                              for mm in (m, full)]
     torch.testing.assert_close(restricted[[0, 2]], everything[[0, 2]])
     assert torch.isfinite(restricted[[0, 2]]).all()
     assert (restricted[1] == float("-inf")).sum() == tiny.cfg.vocab_size - len(m.drafter.vocab)
