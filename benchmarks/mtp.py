@@ -55,7 +55,8 @@ async def run(args):
     prompts = heldout_prompts(folder, args.prompts, args.prompt_len)
     engine = AsyncEngine(EngineConfig(model=str(folder), num_speculative_tokens=4, max_model_len=1024,
                                       max_num_seqs=max(16, args.prompts), max_num_batched_tokens=2048,
-                                      torch_threads=args.torch_threads))
+                                      torch_threads=args.torch_threads, draft_dtype=args.draft_dtype,
+                                      draft_vocab=args.draft_vocab))
     await engine.start()
     try:
         acc_rows = []
@@ -108,6 +109,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=16,
                     help="speed rounds at one sequence, each on another prompt (a quarter of them at 16)")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the engine's worker")
+    ap.add_argument("--draft-dtype", default="auto", help="the engine's drafter dtype (EngineConfig.draft_dtype)")
+    ap.add_argument("--no-draft-vocab", dest="draft_vocab", action="store_false",
+                    help="greedy drafts from the whole vocabulary, not the checkpoint's draft_vocab.json")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -88,11 +88,10 @@ class HybridModel(nn.Module):
         With a drafter (configure_drafting) its weights and vocabulary are used; `full_vocab_rows`
         (positions among the R rows: those that sample at random) get logits over every token anyway.
         """
-        if self.drafter is None:
-            h_out, normed = self.mtp(self.embed(next_tokens), h_prev, batch, cache.kv.get("mtp"), rows=logit_rows)
-            return h_out, self.lm_head(normed).float()
-        block, head = self.drafter.weights_for(len(next_tokens))
+        block, head = (self.mtp, None) if self.drafter is None else self.drafter.weights_for(len(next_tokens))
         h_out, normed = block(self.embed(next_tokens), h_prev, batch, cache.kv.get("mtp"), rows=logit_rows)
+        if self.drafter is None:
+            return h_out, self.lm_head(normed).float()
         return h_out, self.drafter.logits(normed, head, full_vocab_rows)
 
     @property
