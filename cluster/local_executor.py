@@ -28,6 +28,9 @@ class LocalExecutor:
     async def submit(self, plan: StepPlan) -> StepResult:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.worker.execute, plan)
 
+    def is_fatal(self, err: BaseException) -> bool:
+        """In one process a failed pass leaves the model intact: only the plan's requests are affected."""
+        return False
 
     def rebuild(self) -> None:
         """Nothing to rebuild in-process; caches are overwritten as sequences restart."""

@@ -121,6 +121,19 @@ class RayExecutor:
     async def submit(self, plan: StepPlan) -> StepResult:
         return decode_result(await self._chain(plan))
 
+    def is_fatal(self, err: BaseException) -> bool:
+        """An actor (or an object it owned) is gone: the replica must be rebuilt. A Python error inside
+        a stage's pass (RayTaskError) leaves the actors alive; only that plan's requests are affected."""
+        fatal = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError,
+                 ray.exceptions.ActorUnavailableError, ray.exceptions.WorkerCrashedError,
+                 ray.exceptions.NodeDiedError)
+        seen = set()
+        while err is not None and id(err) not in seen:
+            if isinstance(err, fatal):
+                return True
+            seen.add(id(err))
+            err = getattr(err, "cause", None) or err.__cause__
+        return False
 
     def stats(self) -> list[dict]:
         return ray.get([a.stats.remote() for a in self.stages])

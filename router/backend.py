@@ -3,9 +3,8 @@
 A backend has three async methods:
 - `submit(request_id, prompt_ids, params)`: admit the request or raise an `APIError` (queue full ->
   429, prompt too long -> 400) *before* any token exists, so a streaming client still gets a proper
-  status code; then return an async iterator of `RequestOutput` with `aclose()`. Closing it early
-  (client gone, stop string hit) aborts the request in the engine, which frees its KV blocks and
-  Mamba slot.
+  status code; then return its `RequestStream` (request_stream.py). Closing it early (client gone,
+  stop string hit) aborts the request in the engine, which frees its KV blocks and Mamba slot.
 - `stats()`: the latest `EngineStats` per replica (for /metrics and /ready).
 - `ready()`: weights loaded and the engine loop alive.
 
@@ -19,7 +18,8 @@ from pathlib import Path
 from model_shards.sampling_params import SamplingParams
 
 from .errors import APIError, InvalidRequest, Overloaded, Unavailable
-from .outputs import EngineDeadError, EngineStats, QueueFullError, RequestOutput
+from .outputs import EngineDeadError, EngineStats, QueueFullError
+from .request_stream import RequestStream
 
 
 def admit(engine, request_id: str, prompt_ids: list[int], params: SamplingParams):
@@ -36,57 +36,9 @@ def admit(engine, request_id: str, prompt_ids: list[int], params: SamplingParams
         raise InvalidRequest(msg, param=param) from None
 
 
-class OutputStream:
-    """A request's `RequestOutput`s until the finished one; `aclose()` before the end cancels the request.
-
-    A class rather than an async generator on purpose: a generator that was never started ignores
-    `aclose()`, so a client that vanished before its first byte would leave the request running.
-    Subclasses say where the next output comes from (`_next`) and how to cancel (`_cancel`).
-    """
-
-    finished = False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        out = await self._next()
-        self.finished = out.finished
-        return out
-
-    async def aclose(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self._cancel()
-
-    async def _next(self) -> RequestOutput:
-        raise NotImplementedError
-
-    def _cancel(self) -> None:
-        raise NotImplementedError
-
-
-class EngineStream(OutputStream):
-    """A request's outputs from an in-process engine; `aclose()` before the end aborts the request.
-
-    Not `engine.generate()`: that generator admits the request only when first iterated, and the
-    front door must admit (and turn queue-full into a 429) before it answers.
-    """
-
-    def __init__(self, engine, request_id: str, queue):
-        self.engine, self.request_id, self.queue = engine, request_id, queue
-
-    async def _next(self) -> RequestOutput:
-        return await self.queue.get()
-
-    def _cancel(self) -> None:
-        self.engine.abort(self.request_id)
-
-
 def engine_ready(engine) -> bool:
-    return engine.is_running and engine.stats().healthy
+    """A completion would be served: the loop is alive, the actors are up, and passes come back."""
+    return engine.is_stepping
 
 
 def model_info(engine) -> dict:
@@ -129,9 +81,8 @@ class LocalBackend:
         self.engine = engine
         self.replica_id = replica_id
 
-    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> EngineStream:
-        queue = admit(self.engine, request_id, prompt_ids, params)
-        return EngineStream(self.engine, request_id, queue)
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        return admit(self.engine, request_id, prompt_ids, params)
 
     async def stats(self) -> dict[str, EngineStats]:
         return {self.replica_id: self.engine.stats()}

@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-queued-requests", type=int, default=64,
                    help="requests waiting per replica before new ones get 429 + Retry-After")
     m.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
+    m.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="KV blocks per attention layer per replica, instead of what memory allows (vLLM's name; "
+                        "also on a CPU): makes cache pressure reproducible")
+    m.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of each device's memory (on a CPU: of the replica's memory budget) that weights "
+                        "and caches may take")
     m.add_argument("--seed", type=int, default=0)
     a = s.add_argument_group("replicas and autoscaling")
     a.add_argument("--min-replicas", type=int, default=1)
@@ -79,7 +85,8 @@ def serve_config_from_args(args):
                           draft_vocab=args.draft_vocab, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                           block_size=args.block_size, max_queued_requests=args.max_queued_requests,
-                          use_ray=pp * ep > 1, seed=args.seed)
+                          num_kv_blocks=args.num_gpu_blocks_override,
+                          gpu_memory_utilization=args.gpu_memory_utilization, use_ray=pp * ep > 1, seed=args.seed)
     engine.validate()
     if not 1 <= args.min_replicas <= args.max_replicas:
         raise ValueError(f"--min-replicas/--max-replicas: need 1 <= min ({args.min_replicas}) <= max "
@@ -107,11 +114,25 @@ def start_ray(cfg, num_cpus: float | None) -> bool:
         print(f"joining the Ray cluster at {os.environ['RAY_ADDRESS']}", flush=True)
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return False
+    patient_startup()
     cpus = num_cpus or max(os.cpu_count() or 1, needed_cpus(cfg))
     print(f"starting a local Ray cluster ({cpus:g} logical CPUs)", flush=True)
     ray.init(num_cpus=math.ceil(max(1, cpus)), include_dashboard=False, log_to_driver=True,
              configure_logging=True, logging_level=logging.WARNING)
     return True
+
+
+# Serve gives its HTTP proxy three 5-second tries to answer its first health check and then fails the
+# whole deployment; on a busy machine (a compile job on every core) that is not enough. Our own
+# processes load weights in threads and answer quickly; the proxy just needs patience. Set before
+# ray.init: the local cluster's processes inherit this environment. Values a user set win.
+PATIENT_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+                     "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "10"}
+
+
+def patient_startup() -> None:
+    for k, v in PATIENT_SERVE_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def deploy(cfg) -> None:
@@ -196,7 +217,7 @@ def drain_and_stop(cfg, started_ray: bool, timeout_s: float) -> None:
             print(f"draining: {n} request(s) in flight, waiting up to {timeout_s:g}s", flush=True)
             left = handle.drain.remote(timeout_s).result(timeout_s=timeout_s + 10)
             if left:
-                print(f"drain timeout: cancelling {left} request(s)", flush=True)
+                print(f"drain timeout: aborted {left} request(s)", flush=True)
         except Exception as e:  # noqa: BLE001 - shut down regardless
             print(f"drain failed ({type(e).__name__}: {e}); shutting down", flush=True)
         serve.shutdown()

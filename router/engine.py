@@ -22,7 +22,8 @@ from model_shards.weights import read_config
 
 from .block_manager import BlockManager
 from .engine_config import EngineConfig, resolve_checkpoint
-from .outputs import EngineStats, QueueFullError, RequestOutput
+from .outputs import EngineDeadError, EngineStats, QueueFullError, RequestOutput
+from .request_stream import RequestStream
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
 
@@ -53,7 +54,7 @@ class AsyncEngine:
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
         self.plan = self._plan()
         num_slots = self.plan.max_num_seqs
-        num_blocks = min(config.kv_blocks(), self.plan.num_kv_blocks or config.kv_blocks())
+        num_blocks = self._num_kv_blocks()
         self.blocks = BlockManager(num_blocks, config.block_size, num_slots)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=num_slots, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -77,6 +78,8 @@ class AsyncEngine:
         self.step_times: list[float] = []      # wall time of each pass, submit to result
         self.loop_overhead_s = 0.0             # engine-loop time spent scheduling and applying results
         self._finish_times: collections.deque[float] = collections.deque(maxlen=32)
+        self._last_progress = time.monotonic()  # when a pass last returned (or the loop last idled)
+        self.broken = False                     # the executor could not be rebuilt: restart the replica
 
     def _plan(self):
         """The planner's replica plan: the stage split, and the slots and KV blocks memory allows
@@ -91,13 +94,33 @@ class AsyncEngine:
                             block_size=c.block_size, num_speculative_tokens=c.num_speculative_tokens,
                             context_len=self.max_model_len, max_num_seqs=c.max_num_seqs)
 
+    def _num_kv_blocks(self) -> int:
+        """--num-gpu-blocks-override if given, else what the plan's memory and max_num_seqs allow; the
+        context limit shrinks (with a warning) to what the whole cache can hold for one sequence."""
+        c = self.config
+        num_blocks = c.num_kv_blocks or min(c.kv_blocks(), self.plan.num_kv_blocks or c.kv_blocks())
+        if c.num_kv_blocks and self.plan.num_kv_blocks and c.num_kv_blocks > self.plan.num_kv_blocks:
+            log.warning("num_kv_blocks: override %d is above the %d blocks memory allows on this replica",
+                        c.num_kv_blocks, self.plan.num_kv_blocks)
+        room = num_blocks * c.block_size - c.num_speculative_tokens    # drafting writes k past a pass
+        if room < self.max_model_len:
+            if room < 2:
+                raise ValueError(f"num_kv_blocks: {num_blocks} blocks of {c.block_size} tokens cannot hold a "
+                                 f"sequence of 2 tokens plus {c.num_speculative_tokens} draft positions")
+            log.warning("max_model_len: lowered from %d to %d, what %d KV blocks of %d tokens hold",
+                        self.max_model_len, room, num_blocks, c.block_size)
+            self.max_model_len = room
+        return num_blocks
+
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         if self._task is None:
             self._wake = asyncio.Event()
             self._task = asyncio.create_task(self._loop(), name="hybridserve-engine")
+            self._task.add_done_callback(self._loop_ended)
 
     async def shutdown(self) -> None:
+        """Stop the loop and the executor; every request still open ends with an error (none hangs)."""
         if self._task is not None:
             self._task.cancel()
             try:
@@ -105,15 +128,29 @@ class AsyncEngine:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        self._deliver(self.scheduler.fail_all("engine shut down", include_waiting=True))
         self.executor.shutdown()
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """The loop never ends but by shutdown; if it crashed anyway, say so and end every request."""
+        if task.cancelled() or task.exception() is None:
+            return
+        err = task.exception()
+        log.error("engine loop crashed: %s: %s", type(err).__name__, err, exc_info=err)
+        self.stats_.healthy = False
+        self._deliver(self.scheduler.fail_all(f"engine loop crashed: {type(err).__name__}: {err}",
+                                              include_waiting=True))
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    num_speculative_tokens: int | None = None) -> asyncio.Queue:
-        """Queue a request; its RequestOutputs arrive on the returned queue.
+                    num_speculative_tokens: int | None = None) -> RequestStream:
+        """Queue a request; iterate the returned stream for its RequestOutputs, close it to abort.
 
+        Raises ValueError (a bad field: the message starts with its name), QueueFullError, EngineDeadError.
         num_speculative_tokens: MTP drafts for this request (default: the engine's; at most that).
         """
+        if not self.is_running and self._task is not None:
+            raise EngineDeadError("the engine loop is not running")
         params.validate()
         k = self.config.num_speculative_tokens if num_speculative_tokens is None else num_speculative_tokens
         if not 0 <= k <= self.config.num_speculative_tokens:
@@ -123,35 +160,33 @@ class AsyncEngine:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(prompt_ids)} tokens, but the context limit is {self.max_model_len} "
                              f"tokens (prompt + at least 1 generated)")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already running")
         if len(self.scheduler.waiting) >= self.config.max_queued_requests:
             raise QueueFullError(self.config.max_queued_requests, self._retry_after_s())
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, seed, k)
+        self.scheduler.add(seq)                     # raises ValueError if it can never fit the cache
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
         self._seq_of[request_id] = seq.seq_id
-        self.scheduler.add(seq)
         if self._wake:
             self._wake.set()
-        return q
+        return RequestStream(request_id, q.get, lambda: self.abort(request_id))
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        num_speculative_tokens: int | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Closing the iterator early (client gone) aborts the request."""
-        q = self.add_request(request_id, prompt_ids, params, num_speculative_tokens)
-        finished = False
-        try:
-            while not finished:
-                out = await q.get()
-                finished = out.finished
+        async with self.add_request(request_id, prompt_ids, params, num_speculative_tokens) as stream:
+            async for out in stream:
                 yield out
-        finally:
-            if not finished:
-                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        """End a request now: freed at once, or when the pass it is in returns (within one step)."""
         seq_id = self._seq_of.get(request_id)
         if seq_id is None:
             return
@@ -166,11 +201,20 @@ class AsyncEngine:
         """The engine loop is alive (started and not crashed)."""
         return self._task is not None and not self._task.done()
 
+    @property
+    def is_stepping(self) -> bool:
+        """Alive, healthy, and either idle or finishing passes (not stuck on one for `stall_timeout_s`)."""
+        if not self.is_running or not self.stats_.healthy:
+            return False
+        busy = bool(self._in_flight) or self.scheduler.has_work
+        return not busy or time.monotonic() - self._last_progress < self.config.stall_timeout_s
+
     def stats(self) -> EngineStats:
         """A snapshot (a copy): safe to keep or serialise."""
         s = self.stats_
         s.waiting, s.running = len(self.scheduler.waiting), len(self.scheduler.running)
         s.kv_blocks_used, s.mamba_slots_used = self.blocks.used_blocks, self.blocks.used_slots
+        s.stepping = self.is_stepping
         return dataclasses.replace(s, drafted_per_position=list(s.drafted_per_position),
                                    accepted_per_position=list(s.accepted_per_position))
 
@@ -184,40 +228,81 @@ class AsyncEngine:
 
     # ---- the loop ------------------------------------------------------------------------------
     async def _loop(self) -> None:
-        P = self.config.microbatches
+        """Fill the pipeline, await the first pass back, apply it. Nothing here may end the loop: a
+        failure fails the requests it concerns and the loop goes on."""
         while True:
-            while len(self._in_flight) < P and self.scheduler.has_work:
-                idle = [s for s in self.scheduler.running if not s.in_flight] + list(self.scheduler.waiting)
-                per_mb = max(1, math.ceil(len(idle) / (P - len(self._in_flight))))
-                t0 = time.perf_counter()
-                plan = self.scheduler.schedule(max_seqs=per_mb, microbatch=len(self._in_flight))
-                self.loop_overhead_s += time.perf_counter() - t0
-                if plan is None:
-                    break
-                fut = asyncio.ensure_future(self.executor.submit(plan))
-                fut.plan, fut.t0 = plan, time.perf_counter()
-                self._in_flight.add(fut)
+            self._fill_pipeline()
             if not self._in_flight:
                 self._wake.clear()
-                if not self.scheduler.has_work:
+                if self.scheduler.has_work:     # nothing in flight, work pending, nothing plannable
+                    self._fail_stuck()
+                else:
+                    self._last_progress = time.monotonic()
                     await self._wake.wait()
                 continue
             done, _ = await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
             for fut in done:
                 self._in_flight.discard(fut)
-                try:
-                    result = fut.result()
-                except Exception as e:   # an actor died or a pass failed: fail what was admitted, rebuild
-                    await self._recover(e)
+                if not await self._apply(fut):
                     break
-                t0 = time.perf_counter()
-                self.step_times.append(t0 - fut.t0)
-                self._account_mtp(fut.plan, result)
-                self._deliver(self.scheduler.update(result))
-                self.loop_overhead_s += time.perf_counter() - t0
 
-    async def _recover(self, err: Exception) -> None:
-        msg = f"engine failure: {type(err).__name__}: {err}".splitlines()[0][:500]
+    def _fill_pipeline(self) -> None:
+        P = self.config.microbatches
+        while len(self._in_flight) < P and self.scheduler.has_work:
+            idle = sum(not s.in_flight for s in self.scheduler.running) + len(self.scheduler.waiting)
+            per_mb = max(1, math.ceil(idle / (P - len(self._in_flight))))
+            t0 = time.perf_counter()
+            try:
+                plan = self.scheduler.schedule(max_seqs=per_mb, microbatch=len(self._in_flight))
+            except Exception as e:  # noqa: BLE001 - a scheduler bug: fail the idle requests, keep serving
+                log.exception("scheduling failed")
+                self._deliver(self.scheduler.fail_idle(f"scheduler error: {type(e).__name__}: {e}"))
+                return
+            finally:
+                self.loop_overhead_s += time.perf_counter() - t0
+            if plan is None:
+                return
+            fut = asyncio.ensure_future(self.executor.submit(plan))
+            fut.plan, fut.t0 = plan, time.perf_counter()
+            self._in_flight.add(fut)
+
+    def _fail_stuck(self) -> None:
+        """No pass in flight and none can be planned: waiting would be forever. The scheduler's
+        admission check makes this unreachable; if it happens, fail the oldest idle request and say why."""
+        seq = min(self.scheduler.idle(), key=lambda s: s.arrival_time)
+        msg = (f"scheduler deadlock: request {seq.request_id} cannot be planned ({self.blocks.used_blocks}/"
+               f"{self.blocks.num_blocks} KV blocks and {self.blocks.used_slots}/{self.blocks.num_slots} "
+               f"slots in use, nothing in flight)")
+        log.error(msg)
+        self._deliver(self.scheduler.fail(seq.seq_id, msg))
+
+    async def _apply(self, fut) -> bool:
+        """Apply one finished pass; False when the pipeline was rebuilt (other futures are gone)."""
+        plan = fut.plan
+        try:
+            result = fut.result()
+        except Exception as e:  # noqa: BLE001
+            msg = f"engine failure: {type(e).__name__}: {e}".splitlines()[0][:500]
+            if self.executor.is_fatal(e):          # an actor died: its caches are gone for everyone
+                await self._recover(msg)
+                return False
+            log.error("pass %d failed (%s); failing or retrying its %d sequence(s) alone", plan.step_id, msg,
+                      len(plan.seqs))
+            self._deliver(self.scheduler.pass_failed(plan, msg))
+            return True
+        t0 = time.perf_counter()
+        self._last_progress = time.monotonic()
+        self.step_times.append(t0 - fut.t0)
+        try:
+            self._account_mtp(plan, result)
+            self._deliver(self.scheduler.update(result))
+        except Exception as e:  # noqa: BLE001 - a bad result fails the plan's requests, not the loop
+            log.exception("applying pass %d failed", plan.step_id)
+            self._deliver(self.scheduler.pass_failed(plan, f"engine failure: {type(e).__name__}: {e}"))
+        self.loop_overhead_s += time.perf_counter() - t0
+        return True
+
+    async def _recover(self, msg: str) -> None:
         log.error("%s; failing %d admitted requests and rebuilding", msg, len(self.scheduler.running))
         for fut in self._in_flight:              # other passes of the dead pipeline cannot complete
             fut.cancel()
@@ -227,16 +312,19 @@ class AsyncEngine:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.executor.rebuild)
             self.stats_.healthy = True
+            self._last_progress = time.monotonic()
+            log.info("replica rebuilt; serving again")
         except Exception as e:  # noqa: BLE001
             log.error("rebuild failed: %s; failing the waiting requests too", e)
+            self.broken = True
             self._deliver(self.scheduler.fail_all(msg, include_waiting=True))
 
     def _account_mtp(self, plan, result) -> None:
         self.stats_.steps += 1
         by_id = {s.seq_id: s for s in plan.seqs}
         for o in result.outputs:
-            n = len(by_id[o.seq_id].drafts)
-            for i in range(n):
+            step = by_id.get(o.seq_id)
+            for i in range(len(step.drafts) if step else 0):
                 self.stats_.drafted_per_position[i] += 1
                 if i < o.num_accepted:
                     self.stats_.accepted_per_position[i] += 1
@@ -247,7 +335,10 @@ class AsyncEngine:
             if q is None:
                 continue
             q.put_nowait(out)
+            self.stats_.tokens_generated += len(out.new_token_ids)
             if out.finished:
+                self.stats_.requests_aborted += out.finish_reason == "abort"
+                self.stats_.requests_failed += out.finish_reason == "error"
                 self._finish_times.append(time.monotonic())
                 self._streams.pop(out.request_id, None)
                 self._seq_of.pop(out.request_id, None)

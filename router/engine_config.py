@@ -29,7 +29,8 @@ class EngineConfig:
     max_model_len: int = 2048
     max_num_batched_tokens: int = 512
     block_size: int = 16
-    num_kv_blocks: int | None = None       # None: enough for max_num_seqs full-length sequences
+    num_kv_blocks: int | None = None       # --num-gpu-blocks-override; None: what memory and max_num_seqs allow
+    gpu_memory_utilization: float = 0.9    # share of device memory (CPU: of the replica's budget) for weights + caches
     max_queued_requests: int = 64
     use_ray: bool = False                  # False: the whole model in this process (the oracle's setup)
     num_microbatches: int | None = None    # None: pipeline_parallel_size micro-batches in flight
@@ -39,6 +40,7 @@ class EngineConfig:
     actor_num_cpus: float = 0.25           # Ray CPU label per actor (threads are capped separately)
     torch_threads: int = 1                 # torch threads per worker (1 beat 2 at every batch size on CPU)
     seed: int = 0                          # weights of a preset, and default sampling seeds
+    stall_timeout_s: float = 60.0          # busy with no pass back for this long: not ready (/ready 503)
     device_memory_gib: float | None = None  # per device; None: the GPU's memory, or a share of host RAM
 
     def device_spec(self, count: int):
@@ -51,8 +53,8 @@ class EngineConfig:
 
             if mem is None:
                 mem = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 2**30
-            return DeviceSpec("cuda", count, mem, name="gpu")
-        return DeviceSpec.cpu(count, mem)
+            return DeviceSpec("cuda", count, mem, name="gpu", reserve_fraction=1.0 - self.gpu_memory_utilization)
+        return DeviceSpec.cpu(count, mem, reserve_fraction=1.0 - self.gpu_memory_utilization)
 
     def validate(self) -> None:
         def need(cond, field, msg):
@@ -68,6 +70,10 @@ class EngineConfig:
              f"must exceed num_speculative_tokens ({self.num_speculative_tokens})")
         need(self.block_size >= 1, "block_size", "must be >= 1")
         need(self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0")
+        need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks",
+             f"(--num-gpu-blocks-override) must be >= 1, got {self.num_kv_blocks}")
+        need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+             f"must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.pipeline_parallel_size > 1 or self.expert_parallel_size > 1:
             need(self.use_ray, "use_ray", "pipeline or expert parallelism needs use_ray=True")
 

@@ -9,6 +9,7 @@ it ends (finished, stop string, client gone).
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import logging
 import time
 import uuid
@@ -21,6 +22,7 @@ from .detokenizer import TextStream
 from .errors import (APIError, AuthenticationError, ContextLengthExceeded, InternalError, InvalidRequest,
                      ModelNotFound, Unavailable)
 from .metrics import Metrics
+from .request_stream import RequestStream
 from .tokenizer import BaseTokenizer, ChatTemplateError
 
 log = logging.getLogger("hybridserve.requests")
@@ -91,7 +93,7 @@ class Frontend:
         self.metrics = metrics or Metrics(self.model_name)
         self.created = int(time.time())
         self.draining = False
-        self.in_flight = 0
+        self.open: dict[str, "Generation"] = {}     # admitted and not yet closed, by request id
 
     def set_model(self, info: ModelInfo, tokenizer: BaseTokenizer) -> None:
         self.info, self.tokenizer = info, tokenizer
@@ -99,6 +101,27 @@ class Frontend:
     @property
     def loaded(self) -> bool:
         return self.info is not None and self.tokenizer is not None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.open)
+
+    async def ready(self) -> bool:
+        """A completion would be served now: model info loaded, not draining, an engine stepping."""
+        if not self.loaded or self.draining:
+            return False
+        try:
+            return bool(await self.backend.ready())
+        except Exception:  # noqa: BLE001 - stats unavailable (a replica restarting): not ready
+            return False
+
+    async def abort_all(self, reason: str) -> int:
+        """End every open request (shutdown past the drain timeout); returns how many there were."""
+        gens = list(self.open.values())
+        for g in gens:
+            log.info("%s: aborting (%s)", g.request_id, reason)
+            await g.aclose()
+        return len(gens)
 
     @property
     def max_model_len(self) -> int | None:
@@ -110,7 +133,7 @@ class Frontend:
             return
         if not presented:
             raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
-        if presented != self.api_key:
+        if not hmac.compare_digest(presented.encode(), self.api_key.encode()):   # constant time
             raise AuthenticationError("invalid API key")
 
     def check_model(self, name: str | None) -> str:
@@ -205,16 +228,18 @@ class Frontend:
 
 
 class Generation:
-    """One admitted request: iterate for Deltas; closing it early aborts the request in the engine."""
+    """One admitted request: iterate for Deltas (text with stop strings applied). Closing it, however
+    the request ends, closes its RequestStream, which aborts the request if it is still running."""
 
-    def __init__(self, fe: Frontend, request_id: str, prep: Prepared, outputs: AsyncIterator, route: str, t0: float):
+    def __init__(self, fe: Frontend, request_id: str, prep: Prepared, outputs: RequestStream, route: str,
+                 t0: float):
         self.fe, self.request_id, self.prep, self.outputs, self.route, self.t0 = fe, request_id, prep, outputs, route, t0
         self.text = TextStream(fe.tokenizer, prep.stop, prep.params.min_tokens, prep.skip_special_tokens)
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.ttft: float | None = None
-        fe.in_flight += 1
+        fe.open[request_id] = self
 
     @property
     def prompt_tokens(self) -> int:
@@ -259,13 +284,8 @@ class Generation:
         if self.fe is None:
             return
         fe, self.fe = self.fe, None
-        fe.in_flight -= 1
-        aclose = getattr(self.outputs, "aclose", None)
-        if aclose is not None:
-            try:
-                await aclose()          # aborts the request in the engine if it is still running
-            except Exception:  # noqa: BLE001 - closing must not mask the real outcome
-                log.debug("closing %s failed", self.request_id, exc_info=True)
+        fe.open.pop(self.request_id, None)
+        await self.outputs.aclose()     # aborts the request in the engine if it is still running
         e2e = time.perf_counter() - self.t0
         reason = self.finish_reason or "abort"
         fe.metrics.observe_finished(e2e, self.prompt_tokens, self.completion_tokens, reason)

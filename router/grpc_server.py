@@ -160,10 +160,7 @@ class GrpcServer:
     async def _watch_ready(self) -> None:
         last = None
         while True:
-            try:
-                ok = (await self.fe.backend.ready()) and not self.fe.draining
-            except Exception:  # noqa: BLE001
-                ok = False
+            ok = await self.fe.ready()
             if ok != last:
                 status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
                 await self.health.set("", status)

@@ -25,6 +25,7 @@ from .api_schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from .errors import APIError, InternalError, InvalidRequest, NotFound, RequestTooLarge, reason_phrase
 from .frontend import Frontend, Generation, new_request_id
 from .metrics import CONTENT_TYPE
+from .openapi import install_openapi
 
 log = logging.getLogger("hybridserve.http")
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -93,7 +94,8 @@ def _bearer(headers: dict[str, str]) -> str | None:
 
 def build_app(fe: Frontend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lifespan=None) -> FastAPI:
     """`lifespan`: an async context manager factory (e.g. start/stop an in-process engine)."""
-    app = FastAPI(title="hybridserve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="hybridserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
+    install_openapi(app)                # the real request/response bodies (handlers read the raw Request)
     app.add_middleware(GuardMiddleware, frontend=fe, max_body_bytes=max_body_bytes)
     app.state.frontend = fe
 
@@ -121,7 +123,7 @@ def build_app(fe: Frontend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lifesp
 
     @app.get("/ready")
     async def ready():
-        if await fe.backend.ready():
+        if await fe.ready():
             return {"status": "ready", "model": fe.model_name}
         return JSONResponse({"status": "not ready", "model": fe.model_name}, status_code=503,
                             headers={"Retry-After": "5"})

@@ -43,9 +43,15 @@ class _EngineCollector:
             ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1)."),
             ("mamba_slots_used", "Mamba state slots in use (one per running sequence)."),
             ("mamba_slots_total", "Mamba state slots of the replica."),
-            ("engine_healthy", "1 while the replica's engine steps normally."),
+            ("engine_healthy", "1 while the replica's actors are up (0 while they are rebuilt)."),
+            ("engine_stepping", "1 while the engine loop is alive and passes come back (what /ready needs)."),
         ]}
         steps = CounterMetricFamily(P + "engine_steps", "Batches the engine has run.", labels=labels)
+        ends = {name: CounterMetricFamily(P + name, doc, labels=labels) for name, doc in [
+            ("engine_requests_aborted", "Requests the engine cancelled while they ran (client gone, stop string)."),
+            ("engine_requests_failed", "Requests the engine ended with an error."),
+            ("engine_generation_tokens", "Output tokens the engine produced for requests."),
+        ]}
         pos_labels = labels + ["position"]
         drafted = CounterMetricFamily(P + "spec_decode_num_draft_tokens_per_pos",
                                       "MTP draft tokens proposed, by draft position (0 = first).", labels=pos_labels)
@@ -61,12 +67,17 @@ class _EngineCollector:
             g["mamba_slots_used"].add_metric(lv, s.mamba_slots_used)
             g["mamba_slots_total"].add_metric(lv, s.mamba_slots_total)
             g["engine_healthy"].add_metric(lv, 1.0 if s.healthy else 0.0)
+            g["engine_stepping"].add_metric(lv, 1.0 if s.stepping else 0.0)
             steps.add_metric(lv, s.steps)
+            ends["engine_requests_aborted"].add_metric(lv, s.requests_aborted)
+            ends["engine_requests_failed"].add_metric(lv, s.requests_failed)
+            ends["engine_generation_tokens"].add_metric(lv, s.tokens_generated)
             for i, (d, a) in enumerate(zip(s.drafted_per_position, s.accepted_per_position)):
                 drafted.add_metric(lv + [str(i)], d)
                 accepted.add_metric(lv + [str(i)], a)
         yield from g.values()
         yield steps
+        yield from ends.values()
         yield drafted
         yield accepted
 

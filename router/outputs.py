@@ -48,4 +48,9 @@ class EngineStats:
     # MTP: drafts proposed and accepted, per draft position (index 0 = first draft).
     drafted_per_position: list[int] = dataclasses.field(default_factory=list)
     accepted_per_position: list[int] = dataclasses.field(default_factory=list)
-    healthy: bool = True
+    # Counters of how requests ended inside the engine (tests and soak runs read them through /metrics).
+    requests_aborted: int = 0            # cancelled while running: client gone, stop string, shutdown
+    requests_failed: int = 0             # ended with an error (a failed pass, a lost actor)
+    tokens_generated: int = 0            # output tokens handed to requests
+    healthy: bool = True                 # False while the replica's actors are rebuilt, or if they could not be
+    stepping: bool = True                # the loop is alive and passes come back (see AsyncEngine.is_stepping)

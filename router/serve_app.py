@@ -12,8 +12,10 @@ or expert parallelism, its stage/expert actors). Load is spread by the Deploymen
 per replica pass `target_ongoing_requests`.
 
 Admission goes first: a replica answers a `generate` stream with `{"admitted": ...}` or `{"error":
-...}` before any token, so queue-full becomes a real 429 even for streaming clients. Cancelling the
-handle's stream (client gone) cancels the replica's generator, which aborts the engine request.
+...}` before any token, so queue-full becomes a real 429 even for streaming clients. Ending a request
+early is one path (request_stream.py): the ingress closes its RequestStream, which cancels the handle's
+stream; Serve cancels the replica's generator, whose `async with` closes the engine's RequestStream,
+which aborts the request in the engine.
 
 Engine stats (for /metrics and /ready) come from every replica, not just the one a handle call would
 reach: replicas push them twice a second to a small named actor (StatsHub) that the ingress reads.
@@ -34,10 +36,11 @@ from ray import serve
 
 from model_shards.sampling_params import SamplingParams
 
-from .backend import LocalBackend, OutputStream, error_from_dict, error_to_dict, model_info
+from .backend import LocalBackend, error_from_dict, error_to_dict, model_info
 from .engine_config import EngineConfig
 from .errors import APIError, Overloaded, Unavailable
 from .outputs import EngineStats, RequestOutput
+from .request_stream import RequestStream
 
 log = logging.getLogger("hybridserve.serve")
 
@@ -115,6 +118,8 @@ class ModelServer:
 
     async def __init__(self, cfg: ServeConfig):
         setup_logging(cfg.log_level)
+        self.engine = None                     # set once the weights are loaded (the destructor checks)
+        self._reporter = None
         threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.max_replicas))
         import torch
 
@@ -122,26 +127,31 @@ class ModelServer:
         from .engine import AsyncEngine
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.hub_name = _hub_name(cfg.app_name)
         log.info("model replica %s: loading %r (torch threads %d)", self.replica_id, cfg.engine.model, threads)
         loop = asyncio.get_running_loop()
         # Weights load in a thread so the replica's event loop keeps answering Serve's health checks.
         self.engine = await loop.run_in_executor(None, AsyncEngine, cfg.engine)
         await self.engine.start()
         self.backend = LocalBackend(self.engine, self.replica_id)
-        self.hub_name = _hub_name(cfg.app_name)
         self._reporter = asyncio.create_task(self._report_stats())
         log.info("model replica %s ready", self.replica_id)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: dict):
-        """Stream: first {"admitted": replica} or {"error": ...}, then RequestOutput dicts."""
+        """Stream: first {"admitted": replica} or {"error": ...}, then RequestOutput dicts.
+
+        However this generator ends (finished, cancelled by the ingress, the caller gone), `async with`
+        closes the engine stream, which aborts the request if it is still running.
+        """
         try:
-            outputs = await self.backend.submit(request_id, prompt_ids, SamplingParams.from_dict(params))
+            stream = await self.backend.submit(request_id, prompt_ids, SamplingParams.from_dict(params))
         except APIError as e:
             yield {"error": error_to_dict(e)}
             return
-        yield {"admitted": self.replica_id}
-        async for out in outputs:        # cancellation (client gone) closes `outputs`: engine abort
-            yield dataclasses.asdict(out)
+        async with stream:
+            yield {"admitted": self.replica_id}
+            async for out in stream:
+                yield dataclasses.asdict(out)
 
     async def info(self) -> dict:
         return model_info(self.engine)
@@ -154,11 +164,11 @@ class ModelServer:
         return dataclasses.asdict(self.engine.stats())
 
     async def check_health(self) -> None:
-        """Serve restarts a replica whose engine loop died or cannot recover."""
-        if not self.engine.is_running:
+        """Serve restarts a replica whose engine loop died (a rebuild in progress is not a death)."""
+        if self.engine is not None and not self.engine.is_running:
             raise RuntimeError("engine loop is not running")
-        if not self.engine.stats().healthy:
-            raise RuntimeError("engine is unhealthy (executor could not be rebuilt)")
+        if self.engine is not None and self.engine.broken:
+            raise RuntimeError("the replica's actors could not be rebuilt")
 
     async def _report_stats(self) -> None:
         hub = None
@@ -172,33 +182,31 @@ class ModelServer:
             await asyncio.sleep(0.5)
 
     async def __del__(self):
-        try:
+        """Serve stops the replica (scale-down, shutdown), possibly while it still loads weights."""
+        if self._reporter is not None:
             self._reporter.cancel()
-            ray.get_actor(self.hub_name).forget.remote(self.replica_id)
-        except Exception:  # noqa: BLE001
-            pass
-        await self.engine.shutdown()
-
-
-class ReplicaStream(OutputStream):
-    """A request's outputs streamed from a model replica; `aclose()` before the end cancels the
-    handle's stream, which cancels the replica's generator, which aborts the engine request."""
-
-    def __init__(self, gen):
-        self.gen = gen
-
-    async def _next(self) -> RequestOutput:
         try:
-            d = await self.gen.__anext__()
-        except StopAsyncIteration:
-            self.finished = True
-            raise
-        except Exception as e:  # noqa: BLE001 - the replica died mid-request (a finished output)
-            return RequestOutput("", [], "error", error=f"engine failure: model replica lost: {type(e).__name__}: {e}")
-        return RequestOutput(**d)
+            ray.get_actor(self.hub_name).forget.remote(self.replica_id)
+        except Exception:  # noqa: BLE001 - the hub may be gone already
+            pass
+        if self.engine is not None:
+            await self.engine.shutdown()
 
-    def _cancel(self) -> None:
-        self.gen.cancel()
+
+def replica_stream(request_id: str, gen) -> RequestStream:
+    """A request's outputs from a model replica's `generate` stream; closing it cancels the handle's
+    stream (and so the replica's generator, which aborts the engine request)."""
+
+    async def next_output() -> RequestOutput:
+        try:
+            return RequestOutput(**await gen.__anext__())
+        except StopAsyncIteration:
+            raise
+        except Exception as e:  # noqa: BLE001 - the replica died mid-request: a finished output
+            return RequestOutput(request_id, [], "error",
+                                 error=f"engine failure: model replica lost: {type(e).__name__}: {e}")
+
+    return RequestStream(request_id, next_output, gen.cancel)
 
 
 class ServeBackend:
@@ -225,15 +233,16 @@ class ServeBackend:
                               retry_after_s=2) from None
         if "error" in first:
             raise error_from_dict(first["error"])
-        return ReplicaStream(gen)
+        return replica_stream(request_id, gen)
 
     async def stats(self) -> dict[str, EngineStats]:
         snap = await self.hub.snapshot.remote()
         return {r: EngineStats(**s) for r, s in snap.items()}
 
     async def ready(self) -> bool:
+        """Some replica reported, recently, an engine that is stepping (loop alive, actors up)."""
         snap = await self.hub.snapshot.remote()
-        return any(s.get("healthy") for s in snap.values())
+        return any(s.get("healthy") and s.get("stepping", True) for s in snap.values())
 
 
 def default_served_name(cfg: ServeConfig) -> str:
@@ -313,18 +322,22 @@ class Ingress:
         return build_app(self.fe, self.cfg.max_body_bytes)
 
     async def drain(self, timeout_s: float) -> int:
-        """Refuse new requests (503), wait for in-flight ones up to `timeout_s`; returns how many remain."""
+        """Refuse new requests (503), wait for in-flight ones up to `timeout_s`, then abort the rest
+        (their engine requests end, so nothing keeps generating); returns how many were aborted."""
         self.fe.draining = True
         deadline = time.monotonic() + timeout_s
         while self.fe.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        return self.fe.in_flight
+        return await self.fe.abort_all("drain timeout")
 
     async def in_flight(self) -> int:
         return self.fe.in_flight
 
     async def __del__(self):
+        """Ingress shutdown: open requests are aborted in their replicas, not left generating."""
         self._loader.cancel()
+        self.fe.draining = True
+        await self.fe.abort_all("ingress shutting down")
         if self.grpc is not None:
             await self.grpc.stop(1.0)
 

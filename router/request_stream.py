@@ -1,0 +1,67 @@
+"""The one stream of a request's outputs, and the one way to end a request early.
+
+Every layer that hands a request's `RequestOutput`s on (the engine to the replica, the replica to the
+ingress over a Ray Serve handle) hands on a `RequestStream`. Whoever stops reading before the finished
+output (HTTP disconnect, stop string, gRPC cancel or deadline, shutdown, a replica's caller gone)
+closes it, and closing is the cancellation:
+
+    engine.add_request ──RequestStream(cancel=engine.abort)──▶ ModelServer.generate (async with)
+        ──Serve handle──▶ RequestStream(cancel=handle_gen.cancel) ──▶ Generation ──▶ HTTP / gRPC
+
+Closing the ingress-side stream cancels the replica call; Serve cancels the replica's generator, whose
+`async with` closes the engine-side stream, whose cancel aborts the request in the engine (blocks and
+slot freed now, or when the pass in flight returns). `cancel` runs at most once, and never after the
+finished output, so a request that ended normally is never aborted.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable
+
+from .outputs import RequestOutput
+
+log = logging.getLogger("hybridserve.engine")
+
+
+class RequestStream:
+    """An async iterator of `RequestOutput`s ending with the finished one; `aclose()` ends it early.
+
+    A class rather than an async generator on purpose: a generator that was never started ignores
+    `aclose()`, so a client that vanished before its first byte would leave the request running.
+    """
+
+    def __init__(self, request_id: str, next_output: Callable[[], Awaitable[RequestOutput]],
+                 cancel: Callable[[], None]):
+        self.request_id = request_id
+        self._next, self._cancel = next_output, cancel
+        self.finished = False          # the finished output was read, or the stream was closed
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            out = await self._next()
+        except StopAsyncIteration:      # the source ended without a finished output: treat as lost
+            await self.aclose()
+            raise
+        self.finished = out.finished
+        return out
+
+    async def aclose(self) -> None:
+        """End the request if it is still running; safe to call any number of times."""
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            self._cancel()
+        except Exception:  # noqa: BLE001 - a failed cancel must not mask why the stream was closed
+            log.warning("cancelling request %s failed", self.request_id, exc_info=True)
+
+    async def __aenter__(self) -> "RequestStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
