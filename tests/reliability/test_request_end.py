@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from router.grpc_client import Client
-from tests.reliability.served import ServedCluster
+from benchmarks.served import ServedCluster
 
 pytestmark = pytest.mark.integration
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,10 +16,15 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.frontdoor_helpers import free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 _SAMPLE = re.compile(r'^hybridserve:(\w+)\{([^}]*)\} (\S+)$', re.M)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class ServedCluster:
