@@ -1,7 +1,53 @@
-"""Per-request sampling settings. Plain data (no torch): the scheduler and the HTTP layer use it too."""
+"""Per-request sampling settings. Plain data (no torch): the scheduler and the HTTP layer use it too.
+
+The limits below are the ones every front door checks and `SamplingParams.validate()` enforces again at
+the engine: one request with a value a plan cannot carry must be a 400 for that request, not a failed
+pass for every request in flight. Plans cross processes as msgpack (`router/contracts.py`), which
+carries integers in [-2**63, 2**64-1] only, and `torch.Generator.manual_seed` takes the same range.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1   # msgpack's integers and torch.Generator.manual_seed's seeds
+INT32_MAX = 2**31 - 1                     # token ids, top_k, max_tokens, min_tokens (32-bit in the gRPC API)
+TEMPERATURE_MAX = 100.0                   # the engine's bound; the OpenAI front door allows [0, 2]
+MAX_STOP_TOKEN_IDS = 1024                 # checked against every sampled token (and masked under min_tokens)
+
+_BOUND_TEXT = {SEED_MIN: "-2**63", SEED_MAX: "2**64-1", INT32_MAX: "2**31-1"}
+
+
+def bound_text(value) -> str:
+    """A limit as people write it: 2**31-1 rather than 2147483647."""
+    return _BOUND_TEXT.get(value, str(value)) if isinstance(value, int) else f"{value:g}"
+
+
+def show_value(value) -> str:
+    """A client's value for an error message: repr, shortened (it may be a 4000-digit integer)."""
+    try:
+        text = repr(value)
+    except ValueError:                    # an int beyond Python's int-to-str digit limit
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_int(field: str, value, lo: int, hi: int, what: str = "") -> None:
+    """ValueError unless `value` is an int (not a bool) in [lo, hi]; the message names field and range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field}: must be an integer, got {show_value(value)}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{field}: {what or 'must be'} in [{bound_text(lo)}, {bound_text(hi)}], "
+                         f"got {show_value(value)}")
+
+
+def check_float(field: str, value, lo: float, hi: float, lo_open: bool = False) -> None:
+    """ValueError unless `value` is a finite number in [lo, hi] (or (lo, hi])."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (lo < value if lo_open else lo <= value) and value <= hi)
+    if not ok:
+        raise ValueError(f"{field}: must be a finite number in {'(' if lo_open else '['}{bound_text(lo)}, "
+                         f"{bound_text(hi)}], got {show_value(value)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -11,7 +57,7 @@ class SamplingParams:
     top_k: int = 0                    # 0: off
     seed: int | None = None           # None: the engine picks one per request
     max_tokens: int = 16
-    min_tokens: int = 0
+    min_tokens: int = 0               # stop tokens (EOS too) cannot be sampled before this many tokens
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
@@ -20,17 +66,24 @@ class SamplingParams:
         return self.temperature <= 0.0
 
     def validate(self) -> None:
-        """Raise ValueError naming the field and its limit."""
-        if not (0.0 <= self.temperature <= 100.0):
-            raise ValueError(f"temperature: must be in [0, 100], got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k: must be >= 0, got {self.top_k}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
-        if not (0 <= self.min_tokens <= self.max_tokens):
+        """Raise ValueError naming the field and its limit (the engine answers 400 with it)."""
+        check_float("temperature", self.temperature, 0.0, TEMPERATURE_MAX)
+        check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        check_int("top_k", self.top_k, 0, INT32_MAX)
+        if self.seed is not None:
+            check_int("seed", self.seed, SEED_MIN, SEED_MAX)
+        check_int("max_tokens", self.max_tokens, 1, INT32_MAX)
+        check_int("min_tokens", self.min_tokens, 0, INT32_MAX)
+        if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens: must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if not isinstance(self.stop_token_ids, (tuple, list)):
+            raise ValueError(f"stop_token_ids: must be a list of token ids, got {show_value(self.stop_token_ids)}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} token ids, got {len(self.stop_token_ids)}")
+        for t in self.stop_token_ids:
+            check_int("stop_token_ids", t, 0, INT32_MAX, what="token ids must be")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos: must be true or false, got {show_value(self.ignore_eos)}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -44,15 +97,22 @@ class SamplingParams:
         return cls(**d)
 
 
-def check_stop(generated: list[int], params: SamplingParams, eos_token_id: int | None) -> tuple[int, str | None]:
-    """How many of the generated tokens to keep, and why generation ends ("stop", "length") or None.
-
-    The stop token itself is kept (the detokenizer hides special tokens). min_tokens: stop tokens do
-    not end a request before it has that many tokens.
-    """
+def stop_token_set(params: SamplingParams, eos_token_id: int | None) -> set[int]:
+    """The tokens that end the request: its stop_token_ids, and EOS unless ignore_eos."""
     stops = set(params.stop_token_ids)
     if eos_token_id is not None and not params.ignore_eos:
         stops.add(eos_token_id)
+    return stops
+
+
+def check_stop(generated: list[int], params: SamplingParams, eos_token_id: int | None) -> tuple[int, str | None]:
+    """How many of the generated tokens to keep, and why generation ends ("stop", "length") or None.
+
+    The stop token itself is kept (the detokenizer hides special tokens). min_tokens: the last stage
+    never samples a stop token before min_tokens (tail.py masks them); ignoring one here as well is only
+    a backstop for ids it cannot mask (outside the vocabulary, or every token a stop token).
+    """
+    stops = stop_token_set(params, eos_token_id)
     for i, t in enumerate(generated[:params.max_tokens]):
         if t in stops and i + 1 >= params.min_tokens:
             return i + 1, "stop"

@@ -13,7 +13,7 @@ from . import speculative
 from .batch import BatchLayout, SeqSlice
 from .cache import HybridCache
 from .model import HybridModel
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, stop_token_set
 
 
 @dataclasses.dataclass
@@ -45,10 +45,12 @@ class TailResult:
 
 
 class DraftStore:
-    """Draft distributions (random sampling only) kept on the last stage until verified."""
+    """What the last stage keeps per sequence between passes: draft distributions (random sampling
+    only) until verified, and where the sequence's output starts (for min_tokens)."""
 
     def __init__(self):
         self._probs: dict[int, torch.Tensor] = {}
+        self._output_start: dict[int, int] = {}
 
     def put(self, seq_id: int, q: torch.Tensor | None) -> None:
         if q is None:
@@ -59,8 +61,16 @@ class DraftStore:
     def take(self, seq_id: int) -> torch.Tensor | None:
         return self._probs.pop(seq_id, None)
 
+    def output_start(self, seq_id: int, committed: int) -> int:
+        """The position of the sequence's first output token, given the tokens committed before this
+        sampling event. Plans do not say how many tokens a sequence has generated, so the first sampling
+        event is noted: a sequence first samples right after its prompt. The note lives until the
+        sequence is released, so a sequence preempted and recomputed keeps counting from its prompt."""
+        return self._output_start.setdefault(seq_id, committed)
+
     def drop(self, seq_id: int) -> None:
         self._probs.pop(seq_id, None)
+        self._output_start.pop(seq_id, None)
 
     def __len__(self) -> int:
         return len(self._probs)
@@ -84,6 +94,9 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
         r, s = reqs[j], batch.seqs[j]
         seed_pos = s.start_pos + s.num_tokens - len(r.drafts)          # tokens committed before this pass
         gen = None if r.params.greedy else speculative.step_generator(r.seed, seed_pos)
+        if r.params.min_tokens:
+            num_generated = seed_pos - store.output_start(r.seq_id, seed_pos)
+            forbid_stops(logits[at:at + n], num_generated, r.params, model.cfg.eos_token_id)
         if r.drafts:
             toks, acc = speculative.verify(logits[at:at + n], r.drafts, store.take(r.seq_id), r.params, gen)
         else:
@@ -94,6 +107,21 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
     if model.mtp is not None:
         _mtp_draft(model, cache, h, batch, reqs, results, store)
     return results
+
+
+def forbid_stops(logits: torch.Tensor, num_generated: int, params: SamplingParams, eos_token_id: int | None) -> None:
+    """min_tokens as vLLM defines it: until a request has min_tokens tokens, its stop tokens (and EOS
+    unless ignore_eos) cannot be sampled. Row i of `logits` (in place) gives output token number
+    num_generated + i, so with MTP each verified position is masked by its own index, and greedy
+    verification still picks exactly what MTP-off decoding picks. Ids outside the vocabulary cannot be
+    sampled anyway; a mask that would leave no token at all is not applied."""
+    rows = params.min_tokens - num_generated          # leading rows still short of min_tokens
+    if rows <= 0:
+        return
+    vocab = logits.shape[-1]
+    ids = sorted(t for t in stop_token_set(params, eos_token_id) if 0 <= t < vocab)
+    if ids and len(ids) < vocab:
+        logits[:rows, ids] = float("-inf")
 
 
 def _mtp_draft(model, cache, h, batch, reqs, results, store) -> None:

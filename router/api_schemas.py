@@ -6,22 +6,48 @@ ignored, as OpenAI-compatible servers do (SDKs send things like `user` or `paral
 Features we do not implement (logprobs, penalties, tools, n > 1) fail with a 400 that names the field
 instead of being silently ignored: a client relying on them must know.
 
+Every field is range-checked here (`LIMITS`), so no value reaches the engine that a plan cannot carry
+(see model_shards/sampling_params.py); a 400 names the field and the limit. Types are strict, as in
+OpenAI's API: `"max_tokens": "5"` or `"seed": true` is a 400, not silently converted.
+
 Response bodies are plain dicts built in `responses.py`-style helpers of the front door, not models:
 they are on the hot path of every streamed chunk.
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model_shards.sampling_params import SamplingParams
+from model_shards.sampling_params import (INT32_MAX, MAX_STOP_TOKEN_IDS, SEED_MAX, SEED_MIN, SamplingParams,
+                                          bound_text, show_value)
 
 from .errors import InvalidRequest, Unsupported
 
+MAX_STOP_STRINGS = 64                 # each is searched in every text delta
+MAX_STOP_STRING_CHARS = 1024          # the stream holds back this many characters
+
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
+
+# What a field must be, for the 400 of a value out of range (pydantic's own says only one bound).
+_IN_INT32 = f"in [0, {bound_text(INT32_MAX)}]"
+LIMITS = {
+    "seed": f"in [{bound_text(SEED_MIN)}, {bound_text(SEED_MAX)}]",
+    "max_tokens": f"in [1, {bound_text(INT32_MAX)}]",
+    "max_completion_tokens": f"in [1, {bound_text(INT32_MAX)}]",
+    "min_tokens": _IN_INT32,
+    "top_k": f"in [-1, {bound_text(INT32_MAX)}] (-1 and 0: off)",
+    "temperature": "a finite number in [0, 2]",
+    "top_p": "a finite number in (0, 1]",
+    "n": "an integer >= 1",
+    "stop_token_ids": f"a token id {_IN_INT32}",
+    "prompt": f"a token id {_IN_INT32}",
+}
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Body):
@@ -57,18 +83,18 @@ class _GenerationBody(_Body):
     """What chat and text completions share."""
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
-    seed: int | None = None
-    stop: Union[str, list[str], None] = None
-    stop_token_ids: list[int] | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    stop: Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)], None] = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     skip_special_tokens: bool = True
     return_token_ids: bool = False
     # Accepted only at their neutral values (see check_supported).
@@ -128,7 +154,7 @@ class _GenerationBody(_Body):
 
 class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     add_generation_prompt: bool = True
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -153,7 +179,7 @@ class ChatCompletionRequest(_GenerationBody):
 
 
 class CompletionRequest(_GenerationBody):
-    prompt: Union[str, list[int], list[str], list[list[int]]]
+    prompt: Union[str, list[TokenId], list[str], list[list[TokenId]]]
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
@@ -182,20 +208,62 @@ def parse_body(model: type[_Body], body: Any) -> _Body:
     """Validate a JSON body; a failure becomes a 400 whose message names the first bad field."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", param=None)
+    bad = _lone_surrogate(body)
+    if bad is not None:
+        raise InvalidRequest(f"{bad}: text must be valid Unicode (JSON allows a lone surrogate escape such as "
+                             f"\\ud800, which no tokenizer can encode)", param=bad)
     try:
         return model.model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from None
 
 
+def _lone_surrogate(body: dict) -> str | None:
+    """Where the body holds a string (or key) with a lone UTF-16 surrogate, or None. Python's json
+    decodes "\\ud800" into one, and UTF-8 encoding (tokenizers, logs, responses) then fails.
+    Iterative: the body may be nested as deep as the JSON parser allowed."""
+    stack: list[tuple[Any, tuple]] = [(body, ())]
+    while stack:
+        value, loc = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return _loc_to_param(loc)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((k, loc))
+                stack.append((v, loc + (k,)))
+        elif isinstance(value, list):
+            stack.extend((v, loc + (i,)) for i, v in enumerate(value))
+    return None
+
+
 def validation_error(e: ValidationError) -> InvalidRequest:
-    err = e.errors()[0]
-    loc = _loc_to_param(err.get("loc", ()))
+    err = _most_telling(e.errors())
+    loc = err.get("loc", ())
+    param = _loc_to_param(loc)
+    kind, value = err.get("type", ""), err.get("input")
+    if kind == "missing":
+        return InvalidRequest(f"{param}: field required", param=param)
+    field = next((p for p in loc if isinstance(p, str) and not _is_type_tag(p)), "")
+    if kind in _RANGE_ERRORS and field in LIMITS:
+        return InvalidRequest(f"{param}: must be {LIMITS[field]}, got {show_value(value)}", param=param)
     msg = err.get("msg", "invalid value")
-    if err.get("type") == "missing":
-        return InvalidRequest(f"{loc}: field required", param=loc)
-    return InvalidRequest(f"{loc}: {msg}" + (f" (got {err['input']!r})" if _short(err.get("input")) else ""),
-                          param=loc)
+    return InvalidRequest(f"{param}: {msg}" + (f" (got {show_value(value)})" if _short(value) else ""), param=param)
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+
+
+def _most_telling(errors: list[dict]) -> dict:
+    """The error to report: of the first bad field, a broken limit (a value of the right type) before
+    a wrong type, then the deepest. pydantic lists one error per union branch (`prompt` as a string,
+    as token ids, ...), and "should be a valid string" would hide "token id -1 is out of range"."""
+    first = errors[0].get("loc", ())[:1]
+    same = [err for err in errors if err.get("loc", ())[:1] == first]
+    return min(same, key=lambda err: (err.get("type", "").endswith("_type"), -len(err.get("loc", ()))))
 
 
 def _loc_to_param(loc) -> str:
@@ -213,8 +281,8 @@ def _loc_to_param(loc) -> str:
 
 
 def _is_type_tag(part: str) -> bool:
-    return any(ch in part for ch in "[]") or part in ("str", "int", "float", "bool", "list", "dict", "none")
+    return any(ch in part for ch in "[]-") or part in ("str", "int", "float", "bool", "list", "dict", "none")
 
 
 def _short(value) -> bool:
-    return isinstance(value, (int, float, str, bool)) and len(repr(value)) <= 80
+    return isinstance(value, (int, float, str, bool)) and len(show_value(value)) <= 80

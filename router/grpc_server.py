@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .api_schemas import ChatCompletionRequest, CompletionRequest, parse_body
-from .errors import APIError
+from .errors import APIError, InvalidRequest
 from .frontend import Frontend, new_request_id
 from .proto import hybridserve_pb2 as pb
 from .proto import hybridserve_pb2_grpc as pb_grpc
@@ -32,7 +32,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
 def request_to_body(req: pb.GenerateRequest) -> tuple[str, dict]:
-    """A GenerateRequest as an OpenAI body dict ("chat" or "completion"), for the shared validation."""
+    """A GenerateRequest as an OpenAI body dict ("chat" or "completion"), for the shared validation: the
+    same limits as HTTP (`api_schemas.LIMITS`) apply, whatever the proto's field types can carry (a
+    uint32 min_tokens, a float32 NaN temperature)."""
     body: dict = {"model": req.model or None, "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens,
                   "skip_special_tokens": not req.skip_special_tokens_off}
     for field in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
@@ -48,9 +50,17 @@ def request_to_body(req: pb.GenerateRequest) -> tuple[str, dict]:
         return "chat", body
     if which == "prompt_token_ids":
         body["prompt"] = list(req.prompt_token_ids.ids)
+    elif which == "prompt":
+        body["prompt"] = req.prompt
     else:
-        body["prompt"] = req.prompt if which == "prompt" else None
+        raise InvalidRequest("input: set one of prompt, prompt_token_ids or chat", param="input")
     return "completion", body
+
+
+def parse_request(req: pb.GenerateRequest) -> tuple[str, ChatCompletionRequest | CompletionRequest]:
+    """A GenerateRequest validated exactly as the HTTP body would be (APIError 400 naming the field)."""
+    kind, body = request_to_body(req)
+    return kind, parse_body(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -59,18 +69,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def _start(self, request: pb.GenerateRequest, context, method: str):
         t0 = time.perf_counter()
-        kind, body = request_to_body(request)
-        rid = new_request_id(kind)
+        rid = new_request_id("chat" if request.WhichOneof("input") == "chat" else "completion")
         route = f"gRPC {method}"
         try:
             self.fe.check_api_key(_api_key(context))
-            if body.get("prompt") is None and kind == "completion":
-                from .errors import InvalidRequest
-                raise InvalidRequest("input: set one of prompt, prompt_token_ids or chat", param="input")
-            if kind == "chat":
-                prep = self.fe.prepare_chat(parse_body(ChatCompletionRequest, body))
-            else:
-                prep = self.fe.prepare_completion(parse_body(CompletionRequest, body))
+            kind, req = parse_request(request)
+            prep = self.fe.prepare_chat(req) if kind == "chat" else self.fe.prepare_completion(req)
             return await self.fe.start(rid, prep, route, t0)
         except APIError as e:
             self.fe.log_rejected(rid, route, e, t0)

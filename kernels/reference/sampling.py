@@ -19,6 +19,7 @@ def probs_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, 
         sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p      # keep the smallest prefix reaching top_p
+        drop[..., 0] = False    # and never less than the top token: a top_p that is 0 in float32 (5e-324) drops all
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     return torch.softmax(logits, dim=-1)
