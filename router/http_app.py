@@ -29,7 +29,7 @@ from .openapi import install_openapi
 
 log = logging.getLogger("hybridserve.http")
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
-OPEN_PATHS = ("/health", "/ready", "/metrics")
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/openapi.json")
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -226,8 +226,10 @@ async def _read_json(request: Request):
         raise InvalidRequest("body: the request body is empty; send a JSON object", param="body")
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError) as e:    # JSONDecodeError, and ints past 4300 digits
         raise InvalidRequest(f"body: invalid JSON ({e})", param="body") from None
+    except RecursionError:
+        raise InvalidRequest("body: invalid JSON (nested too deeply)", param="body") from None
 
 
 async def _collect(fe: Frontend, gen: Generation, req, kind: str) -> dict:

@@ -194,8 +194,6 @@ def test_http_poison_bodies_are_400s(http, raw, field):
     assert err["param"] == field and err["message"].startswith(field + ":"), err
 
 
-@pytest.mark.xfail(strict=True, reason="router/http_app.py _read_json catches only JSONDecodeError: "
-                                       "ValueError (int digit limit) and RecursionError become 500s")
 @pytest.mark.parametrize("raw", ['{"prompt": "a", "seed": ' + "9" * 5000 + "}",      # > 4300 digits
                                  '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"],  # nested past recursion
                          ids=["5000-digit-int", "nesting-100k"])
