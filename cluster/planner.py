@@ -26,6 +26,7 @@ import math
 from typing import Callable
 
 from model_shards.config import ATTENTION, MAMBA, MLP, MOE, ModelConfig
+from router.block_manager import kv_positions
 
 from .cost_model import (LayerCost, PlanError, _embedding, _head, _mtp, kv_block_bytes_per_layer,  # noqa: F401
                          layer_cost, layer_costs, mamba_slot_bytes_per_layer)
@@ -146,6 +147,7 @@ class ReplicaPlan:
     expert_shards: tuple[ExpertShardPlan, ...]
     max_num_seqs: int            # Mamba slots per stage = live sequences the replica admits
     num_kv_blocks: int           # KV block ids per attention layer (0: the model has no attention)
+    blocks_per_seq: int          # KV blocks one sequence of context_len tokens needs, k drafting positions included
     ideal_stage_flops: float     # total cost / pp: the lower bound of the max stage cost
     total_params: int            # every parameter once (an embedding copy on the last stage not twice)
     active_params: int           # per token, MTP block included
@@ -211,7 +213,8 @@ def plan_replica(cfg: ModelConfig, parallel: ParallelConfig, devices: DeviceSpec
     num_speculative_tokens: MTP drafts k per step (default 3 with an MTP block, else 0); the Mamba
         verification scratch holds k+1 positions.
     context_len: the average context of a sequence; it prices attention in the cost model and sets how
-        memory is split between Mamba slots and KV blocks (room for sequences of that length).
+        memory is split between Mamba slots and KV blocks (room for sequences of that length, with the
+        k positions MTP drafting writes past a pass, as the scheduler counts them: kv_positions).
     max_num_seqs: upper bound on the slots; the memory a bound leaves over goes to KV blocks.
     """
     parallel.check_model(cfg)
@@ -256,7 +259,7 @@ def plan_replica(cfg: ModelConfig, parallel: ParallelConfig, devices: DeviceSpec
 
     kv_layer = kv_block_bytes_per_layer(cfg, block_size, devices.kv_dtype_bytes)
     slot_layer = mamba_slot_bytes_per_layer(cfg, k + 1)
-    blocks_per_seq = -(-context_len // block_size)
+    blocks_per_seq = -(-kv_positions(context_len, k) // block_size)
     mtp_attn = cfg.mtp_hybrid_override_pattern.count(ATTENTION) if cfg.has_mtp else 0
 
     def cache_bytes(i: int, j: int) -> tuple[int, int]:  # (one KV block id, one Mamba slot) over [i, j)
@@ -318,7 +321,8 @@ def plan_replica(cfg: ModelConfig, parallel: ParallelConfig, devices: DeviceSpec
     return ReplicaPlan(
         model=cfg.name, parallel=parallel, devices=devices, block_size=block_size, num_speculative_tokens=k,
         context_len=context_len, stages=tuple(stages), expert_shards=tuple(shards), max_num_seqs=num_seqs,
-        num_kv_blocks=min(blocks) if blocks else 0, ideal_stage_flops=work(whole) / ep / pp,
+        num_kv_blocks=min(blocks) if blocks else 0, blocks_per_seq=blocks_per_seq,
+        ideal_stage_flops=work(whole) / ep / pp,
         total_params=sum(st.params + st.expert_params for st in stages) - copy,
         active_params=sum(st.active_params for st in stages) - copy)
 

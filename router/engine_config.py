@@ -82,9 +82,13 @@ class EngineConfig:
         return self.num_microbatches or self.pipeline_parallel_size
 
     def kv_blocks(self) -> int:
+        """The override, else room for max_num_seqs sequences of max_model_len tokens each, counted as
+        the scheduler counts them (MTP drafting positions included: router.block_manager.kv_positions)."""
         if self.num_kv_blocks:
             return self.num_kv_blocks
-        per_seq = math.ceil((self.max_model_len + 2 * self.num_speculative_tokens + 1) / self.block_size)
+        from .block_manager import kv_positions
+
+        per_seq = math.ceil(kv_positions(self.max_model_len, self.num_speculative_tokens) / self.block_size)
         return self.max_num_seqs * per_seq
 
 

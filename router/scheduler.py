@@ -1,21 +1,35 @@
 """Continuous batching: which sequences run in the next pass, and what each pass did to them.
 
 No torch here. One `schedule()` builds one micro-batch (a StepPlan) from sequences that are not
-already in flight, under a token budget; `update()` applies a StepResult. The engine keeps up to P
-micro-batches in flight for pipeline degree P, each a disjoint group of sequences.
+already in flight, under a token budget; `update()` applies its StepResult. The engine keeps up to P
+micro-batches in flight for pipeline degree P, each a disjoint group of sequences; their results may
+come back in any order.
+
+Correct by construction, not by care at each call:
+- a sequence is in one place: `waiting` (no blocks, no slot, in arrival order), `running` (a slot
+  and blocks) or finished (gone from `seqs`). It is in flight only while running, in one plan:
+  `seq.pending` names that plan's step, and only that step's result or failure lands on it.
+- a plan re-checks each sequence when it reaches it, so one preempted to make room for an older one
+  is not planned from a stale list.
+- making room preempts only idle sequences that arrived after the one that needs it, and only when
+  that is enough: nothing in flight is touched, and newer sequences never starve older ones.
+- add() refuses a sequence whose worst case does not fit the whole cache alone. So with nothing in
+  flight the oldest running sequence (or, none running, the first waiting one) can always be
+  planned: work pending with nothing in flight and nothing plannable cannot happen.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import logging
+from typing import Iterable
 
 from model_shards.sampling_params import check_stop, drafts_to_verify
 
-from .block_manager import BlockManager
-from .contracts import SeqStep, StepPlan, StepResult
+from .block_manager import BlockManager, kv_positions
+from .contracts import SeqOutput, SeqStep, StepPlan, StepResult
 from .outputs import RequestOutput
-from .sequence import SeqStatus, Sequence
+from .sequence import InFlight, SeqStatus, Sequence
 
 log = logging.getLogger("hybridserve.scheduler")
 
@@ -29,6 +43,10 @@ class SchedulerConfig:
     eos_token_id: int | None = 2
 
 
+def _priority(seq: Sequence) -> tuple[float, int]:
+    return seq.arrival_time, seq.seq_id
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager):
         self.config, self.blocks = config, blocks
@@ -38,31 +56,81 @@ class Scheduler:
         self.released: list[int] = []
         self.next_step = 0
         self.num_preemptions = 0
+        self._plans: dict[int, StepPlan] = {}     # step id -> a plan in flight
 
     # ---- requests in and out -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue a sequence; ValueError (naming the field) if it could never run, even alone."""
+        self._check_fits(seq)
         self.seqs[seq.seq_id] = seq
+        self._enqueue(seq)
+
+    def max_positions(self, seq: Sequence) -> int:
+        """The most KV positions `seq` can need: it ends by min(prompt + max_tokens, max_model_len)."""
+        end = min(len(seq.prompt_ids) + max(1, seq.params.max_tokens), self.config.max_model_len)
+        return kv_positions(end, seq.num_speculative)
+
+    def _check_fits(self, seq: Sequence) -> None:
+        p, limit, bm = len(seq.prompt_ids), self.config.max_model_len, self.blocks
+        if seq.seq_id in self.seqs:
+            raise ValueError(f"seq_id: {seq.seq_id} is already scheduled")
+        if not p:
+            raise ValueError("prompt: must contain at least one token")
+        if p >= limit:
+            raise ValueError(f"prompt: {p} tokens, but the context limit is {limit} tokens "
+                             f"(prompt + at least 1 generated)")
+        need, k = bm.blocks_for(self.max_positions(seq)), seq.num_speculative
+        if need > bm.num_blocks:
+            room = bm.num_blocks * bm.block_size
+            most = room - kv_positions(p, k)            # the largest max_tokens that fits
+            field, hint = ("max_tokens", f"max_tokens <= {most} fits") if most >= 1 else \
+                ("prompt", "the prompt alone does not fit")
+            raise ValueError(
+                f"{field}: a prompt of {p} tokens + max_tokens {seq.params.max_tokens} + {k} drafting "
+                f"positions needs {need} KV blocks of {bm.block_size} tokens but the cache has "
+                f"{bm.num_blocks} ({room} tokens); {hint}")
 
     def abort(self, seq_id: int) -> RequestOutput | None:
         """Cancel; the caches are freed now, or when the pass in flight returns."""
         seq = self.seqs.get(seq_id)
-        if seq is None or seq.finished:
+        if seq is None:
             return None
         seq.aborted = True
-        if seq.in_flight:
-            return None
-        return self._finish(seq, "abort")
+        return None if seq.in_flight else self._finish(seq, "abort")
+
+    def fail(self, seq_id: int, message: str) -> list[RequestOutput]:
+        """End one request with an error: now, or when the pass it is in returns."""
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            return []
+        seq.error = seq.error or message
+        return [] if seq.in_flight else [self._end(seq)]
+
+    def fail_idle(self, message: str) -> list[RequestOutput]:
+        """End every request not in a pass with an error (the engine's answer to a scheduler bug)."""
+        return [out for seq in self.idle() for out in self.fail(seq.seq_id, message)]
 
     def fail_all(self, message: str, include_waiting: bool = False) -> list[RequestOutput]:
-        """The pipeline died: every admitted sequence fails (its caches are gone); waiting ones stay
-        unless the pipeline cannot be rebuilt either."""
-        victims = list(self.running) + (list(self.waiting) if include_waiting else [])
+        """The pipeline died: its passes are gone and every admitted sequence fails (its caches are
+        gone too); waiting ones stay unless the pipeline cannot be rebuilt either."""
+        self._plans.clear()
         outs = []
-        for seq in victims:
-            seq.in_flight = False
-            outs.append(self._finish(seq, "error", error=message))
+        for seq in list(self.running) + (list(self.waiting) if include_waiting else []):
+            seq.pending = None
+            seq.error = seq.error or message
+            outs.append(self._end(seq))
         return outs
+
+    def idle(self) -> list[Sequence]:
+        """Sequences not in a pass: running ones between passes, then the waiting ones."""
+        return [s for s in self.running if not s.in_flight] + list(self.waiting)
+
+    def stuck(self, awaited_steps: Iterable[int]) -> list[StepPlan]:
+        """Plans in flight here that the engine no longer awaits (a lost pass): their sequences would
+        never move again. Hand each to pass_failed(). Sequences between passes are never stuck: see
+        add() and the module docstring."""
+        awaited = set(awaited_steps)
+        return [plan for step, plan in self._plans.items() if step not in awaited]
 
     @property
     def has_work(self) -> bool:
@@ -74,107 +142,201 @@ class Scheduler:
 
     # ---- building a pass -----------------------------------------------------------------------
     def schedule(self, max_seqs: int | None = None, microbatch: int = 0) -> StepPlan | None:
-        budget = self.config.max_num_batched_tokens
+        """A micro-batch of sequences not in flight, oldest first; None if none can run now."""
+        budget, step_id = self.config.max_num_batched_tokens, self.next_step
         limit = max_seqs or self.config.max_num_seqs
         steps: list[SeqStep] = []
-        # 1. Running sequences first (decodes with their drafts, then unfinished prompt chunks).
-        for seq in sorted((s for s in self.running if not s.in_flight), key=lambda s: s.arrival_time):
-            if len(steps) >= limit or budget <= 0:
-                break
-            step = self._plan_seq(seq, budget)
+        preemptions, alone = self.num_preemptions, False
+
+        def take(step: SeqStep | None, seq: Sequence) -> bool:
+            nonlocal budget, alone
             if step is not None:
                 steps.append(step)
                 budget -= step.num_tokens
-        # 2. Admit waiting sequences while a slot, blocks and budget remain.
-        while self.waiting and len(steps) < limit and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            step = self._plan_seq(seq, budget, admit=True)
-            if step is None:
+                alone = seq.suspect
+            return step is not None
+
+        def room() -> bool:
+            return len(steps) < limit and budget > 0 and not alone
+
+        idle = sorted((s for s in self.running if not s.in_flight), key=_priority)
+        # 0. A suspect waiting ahead of every idle running sequence has its turn first (alone).
+        head = self.waiting[0] if self.waiting else None
+        if head is not None and head.suspect and (not idle or _priority(head) < _priority(idle[0])):
+            take(self._admit(head, budget, step_id), head)
+        # 1. Running sequences between passes: decodes with their drafts, then prompt chunks.
+        for seq in idle:
+            if not room():
                 break
+            if seq.status is SeqStatus.RUNNING and not seq.in_flight and not (seq.suspect and steps):
+                take(self._plan_seq(seq, budget, step_id, may_preempt=True), seq)
+        # 2. Admit waiting ones in order while a slot, blocks and budget remain; never by preempting,
+        #    nor in a plan that just preempted (that would undo it).
+        while self.waiting and room() and self.num_preemptions == preemptions \
+                and not (self.waiting[0].suspect and steps):
+            seq = self.waiting[0]
+            if not take(self._admit(seq, budget, step_id), seq):
+                break
+        if not steps:
+            return None
+        plan = StepPlan(step_id, microbatch, steps, self.released)
+        self.released = []
+        self.next_step += 1
+        self._plans[step_id] = plan
+        return plan
+
+    def _admit(self, seq: Sequence, budget: int, step_id: int) -> SeqStep | None:
+        """The first waiting sequence into `running`, if a slot and free blocks are there for its step."""
+        if len(self.running) >= self.config.max_num_seqs:
+            return None
+        step = self._plan_seq(seq, budget, step_id, may_preempt=False)
+        if step is not None:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            steps.append(step)
-            budget -= step.num_tokens
-        if not steps:
-            return None
-        plan = StepPlan(self.next_step, microbatch, steps, self.released)
-        self.released = []
-        self.next_step += 1
-        return plan
+        return step
 
-    def _plan_seq(self, seq: Sequence, budget: int, admit: bool = False) -> SeqStep | None:
-        k = seq.num_speculative
-        drafts = drafts_to_verify(seq.drafts, len(seq.output_ids), seq.params)
-        drafts = drafts[:max(0, self.config.max_model_len - seq.num_tokens - 1)]
-        remaining = seq.num_uncomputed
-        n = min(remaining, budget) if remaining > 1 else 1
+    def _plan_seq(self, seq: Sequence, budget: int, step_id: int, may_preempt: bool) -> SeqStep | None:
+        """Its next step within `budget`, with blocks for every position the pass may write."""
+        remaining = seq.num_uncomputed          # >= 1: the newest token is always the next input
+        n = min(remaining, budget)
         final = n == remaining
-        if final and drafts and n + len(drafts) > budget:
-            drafts = drafts[:max(0, budget - n)]
-        ids = seq.tokens[seq.num_computed:seq.num_computed + n] + (drafts if final else [])
-        positions = seq.num_computed + len(ids) + k            # MTP drafting writes up to k past the pass
-        if not self._make_room(seq, positions, admit):
+        drafts: list[int] = []
+        if remaining == 1:                      # decoding: verify the drafts that can still count
+            drafts = drafts_to_verify(seq.drafts, len(seq.output_ids), seq.params)
+            drafts = drafts[:max(0, min(self.config.max_model_len - seq.num_tokens - 1, budget - 1))]
+        ids = seq.tokens[seq.num_computed:seq.num_computed + n] + drafts
+        positions = seq.num_computed + len(ids) + seq.num_speculative   # MTP drafting writes k past it
+        if not self._make_room(seq, positions, may_preempt):
             return None
         self.blocks.grow(seq, positions)
-        seq.in_flight = True
-        seq.pending = (len(ids), len(drafts) if final else 0, final)
+        seq.pending = InFlight(step_id, len(ids), len(drafts), final)
         return SeqStep(
             seq_id=seq.seq_id, input_ids=ids, start_pos=seq.num_computed, mamba_slot=seq.mamba_slot,
-            block_table=list(seq.block_table), drafts=drafts if final else [], sample=final,
+            block_table=list(seq.block_table), drafts=drafts, sample=final,
             next_token=None if final else seq.tokens[seq.num_computed + n],
-            commit_index=seq.commit_index, params=seq.params.to_dict(), seed=seq.seed, num_drafts=k)
+            commit_index=seq.commit_index, params=seq.params.to_dict(), seed=seq.seed,
+            num_drafts=seq.num_speculative)
 
-    def _make_room(self, seq: Sequence, positions: int, admit: bool) -> bool:
-        """Preempt (by recompute) the newest idle running sequences until `seq` fits; never in-flight ones."""
+    def _make_room(self, seq: Sequence, positions: int, may_preempt: bool) -> bool:
+        """Blocks for `seq` to cover `positions`: free ones, else (if it may) preempt by recompute idle
+        sequences that arrived after it, newest first, when that is enough. Never one in flight,
+        never an older one: the oldest running sequence always gets room once passes return."""
+        if self.blocks.can_hold(seq, positions):
+            return True
+        if not may_preempt:
+            return False
+        victims = sorted((s for s in self.running if not s.in_flight and _priority(s) > _priority(seq)),
+                         key=_priority)
+        short = self.blocks.blocks_for(positions) - len(seq.block_table) - len(self.blocks.free_blocks)
+        if sum(len(v.block_table) for v in victims) < short:
+            return False
         while not self.blocks.can_hold(seq, positions):
-            if admit:
-                return False                                    # new work never evicts running work
-            victims = [s for s in self.running if not s.in_flight and s is not seq]
-            if not victims:
-                return False
-            victim = max(victims, key=lambda s: s.arrival_time)
-            log.info("preempting seq %d (request %s) to make room", victim.seq_id, victim.request_id)
-            self.blocks.free(victim)
-            self.running.remove(victim)
-            victim.reset_for_recompute()
-            self.waiting.appendleft(victim)
+            victim = victims.pop()
+            log.info("preempting seq %d (request %s) for seq %d", victim.seq_id, victim.request_id, seq.seq_id)
+            self._requeue(victim)
             self.num_preemptions += 1
         return True
 
+    def _requeue(self, seq: Sequence) -> None:
+        """Back to waiting with its caches dropped: it recomputes prompt + outputs from position 0."""
+        self.blocks.free(seq)
+        self.running.remove(seq)
+        seq.reset_for_recompute()
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        at = next((i for i, w in enumerate(self.waiting) if _priority(w) > _priority(seq)), len(self.waiting))
+        self.waiting.insert(at, seq)
+
     # ---- applying a result ---------------------------------------------------------------------
     def update(self, result: StepResult) -> list[RequestOutput]:
-        outs = []
+        """Apply a pass's result. Never raises on what it cannot use: a result for a step not in
+        flight, or an output for a sequence not in that step, is ignored (logged); a sequence of the
+        step with no output, or a malformed one, is handled as in a failed pass."""
+        plan = self._plans.pop(result.step_id, None)
+        if plan is None:
+            log.warning("result of step %d, which is not in flight: ignored", result.step_id)
+            return []
+        outs, bad = [], []
         for o in result.outputs:
-            seq = self.seqs.get(o.seq_id)
-            if seq is None or seq.finished:
-                continue
-            seq.in_flight = False
-            n, n_verified, sampled = seq.pending
-            seq.pending = None
-            if seq.aborted:
-                outs.append(self._finish(seq, "abort"))
-                continue
-            seq.commit_index = o.num_accepted if n_verified else -1
-            seq.num_computed += (n - n_verified + o.num_accepted) if sampled else n
-            if not sampled:
-                continue
-            seq.output_ids.extend(o.new_tokens)
-            seq.drafts = o.drafts
-            keep, reason = check_stop(seq.output_ids, seq.params, self.config.eos_token_id)
-            if reason is None and seq.num_tokens >= self.config.max_model_len:
-                keep, reason = len(seq.output_ids), "length"
-            del seq.output_ids[keep:]
-            if reason:
-                outs.append(self._finish(seq, reason))
+            landed = self._land(o.seq_id, result.step_id)
+            if landed is None:
+                log.warning("step %d: output for seq %d, not in that step: ignored", result.step_id, o.seq_id)
+            elif self._malformed(landed[1], o):
+                bad.append(landed[0])
             else:
-                outs.append(self._emit(seq))
+                outs += self._apply(*landed, o)
+        missing = [x[0] for x in (self._land(s.seq_id, plan.step_id) for s in plan.seqs) if x]
+        if bad or missing:
+            outs += self._failed(bad + missing, f"pass {plan.step_id} returned no valid output for it",
+                                 alone=len(plan.seqs) == 1)
         return outs
+
+    def pass_failed(self, plan: StepPlan, message: str) -> list[RequestOutput]:
+        """A pass raised (an actor that died is fail_all's): its sequences' stage-side state may be
+        half-updated. A plan of one sequence: that one ends with the error. Otherwise each is reset
+        for recompute and runs alone until a pass of its own succeeds, so a repeated failure pins
+        down the one responsible while the others continue. Aborted ones just end. Also safe after
+        update() of the same plan (only sequences still in flight in it are touched)."""
+        if self._plans.pop(plan.step_id, None) is not None:
+            self.released += plan.released      # the stages may not have seen them
+        seqs = [x[0] for x in (self._land(s.seq_id, plan.step_id) for s in plan.seqs) if x]
+        return self._failed(seqs, message, alone=len(plan.seqs) == 1)
+
+    def _failed(self, seqs: list[Sequence], message: str, alone: bool) -> list[RequestOutput]:
+        outs = []
+        for seq in seqs:
+            if seq.aborted or seq.error or alone:
+                seq.error = seq.error or message
+                outs.append(self._end(seq))
+            else:
+                log.warning("seq %d (request %s) was in a failed pass: recomputing it alone", seq.seq_id,
+                            seq.request_id)
+                seq.suspect = True
+                self._requeue(seq)
+        return outs
+
+    def _land(self, seq_id: int, step_id: int) -> tuple[Sequence, InFlight] | None:
+        """The sequence and what its pass held, if it is in flight in `step_id`; it is no longer."""
+        seq = self.seqs.get(seq_id)
+        if seq is None or seq.pending is None or seq.pending.step_id != step_id:
+            return None
+        pending, seq.pending = seq.pending, None
+        return seq, pending
+
+    @staticmethod
+    def _malformed(p: InFlight, o: SeqOutput) -> bool:
+        if not p.samples:
+            return bool(o.new_tokens) or o.num_accepted != 0
+        return not 0 <= o.num_accepted <= p.num_verified or len(o.new_tokens) != o.num_accepted + 1
+
+    def _apply(self, seq: Sequence, p: InFlight, o: SeqOutput) -> list[RequestOutput]:
+        if seq.aborted or seq.error:
+            return [self._end(seq)]
+        seq.suspect = False
+        seq.commit_index = o.num_accepted if p.num_verified else -1
+        if not p.samples:
+            seq.num_computed += p.num_tokens
+            return []
+        seq.num_computed += p.num_tokens - p.num_verified + o.num_accepted
+        seq.output_ids.extend(o.new_tokens)
+        seq.drafts = list(o.drafts[:seq.num_speculative])   # the stages verify at most k
+        keep, reason = check_stop(seq.output_ids, seq.params, self.config.eos_token_id)
+        most = self.config.max_model_len - len(seq.prompt_ids)
+        if keep > most or (keep == most and reason is None):
+            keep, reason = most, "length"
+        del seq.output_ids[keep:]
+        return [self._finish(seq, reason) if reason else self._emit(seq)]
 
     def _emit(self, seq: Sequence, reason: str | None = None, error: str | None = None) -> RequestOutput:
         new = seq.output_ids[seq.num_emitted:]
         seq.num_emitted = len(seq.output_ids)
         return RequestOutput(seq.request_id, new, reason, len(seq.prompt_ids), len(seq.output_ids), error)
+
+    def _end(self, seq: Sequence) -> RequestOutput:
+        """An aborted or failed sequence, out of flight: finish it as such."""
+        return self._finish(seq, "abort") if seq.aborted else self._finish(seq, "error", error=seq.error)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
         self.blocks.free(seq)
@@ -182,7 +344,7 @@ class Scheduler:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
-        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        seq.status, seq.finish_reason, seq.pending = SeqStatus.FINISHED, reason, None
         self.released.append(seq.seq_id)
-        del self.seqs[seq.seq_id]
+        self.seqs.pop(seq.seq_id, None)
         return self._emit(seq, reason, error)

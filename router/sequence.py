@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+from typing import NamedTuple
 
 from model_shards.sampling_params import SamplingParams
 
@@ -12,6 +13,15 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"      # not admitted: no Mamba slot or KV blocks yet (or preempted)
     RUNNING = "running"      # holds a slot and blocks
     FINISHED = "finished"
+
+
+class InFlight(NamedTuple):
+    """What the pass a sequence is in holds for it (to apply its result, and only that pass's)."""
+
+    step_id: int
+    num_tokens: int          # input ids, drafts included
+    num_verified: int        # drafts under verification
+    samples: bool            # the pass produces a token (decode, or a prompt's last chunk)
 
 
 @dataclasses.dataclass(eq=False)
@@ -23,6 +33,8 @@ class Sequence:
                   num_computed == len(tokens) - 1, the newest token is the next pass's input)
     drafts:       tokens the MTP block proposed after the newest one, to verify in the next pass
     commit_index: the accepted count of the last verification, for the stages to commit (-1: none)
+    pending:      the pass it is in (None: between passes); the scheduler's only "in flight" flag
+    suspect:      it was in a pass that raised; it runs alone until one of its passes succeeds
     """
 
     seq_id: int
@@ -38,12 +50,12 @@ class Sequence:
     mamba_slot: int = -1
     drafts: list[int] = dataclasses.field(default_factory=list)
     commit_index: int = -1
-    in_flight: bool = False
     aborted: bool = False
+    error: str | None = None             # fail() while in flight: ends with this error when the pass returns
+    suspect: bool = False
     finish_reason: str | None = None
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
-    # what the pass in flight holds: (num_tokens, num_drafts_verified, samples)
-    pending: tuple[int, int, bool] | None = None
+    pending: InFlight | None = None
     num_emitted: int = 0                 # output tokens already handed to the request's stream
 
     @property
@@ -57,6 +69,10 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed
+
+    @property
+    def in_flight(self) -> bool:
+        return self.pending is not None
 
     @property
     def finished(self) -> bool:

@@ -195,6 +195,44 @@ def test_speculative_tokens_need_mtp_and_grow_the_slots():
     assert b.stages[0].slot_bytes > a.stages[0].slot_bytes and b.max_num_seqs <= a.max_num_seqs
 
 
+def test_kv_blocks_per_sequence_count_the_mtp_drafting_positions():
+    """A sequence of context_len tokens needs KV for its last pass (context_len - 1 positions) plus the k
+    positions MTP drafting writes past it: what the scheduler asks of the block manager (kv_positions)."""
+    cfg, dev = get_preset("tiny"), DeviceSpec.cpu(1, 2 ** 28)
+    plain = plan_replica(cfg, ParallelConfig(), dev, block_size=16, context_len=64, num_speculative_tokens=0)
+    mtp = plan_replica(cfg, ParallelConfig(), dev, block_size=16, context_len=64, num_speculative_tokens=3)
+    assert (plain.blocks_per_seq, mtp.blocks_per_seq) == (4, 5)          # ceil(63 / 16), ceil(66 / 16)
+    for plan in (plain, mtp):
+        st = plan.stages[0]
+        assert st.max_seqs == st.free_bytes // (st.slot_bytes + plan.blocks_per_seq * st.kv_block_bytes)
+        assert plan.num_kv_blocks >= plan.max_num_seqs * plan.blocks_per_seq
+    # Memory for one sequence without the drafting positions is not memory for one sequence.
+    one = mtp.stages[0].weight_bytes + mtp.stages[0].slot_bytes + 4 * mtp.stages[0].kv_block_bytes
+    with pytest.raises(PlanError, match=r"cannot hold one sequence of 64 tokens .* \+ 5 KV blocks"):
+        plan_replica(cfg, ParallelConfig(), DeviceSpec.cpu(1, int(one / 0.9) + 1), block_size=16, context_len=64,
+                     num_speculative_tokens=3)
+
+
+def test_the_planned_blocks_per_sequence_cover_the_schedulers_worst_case():
+    """max_num_seqs x blocks_per_seq blocks (which num_kv_blocks covers) hold max_num_seqs sequences of
+    context_len tokens at their worst case (drafts included) all at once, as the scheduler sizes them."""
+    from model_shards.sampling_params import SamplingParams
+    from router.block_manager import BlockManager
+    from router.scheduler import Scheduler, SchedulerConfig
+    from router.sequence import Sequence
+    cfg = get_preset("tiny")
+    plan = plan_replica(cfg, ParallelConfig(), DeviceSpec.cpu(1, 2 ** 24), block_size=16, context_len=64,
+                        num_speculative_tokens=3, max_num_seqs=4)
+    n = plan.max_num_seqs
+    s = Scheduler(SchedulerConfig(max_num_seqs=n, max_num_batched_tokens=64 * n, max_model_len=64),
+                  BlockManager(n * plan.blocks_per_seq, 16, n))
+    for i in range(n):
+        s.add(Sequence(i, f"r{i}", [5] * 60, SamplingParams(max_tokens=100), 0, 3))
+    assert len(s.schedule().seqs) == n
+    for q in s.running:
+        s.blocks.grow(q, s.max_positions(q))              # each at its worst case, all at once
+
+
 # ---- ParallelConfig ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field", ["pipeline_parallel_size", "expert_parallel_size", "num_replicas"])
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])

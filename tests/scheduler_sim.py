@@ -1,0 +1,365 @@
+"""The engine loop and the pipeline stages in plain Python, driving the real Scheduler and BlockManager.
+
+Why: the scheduler's bugs show up only in interleavings (a preemption while a plan is built, results
+back out of order, an abort while in flight, a pass that raises), which a model run rarely hits and
+never shrinks. This simulation replays router/engine.py's loop: up to P micro-batches in flight,
+results back in any order, aborts at any turn, a failed pass handed to `Scheduler.pass_failed`. The
+stages are modelled by what they hold (per sequence: its Mamba slot, position, pending commit; per
+KV block: who wrote it last), so a plan that reads state the stages do not have fails the run too.
+
+`Sim.run()` raises `SchedulerBug` naming the broken invariant; the scheduler's own exceptions pass
+through unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+from model_shards.sampling_params import SamplingParams
+from router.block_manager import BlockManager
+from router.contracts import SeqOutput, StepPlan, StepResult
+from router.scheduler import Scheduler, SchedulerConfig
+from router.sequence import Sequence, SeqStatus
+
+EOS = 2
+
+
+class SchedulerBug(AssertionError):
+    """An invariant of the scheduler does not hold."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    arrival: int                 # loop turn it comes in
+    prompt_len: int
+    max_tokens: int
+    k: int = 0                   # MTP drafts
+    abort_at: int | None = None  # loop turn its client goes away (None: never)
+    poison: bool = False         # every pass that holds it raises
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    num_blocks: int
+    block_size: int
+    num_slots: int
+    max_num_seqs: int
+    budget: int                  # max_num_batched_tokens
+    max_model_len: int
+    microbatches: int            # P
+    requests: tuple[Request, ...]
+    seed: int = 0                # results' order, acceptance, EOS, failures
+    p_eos: float = 0.0           # a sampled token is EOS
+    p_fail: float = 0.0          # any pass raises (Scheduler.pass_failed)
+
+
+def worst_positions(r: Request, max_model_len: int) -> int:
+    """KV positions a request may need at most (its last pass, plus k drafting positions)."""
+    return min(r.prompt_len + r.max_tokens, max_model_len) - 1 + r.k
+
+
+def fits_alone(r: Request, w: Workload) -> bool:
+    return r.prompt_len < w.max_model_len and \
+        math.ceil(worst_positions(r, w.max_model_len) / w.block_size) <= w.num_blocks
+
+
+def _age(seq: Sequence) -> tuple:
+    return seq.arrival_time, seq.seq_id
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise SchedulerBug(msg)
+
+
+class Sim:
+    """checks=False: only what the engine itself would notice (exceptions, deadlock, the end state)."""
+
+    def __init__(self, w: Workload, checks: bool = True):
+        self.w, self.checks = w, checks
+        self.blocks = BlockManager(w.num_blocks, w.block_size, w.num_slots)
+        self.sched = Scheduler(SchedulerConfig(max_num_seqs=w.max_num_seqs, max_num_batched_tokens=w.budget,
+                                               max_model_len=w.max_model_len, eos_token_id=EOS), self.blocks)
+        self.rng = random.Random(w.seed)
+        self.turn = 0
+        self.in_flight: list[StepPlan] = []
+        self.reqs: dict[int, Request] = {}             # seq_id -> its request, once added
+        self.outputs: dict[int, list] = {}             # seq_id -> RequestOutputs in order
+        self.generated: dict[int, list[int]] = {}      # seq_id -> every token the stages sampled for it
+        self.refused: list[int] = []
+        self.aborted: set[int] = set()
+        self.stage: dict[int, tuple] = {}              # seq_id -> (slot, position, commit, block_table)
+        self.slot_holder: dict[int, int | None] = {}   # Mamba slot -> seq whose state it holds
+        self.block_writer: dict[int, int | None] = {}  # KV block -> seq that wrote it last
+        self.history: list[str] = []                   # events, for the failure message
+        self.num_plans = 0
+        self.num_failures = 0
+
+    # ---- the loop (router/engine.py `_loop`) -------------------------------------------------------
+    def run(self) -> "Sim":
+        """Play the workload to the end; a failure carries the workload and the last events as notes."""
+        try:
+            return self._run()
+        except Exception as e:
+            e.add_note(f"workload: {self.w}")
+            e.add_note("last events:\n  " + "\n  ".join(self.history[-25:]))
+            raise
+
+    def _run(self) -> "Sim":
+        arrivals = sorted(enumerate(self.w.requests), key=lambda t: (t[1].arrival, t[0]))
+        total = sum(r.prompt_len + r.max_tokens + r.k for r in self.w.requests)
+        max_turns = 200 + 30 * total
+        while True:
+            while arrivals and arrivals[0][1].arrival <= self.turn:
+                self._add(*arrivals.pop(0))
+            self._aborts()
+            self._fill()
+            if not self.in_flight:
+                if self.sched.has_work:
+                    raise SchedulerBug(f"deadlock at turn {self.turn}: nothing in flight, work pending "
+                                       f"({self._state()}), schedule() planned nothing")
+                if not arrivals:
+                    break
+                self.turn = max(self.turn + 1, arrivals[0][1].arrival)
+                continue
+            self._complete(self.in_flight.pop(self.rng.randrange(len(self.in_flight))))
+            self.turn += 1
+            _check(self.turn <= max_turns, f"livelock: not done after {max_turns} turns ({self._state()})")
+        self._check_end()
+        return self
+
+    def _add(self, i: int, r: Request) -> None:
+        params = SamplingParams(max_tokens=r.max_tokens)
+        seq = Sequence(i, f"r{i}", [10 + (i + j) % 50 for j in range(r.prompt_len)], params, seed=i,
+                       num_speculative=r.k, arrival_time=float(self.turn))
+        try:
+            self.sched.add(seq)
+        except ValueError as e:
+            _check(not fits_alone(r, self.w), f"request {i} fits the cache alone but add() refused it: {e}")
+            self.refused.append(i)
+            self.history.append(f"t{self.turn} refuse {i}")
+            return
+        _check(fits_alone(r, self.w), f"request {i} ({r}) can never fit the cache but add() took it")
+        self.reqs[i], self.outputs[i], self.generated[i] = r, [], []
+        self.history.append(f"t{self.turn} add {i}")
+        self.check("add")
+
+    def _aborts(self) -> None:
+        for i, r in self.reqs.items():
+            if r.abort_at is not None and r.abort_at <= self.turn and i not in self.aborted:
+                self.aborted.add(i)
+                out = self.sched.abort(i)
+                self.history.append(f"t{self.turn} abort {i}")
+                self._record([out] if out else [])
+                self.check(f"abort({i})")
+
+    def _fill(self) -> None:
+        P = self.w.microbatches
+        while len(self.in_flight) < P and self.sched.has_work:
+            idle = sum(not s.in_flight for s in self.sched.running) + len(self.sched.waiting)
+            per_mb = max(1, math.ceil(idle / (P - len(self.in_flight))))
+            before = {q.seq_id: (_age(q), len(q.block_table)) for q in self.sched.running}
+            plan = self.sched.schedule(max_seqs=per_mb, microbatch=len(self.in_flight))
+            self._check_preemptions(before, plan)
+            self.history.append(f"t{self.turn} plan " + ("None" if plan is None else
+                                f"{plan.step_id}: {[(s.seq_id, s.start_pos, s.num_tokens) for s in plan.seqs]}"))
+            if plan is None:
+                self.check("schedule()")
+                return
+            self._check_plan(plan, per_mb)
+            self.in_flight.append(plan)
+            self.num_plans += 1
+            self.check("schedule()")
+
+    def _complete(self, plan: StepPlan) -> None:
+        poisoned = any(self.reqs[s.seq_id].poison for s in plan.seqs)
+        fail = poisoned or (self.w.p_fail and self.rng.random() < self.w.p_fail)
+        if fail and hasattr(self.sched, "pass_failed"):
+            self.num_failures += 1
+            for s in plan.seqs:                         # half-updated: nothing there is to be trusted
+                self.stage.pop(s.seq_id, None)
+                self.slot_holder[s.mamba_slot] = None
+                self.block_writer.update(dict.fromkeys(s.block_table))
+            self.history.append(f"t{self.turn} pass {plan.step_id} failed")
+            outs = self.sched.pass_failed(plan, "boom")
+            self._record(outs)
+            self.check(f"pass_failed(step {plan.step_id})")
+            return
+        result = StepResult(plan.step_id, plan.microbatch, [self._execute(s) for s in plan.seqs])
+        self.history.append(f"t{self.turn} result {plan.step_id}: "
+                            f"{[(o.seq_id, o.new_tokens, o.num_accepted) for o in result.outputs]}")
+        outs = self.sched.update(result)
+        self._record(outs)
+        self.check(f"update(step {plan.step_id})")
+
+    # ---- the stages --------------------------------------------------------------------------------
+    def _execute(self, s) -> SeqOutput:
+        """What the stages do with one sequence's step: sample, verify, draft, and remember."""
+        rng, eos = self.rng, lambda: EOS if rng.random() < self.w.p_eos else rng.randrange(3, 60)
+        new, acc, drafts = [], 0, []
+        if s.sample:
+            acc = rng.randint(0, len(s.drafts))
+            new = s.drafts[:acc] + [eos()]
+            drafts = [eos() for _ in range(s.num_drafts)]
+            self.generated[s.seq_id].extend(new)
+        n_settled = s.num_tokens - len(s.drafts) + acc if s.sample else s.num_tokens
+        commit = acc if s.drafts else -1
+        self.stage[s.seq_id] = (s.mamba_slot, s.start_pos + n_settled, commit, list(s.block_table))
+        self.slot_holder[s.mamba_slot] = s.seq_id
+        self.block_writer.update(dict.fromkeys(s.block_table, s.seq_id))
+        return SeqOutput(s.seq_id, new, acc, drafts)
+
+    def _check_stage_reads(self, s) -> None:
+        """A step that continues a sequence must find its state where the last pass left it."""
+        if s.start_pos == 0:
+            _check(s.commit_index == -1, f"seq {s.seq_id}: a fresh start commits {s.commit_index}")
+            return
+        held = self.stage.get(s.seq_id)
+        _check(held is not None, f"seq {s.seq_id} continues at {s.start_pos} but the stages hold nothing for it")
+        slot, pos, commit, table = held
+        _check(slot == s.mamba_slot and self.slot_holder.get(slot) == s.seq_id,
+               f"seq {s.seq_id} continues in slot {s.mamba_slot}, its state is in slot {slot} "
+               f"(held by {self.slot_holder.get(slot)})")
+        _check(pos == s.start_pos, f"seq {s.seq_id} continues at {s.start_pos}, the stages are at {pos}")
+        _check(commit == s.commit_index, f"seq {s.seq_id} commits {s.commit_index}, the stages need {commit}")
+        used = math.ceil(s.start_pos / self.w.block_size)
+        _check(s.block_table[:used] == table[:used], f"seq {s.seq_id}: its KV moved from {table} to {s.block_table}")
+        for b in s.block_table[:used]:
+            _check(self.block_writer.get(b) == s.seq_id,
+                   f"seq {s.seq_id} reads block {b}, which seq {self.block_writer.get(b)} overwrote")
+
+    # ---- invariants --------------------------------------------------------------------------------
+    def check(self, after: str) -> None:
+        """After every call: every sequence in one place, every block and slot owned once or free,
+        every sequence in flight in one plan and untouched."""
+        if not self.checks:
+            return
+        s, bm, w = self.sched, self.blocks, self.w
+        where = f" (after {after}, turn {self.turn})"
+        running, waiting = list(s.running), list(s.waiting)
+        ids_r, ids_w = [q.seq_id for q in running], [q.seq_id for q in waiting]
+        _check(len(set(ids_r)) == len(ids_r), f"a sequence is running twice: {ids_r}{where}")
+        _check(len(set(ids_w)) == len(ids_w), f"a sequence is waiting twice: {ids_w}{where}")
+        _check(not set(ids_r) & set(ids_w), f"seqs {set(ids_r) & set(ids_w)} both running and waiting{where}")
+        _check(set(s.seqs) == set(ids_r) | set(ids_w),
+               f"live sequences {sorted(s.seqs)} != running {ids_r} + waiting {ids_w}{where}")
+        _check(len(running) <= w.max_num_seqs, f"{len(running)} running > max_num_seqs {w.max_num_seqs}{where}")
+        for q in waiting:
+            _check(q.status is SeqStatus.WAITING, f"seq {q.seq_id} waits with status {q.status}{where}")
+            _check(not q.block_table and q.mamba_slot < 0,
+                   f"seq {q.seq_id} waits holding blocks {q.block_table} / slot {q.mamba_slot}{where}")
+            _check(not q.in_flight, f"seq {q.seq_id} waits while in flight{where}")
+        for q in running:
+            _check(q.status is SeqStatus.RUNNING and q.mamba_slot >= 0,
+                   f"seq {q.seq_id} runs with status {q.status}, slot {q.mamba_slot}{where}")
+            _check(q.num_computed < q.num_tokens, f"seq {q.seq_id}: nothing left to compute{where}")
+        owned = [b for q in running for b in q.block_table]
+        dup = sorted({b for b in owned if owned.count(b) > 1})
+        _check(not dup, f"blocks {dup} owned twice{where}")
+        both = sorted(set(owned) & set(bm.free_blocks))
+        _check(not both, f"blocks {both} both owned and free{where}")
+        _check(len(set(bm.free_blocks)) == len(bm.free_blocks), f"a block is free twice{where}")
+        _check(set(owned) | set(bm.free_blocks) == set(range(w.num_blocks)),
+               f"blocks leaked: {sorted(set(range(w.num_blocks)) - set(owned) - set(bm.free_blocks))}{where}")
+        slots = [q.mamba_slot for q in running]
+        _check(len(set(slots)) == len(slots) and not set(slots) & set(bm.free_slots)
+               and set(slots) | set(bm.free_slots) == set(range(w.num_slots)),
+               f"Mamba slots: owned {slots}, free {bm.free_slots}{where}")
+        planned = {}
+        for plan in self.in_flight:
+            for st in plan.seqs:
+                _check(st.seq_id not in planned, f"seq {st.seq_id} in flight in two plans{where}")
+                planned[st.seq_id] = st
+                q = s.seqs.get(st.seq_id)
+                _check(q is not None and q.status is SeqStatus.RUNNING and q.in_flight
+                       and q.mamba_slot == st.mamba_slot and q.block_table == st.block_table,
+                       f"seq {st.seq_id} was preempted or changed while in flight{where}")
+        flying = {q.seq_id for q in running if q.in_flight}
+        _check(flying == set(planned), f"seqs {sorted(flying ^ set(planned))} in flight here, "
+                                       f"not in a plan in flight (stuck){where}")
+
+    def _check_preemptions(self, before: dict, plan: StepPlan | None) -> None:
+        """A sequence is preempted only to make room for an older one that this plan grows (so the
+        oldest is never starved, and nothing is evicted for nothing)."""
+        if not self.checks:
+            return
+        victims = [i for i in before if i in self.sched.seqs and self.sched.seqs[i] in self.sched.waiting]
+        grown = [before[st.seq_id][0] for st in (plan.seqs if plan else [])
+                 if st.seq_id in before and len(st.block_table) > before[st.seq_id][1]]
+        for i in victims:
+            _check(any(age < before[i][0] for age in grown),
+                   f"seq {i} preempted, but for no older sequence this plan grows (turn {self.turn})")
+
+    def _check_plan(self, plan: StepPlan, limit: int) -> None:
+        if not self.checks:
+            return
+        w, ids = self.w, [s.seq_id for s in plan.seqs]
+        where = f" (plan {plan.step_id}, turn {self.turn})"
+        _check(0 < len(ids) <= limit, f"{len(ids)} sequences planned, max_seqs {limit}{where}")
+        _check(len(set(ids)) == len(ids), f"a sequence is planned twice: {ids}{where}")
+        _check(plan.num_tokens <= w.budget, f"{plan.num_tokens} tokens > budget {w.budget}{where}")
+        others = {b for p in self.in_flight for st in p.seqs for b in st.block_table}
+        for st in plan.seqs:
+            q = self.sched.seqs.get(st.seq_id)
+            _check(q is not None and q in self.sched.running,
+                   f"seq {st.seq_id} planned while {'finished' if q is None else q.status.value}{where}")
+            _check(not getattr(q, "suspect", False) or len(ids) == 1,
+                   f"suspect seq {st.seq_id} planned with others {ids}{where}")
+            need = st.start_pos + st.num_tokens + st.num_drafts
+            _check(len(st.block_table) * w.block_size >= need,
+                   f"seq {st.seq_id}: blocks {st.block_table} do not cover {need} positions{where}")
+            r = self.reqs[st.seq_id]
+            _check(len(st.block_table) <= math.ceil(worst_positions(r, w.max_model_len) / w.block_size),
+                   f"seq {st.seq_id} holds {len(st.block_table)} blocks, more than its worst case{where}")
+            _check(not set(st.block_table) & others, f"seq {st.seq_id} writes blocks of a pass in flight{where}")
+            tokens = q.tokens
+            _check(st.input_ids[:st.num_tokens - len(st.drafts)] ==
+                   tokens[st.start_pos:st.start_pos + st.num_tokens - len(st.drafts)],
+                   f"seq {st.seq_id}: input ids are not its tokens{where}")
+            settled = st.start_pos + st.num_tokens - len(st.drafts)
+            _check(st.sample == (settled == len(tokens)), f"seq {st.seq_id}: sample={st.sample} at {settled}/"
+                                                          f"{len(tokens)}{where}")
+            _check(st.sample or st.next_token == tokens[settled], f"seq {st.seq_id}: wrong next_token{where}")
+            self._check_stage_reads(st)
+
+    def _record(self, outs) -> None:
+        for o in outs:
+            i = int(o.request_id[1:])
+            prev = self.outputs[i]
+            _check(not prev or not prev[-1].finished, f"request {i} got {o} after it finished")
+            prev.append(o)
+
+    def _check_end(self) -> None:
+        s = self.sched
+        for i, outs in self.outputs.items():
+            r = self.reqs[i]
+            _check(outs and outs[-1].finished, f"request {i} never finished: {outs}")
+            last, toks = outs[-1], [t for o in outs for t in o.new_token_ids]
+            _check(last.finish_reason in ("stop", "length", "abort", "error"), f"request {i}: {last}")
+            _check(last.finish_reason != "abort" or i in self.aborted, f"request {i} aborted by no one")
+            if r.poison:
+                _check(last.finish_reason in ("error", "abort"), f"poisoned request {i} ended with {last}")
+            elif not self.w.p_fail:
+                _check(last.finish_reason != "error", f"request {i} failed with the poisoned ones: {last}")
+            _check(len(toks) == last.num_output_tokens <= r.max_tokens, f"request {i}: {len(toks)} tokens, {last}")
+            _check(toks == self.generated[i][:len(toks)], f"request {i} streamed {toks}, the stages sampled "
+                                                          f"{self.generated[i]}")
+            if last.finish_reason == "stop":
+                _check(toks[-1] == EOS, f"request {i} stopped without EOS")
+            if last.finish_reason == "length":
+                _check(len(toks) == r.max_tokens or r.prompt_len + len(toks) >= self.w.max_model_len,
+                       f"request {i}: 'length' at {len(toks)} tokens")
+        poisoned = sum(r.poison for r in self.reqs.values())
+        _check(self.w.p_fail or self.num_failures <= 2 * poisoned,
+               f"{self.num_failures} failed passes for {poisoned} poisoned requests: the culprit is not isolated")
+        _check(not s.seqs and not s.running and not s.waiting and not s.has_work,
+               f"the scheduler still holds sequences at the end: {self._state()}")
+        _check(self.blocks.all_free(), f"blocks or slots not freed at the end: {self._state()}")
+
+    def _state(self) -> str:
+        s = self.sched
+        return (f"running {[(q.seq_id, q.num_computed, len(q.block_table), q.in_flight) for q in s.running]}, "
+                f"waiting {[(q.seq_id, len(q.block_table)) for q in s.waiting]}, "
+                f"free blocks {len(self.blocks.free_blocks)}/{self.w.num_blocks}, "
+                f"free slots {len(self.blocks.free_slots)}/{self.w.num_slots}")
