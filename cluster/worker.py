@@ -54,7 +54,7 @@ class StageWorker:
         out = h
         if self.model.last:
             reqs = [TailRequest(s.seq_id, s.input_ids, s.drafts, s.sample, s.next_token,
-                                SamplingParams.from_dict(s.params), s.seed, s.num_drafts) for s in plan.seqs]
+                                SamplingParams.from_dict(s.params), s.seed, s.num_drafts, s.prompt_len) for s in plan.seqs]
             res = run_tail(self.model, self.cache, h, layout, reqs, self.store)
             out = StepResult(plan.step_id, plan.microbatch,
                              [SeqOutput(r.seq_id, r.new_tokens, r.num_accepted, r.drafts) for r in res])

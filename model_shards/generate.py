@@ -48,7 +48,7 @@ def generate(model: HybridModel, prompt: list[int], params: SamplingParams, *, n
     def step(ids: list[int], start: int, drafts: list[int], sample: bool, next_token: int | None):
         layout = BatchLayout.single(len(ids), start, table, keep_states=bool(drafts))
         h = model(torch.tensor(ids), layout, cache)
-        req = TailRequest(0, ids, drafts, sample, next_token, params, seed, num_drafts)
+        req = TailRequest(0, ids, drafts, sample, next_token, params, seed, num_drafts, len(prompt))
         return run_tail(model, cache, h, layout, [req], store)[0]
 
     # Prompt, in chunks if asked.

@@ -24,6 +24,7 @@ class TailRequest:
     sample:     produce a token (final prefill chunk, decode, verification); False for earlier chunks
     next_token: for a non-final prefill chunk, the prompt token after it (the MTP block needs it)
     num_drafts: how many drafts to propose after sampling (0: MTP off for this sequence)
+    prompt_len: the prompt's length, so position p holds output token p - prompt_len (min_tokens)
     """
 
     seq_id: int
@@ -34,6 +35,7 @@ class TailRequest:
     params: SamplingParams
     seed: int
     num_drafts: int
+    prompt_len: int = 0
 
 
 @dataclasses.dataclass
@@ -46,11 +48,10 @@ class TailResult:
 
 class DraftStore:
     """What the last stage keeps per sequence between passes: draft distributions (random sampling
-    only) until verified, and where the sequence's output starts (for min_tokens)."""
+    only) until verified."""
 
     def __init__(self):
         self._probs: dict[int, torch.Tensor] = {}
-        self._output_start: dict[int, int] = {}
 
     def put(self, seq_id: int, q: torch.Tensor | None) -> None:
         if q is None:
@@ -61,16 +62,8 @@ class DraftStore:
     def take(self, seq_id: int) -> torch.Tensor | None:
         return self._probs.pop(seq_id, None)
 
-    def output_start(self, seq_id: int, committed: int) -> int:
-        """The position of the sequence's first output token, given the tokens committed before this
-        sampling event. Plans do not say how many tokens a sequence has generated, so the first sampling
-        event is noted: a sequence first samples right after its prompt. The note lives until the
-        sequence is released, so a sequence preempted and recomputed keeps counting from its prompt."""
-        return self._output_start.setdefault(seq_id, committed)
-
     def drop(self, seq_id: int) -> None:
         self._probs.pop(seq_id, None)
-        self._output_start.pop(seq_id, None)
 
     def __len__(self) -> int:
         return len(self._probs)
@@ -95,7 +88,7 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
         seed_pos = s.start_pos + s.num_tokens - len(r.drafts)          # tokens committed before this pass
         gen = None if r.params.greedy else speculative.step_generator(r.seed, seed_pos)
         if r.params.min_tokens:
-            num_generated = seed_pos - store.output_start(r.seq_id, seed_pos)
+            num_generated = seed_pos - r.prompt_len
             forbid_stops(logits[at:at + n], num_generated, r.params, model.cfg.eos_token_id)
         if r.drafts:
             toks, acc = speculative.verify(logits[at:at + n], r.drafts, store.take(r.seq_id), r.params, gen)

@@ -28,6 +28,7 @@ class SeqStep:
     params:       SamplingParams.to_dict()
     seed:         the request's sampling seed
     num_drafts:   drafts to propose after this pass (0: MTP off)
+    prompt_len:   the request's prompt length: output token i sits at position prompt_len + i (min_tokens)
     """
 
     seq_id: int
@@ -42,6 +43,7 @@ class SeqStep:
     params: dict = dataclasses.field(default_factory=dict)
     seed: int = 0
     num_drafts: int = 0
+    prompt_len: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -102,7 +102,7 @@ class AsyncEngine:
         if c.num_kv_blocks and self.plan.num_kv_blocks and c.num_kv_blocks > self.plan.num_kv_blocks:
             log.warning("num_kv_blocks: override %d is above the %d blocks memory allows on this replica",
                         c.num_kv_blocks, self.plan.num_kv_blocks)
-        room = num_blocks * c.block_size - c.num_speculative_tokens    # drafting writes k past a pass
+        room = num_blocks * c.block_size - c.num_speculative_tokens + 1   # kv_positions(room, k) == capacity
         if room < self.max_model_len:
             if room < 2:
                 raise ValueError(f"num_kv_blocks: {num_blocks} blocks of {c.block_size} tokens cannot hold a "
@@ -236,6 +236,7 @@ class AsyncEngine:
                 self._wake.clear()
                 if self.scheduler.has_work:     # nothing in flight, work pending, nothing plannable
                     self._fail_stuck()
+                    await asyncio.sleep(0)      # never spin without yielding to the event loop
                 else:
                     self._last_progress = time.monotonic()
                     await self._wake.wait()

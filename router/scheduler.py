@@ -216,7 +216,7 @@ class Scheduler:
             block_table=list(seq.block_table), drafts=drafts, sample=final,
             next_token=None if final else seq.tokens[seq.num_computed + n],
             commit_index=seq.commit_index, params=seq.params.to_dict(), seed=seq.seed,
-            num_drafts=seq.num_speculative)
+            num_drafts=seq.num_speculative, prompt_len=len(seq.prompt_ids))
 
     def _make_room(self, seq: Sequence, positions: int, may_preempt: bool) -> bool:
         """Blocks for `seq` to cover `positions`: free ones, else (if it may) preempt by recompute idle

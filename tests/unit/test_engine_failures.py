@@ -169,7 +169,7 @@ def test_the_kv_block_override_sets_the_cache_and_lowers_the_context_to_what_it_
     engine = AsyncEngine(EngineConfig(model="tiny", num_kv_blocks=10, block_size=16, max_model_len=1024,
                                       num_speculative_tokens=2))
     assert engine.blocks.num_blocks == 10
-    assert engine.max_model_len == 10 * 16 - 2
+    assert engine.max_model_len == 10 * 16 - 2 + 1          # kv_positions(L, k) = L - 1 + k
     with pytest.raises(ValueError, match="num_kv_blocks"):
         EngineConfig(model="tiny", num_kv_blocks=0).validate()
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
