@@ -115,3 +115,37 @@ def test_startup_gives_serve_proxy_time_on_a_busy_machine_unless_the_user_chose(
     cli.patient_startup()
     assert float(os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]) >= 30      # Serve's default: 5 s
     assert os.environ["RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S"] == "3"
+
+
+def test_ingress_shutdown_aborts_open_requests_in_the_engine(preset_cache):
+    """Frontend.abort_all (drain timeout, ingress shutdown) ends requests in the engine, not just at the door."""
+    from model_shards.sampling_params import SamplingParams
+    from router.backend import LocalBackend
+    from router.engine import AsyncEngine
+    from router.engine_config import EngineConfig
+    from router.frontend import Prepared
+
+    engine = AsyncEngine(EngineConfig(model="tiny", max_model_len=512))
+    fe = Frontend(LocalBackend(engine), ByteTokenizer(256), ModelInfo("tiny", max_model_len=512, vocab_size=256),
+                  served_model_name="tiny")
+
+    async def scenario():
+        await engine.start()
+        try:
+            prep = Prepared("completion", "tiny", [5, 6, 7], SamplingParams(max_tokens=400, ignore_eos=True), [])
+            gen = await fe.start("r1", prep, "test")
+            deltas = gen.__aiter__()
+            await deltas.__anext__()
+            held = engine.blocks.used_slots
+            assert await fe.abort_all("ingress shutting down") == 1
+            for _ in range(200):
+                if engine.blocks.all_free():
+                    break
+                await asyncio.sleep(0.01)
+            return held
+        finally:
+            await engine.shutdown()
+
+    held = asyncio.run(scenario())
+    assert held == 1 and engine.blocks.all_free() and fe.in_flight == 0
+    assert engine.stats_.requests_aborted == 1 and engine.stats_.tokens_generated < 400
