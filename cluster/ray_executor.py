@@ -124,6 +124,8 @@ class RayExecutor:
     def is_fatal(self, err: BaseException) -> bool:
         """An actor (or an object it owned) is gone: the replica must be rebuilt. A Python error inside
         a stage's pass (RayTaskError) leaves the actors alive; only that plan's requests are affected."""
+        if self.transport != "ray" and self.pp > 1:
+            return True              # later stages already wait to receive this pass: only a rebuild frees them
         fatal = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError,
                  ray.exceptions.ActorUnavailableError, ray.exceptions.WorkerCrashedError,
                  ray.exceptions.NodeDiedError)

@@ -24,7 +24,7 @@ from .block_manager import BlockManager
 from .engine_config import EngineConfig, resolve_checkpoint
 from .outputs import EngineDeadError, EngineStats, QueueFullError, RequestOutput
 from .request_stream import RequestStream
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import PlanningError, Scheduler, SchedulerConfig
 from .sequence import Sequence
 
 log = logging.getLogger("hybridserve.engine")
@@ -75,7 +75,7 @@ class AsyncEngine:
         self.stats_ = EngineStats(kv_blocks_total=num_blocks, mamba_slots_total=num_slots,
                                   drafted_per_position=[0] * config.num_speculative_tokens,
                                   accepted_per_position=[0] * config.num_speculative_tokens)
-        self.step_times: list[float] = []      # wall time of each pass, submit to result
+        self.step_times: collections.deque[float] = collections.deque(maxlen=4096)  # pass wall times
         self.loop_overhead_s = 0.0             # engine-loop time spent scheduling and applying results
         self._finish_times: collections.deque[float] = collections.deque(maxlen=32)
         self._last_progress = time.monotonic()  # when a pass last returned (or the loop last idled)
@@ -149,8 +149,9 @@ class AsyncEngine:
         Raises ValueError (a bad field: the message starts with its name), QueueFullError, EngineDeadError.
         num_speculative_tokens: MTP drafts for this request (default: the engine's; at most that).
         """
-        if not self.is_running and self._task is not None:
-            raise EngineDeadError("the engine loop is not running")
+        if (not self.is_running and self._task is not None) or self.broken:
+            raise EngineDeadError("the engine loop is not running" if not self.broken
+                                  else "the replica's actors could not be rebuilt")
         params.validate()
         k = self.config.num_speculative_tokens if num_speculative_tokens is None else num_speculative_tokens
         if not 0 <= k <= self.config.num_speculative_tokens:
@@ -170,6 +171,8 @@ class AsyncEngine:
             raise QueueFullError(self.config.max_queued_requests, self._retry_after_s())
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, seed, k)
+        if not self._in_flight and not self.scheduler.has_work:
+            self._last_progress = time.monotonic()  # an idle spell is not a stall
         self.scheduler.add(seq)                     # raises ValueError if it can never fit the cache
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
@@ -202,12 +205,15 @@ class AsyncEngine:
         return self._task is not None and not self._task.done()
 
     @property
+    def stall_seconds(self) -> float:
+        """How long the engine has had work but no pass back (0 when idle)."""
+        busy = bool(self._in_flight) or self.scheduler.has_work
+        return time.monotonic() - self._last_progress if busy else 0.0
+
+    @property
     def is_stepping(self) -> bool:
         """Alive, healthy, and either idle or finishing passes (not stuck on one for `stall_timeout_s`)."""
-        if not self.is_running or not self.stats_.healthy:
-            return False
-        busy = bool(self._in_flight) or self.scheduler.has_work
-        return not busy or time.monotonic() - self._last_progress < self.config.stall_timeout_s
+        return self.is_running and self.stats_.healthy and self.stall_seconds < self.config.stall_timeout_s
 
     def stats(self) -> EngineStats:
         """A snapshot (a copy): safe to keep or serialise."""
@@ -238,8 +244,8 @@ class AsyncEngine:
                     self._fail_stuck()
                     await asyncio.sleep(0)      # never spin without yielding to the event loop
                 else:
-                    self._last_progress = time.monotonic()
                     await self._wake.wait()
+                    self._last_progress = time.monotonic()
                 continue
             done, _ = await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
             for fut in done:
@@ -255,14 +261,18 @@ class AsyncEngine:
             t0 = time.perf_counter()
             try:
                 plan = self.scheduler.schedule(max_seqs=per_mb, microbatch=len(self._in_flight))
-            except Exception as e:  # noqa: BLE001 - a scheduler bug: fail the idle requests, keep serving
+            except PlanningError as e:      # a scheduler bug: fail the request it concerns, keep serving
                 log.exception("scheduling failed")
-                self._deliver(self.scheduler.fail_idle(f"scheduler error: {type(e).__name__}: {e}"))
-                return
+                msg = f"scheduler error: {e}"
+                self._deliver(self.scheduler.fail(e.seq_id, msg) if e.seq_id is not None
+                              else self.scheduler.fail_idle(msg))
+                continue                    # plan the others without it
             finally:
                 self.loop_overhead_s += time.perf_counter() - t0
             if plan is None:
                 return
+            if not self._in_flight:
+                self._last_progress = time.monotonic()     # a stall is counted from the first pass out
             fut = asyncio.ensure_future(self.executor.submit(plan))
             fut.plan, fut.t0 = plan, time.perf_counter()
             self._in_flight.add(fut)
@@ -270,7 +280,12 @@ class AsyncEngine:
     def _fail_stuck(self) -> None:
         """No pass in flight and none can be planned: waiting would be forever. The scheduler's
         admission check makes this unreachable; if it happens, fail the oldest idle request and say why."""
-        seq = min(self.scheduler.idle(), key=lambda s: s.arrival_time)
+        idle = self.scheduler.idle()
+        if not idle:                                    # only in-flight sequences, but no pass out
+            self._deliver(self.scheduler.fail_all("scheduler deadlock: sequences in a pass that was never "
+                                                  "submitted", include_waiting=True))
+            return
+        seq = min(idle, key=lambda s: s.arrival_time)
         msg = (f"scheduler deadlock: request {seq.request_id} cannot be planned ({self.blocks.used_blocks}/"
                f"{self.blocks.num_blocks} KV blocks and {self.blocks.used_slots}/{self.blocks.num_slots} "
                f"slots in use, nothing in flight)")
@@ -283,10 +298,10 @@ class AsyncEngine:
         try:
             result = fut.result()
         except Exception as e:  # noqa: BLE001
-            msg = f"engine failure: {type(e).__name__}: {e}".splitlines()[0][:500]
-            if self.executor.is_fatal(e):          # an actor died: its caches are gone for everyone
-                await self._recover(msg)
+            if self.executor.is_fatal(e):          # an actor died: its caches are gone for everyone (503)
+                await self._recover(f"engine failure: {type(e).__name__}: {e}".splitlines()[0][:500])
                 return False
+            msg = f"the request's pass failed: {type(e).__name__}: {e}".splitlines()[0][:500]    # 500
             log.error("pass %d failed (%s); failing or retrying its %d sequence(s) alone", plan.step_id, msg,
                       len(plan.seqs))
             self._deliver(self.scheduler.pass_failed(plan, msg))
@@ -299,7 +314,8 @@ class AsyncEngine:
             self._deliver(self.scheduler.update(result))
         except Exception as e:  # noqa: BLE001 - a bad result fails the plan's requests, not the loop
             log.exception("applying pass %d failed", plan.step_id)
-            self._deliver(self.scheduler.pass_failed(plan, f"engine failure: {type(e).__name__}: {e}"))
+            self._deliver(self.scheduler.pass_failed(plan, f"applying the request's pass failed: "
+                                                                   f"{type(e).__name__}: {e}"))
         self.loop_overhead_s += time.perf_counter() - t0
         return True
 

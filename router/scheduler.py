@@ -34,6 +34,14 @@ from .sequence import InFlight, SeqStatus, Sequence
 log = logging.getLogger("hybridserve.scheduler")
 
 
+class PlanningError(RuntimeError):
+    """Planning `seq_id` raised (None: before any sequence); the engine fails that request alone."""
+
+    def __init__(self, seq_id: int | None, cause: Exception):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.seq_id = seq_id
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 16                 # running sequences (<= Mamba slots)
@@ -142,7 +150,20 @@ class Scheduler:
 
     # ---- building a pass -----------------------------------------------------------------------
     def schedule(self, max_seqs: int | None = None, microbatch: int = 0) -> StepPlan | None:
-        """A micro-batch of sequences not in flight, oldest first; None if none can run now."""
+        """A micro-batch of sequences not in flight, oldest first; None if none can run now.
+
+        Raises PlanningError naming the sequence being planned if planning it raised; no sequence is
+        left in flight in the plan that was not made (a bug, but one the engine can isolate)."""
+        step_id, self._planning = self.next_step, None
+        try:
+            return self._schedule(max_seqs, microbatch)
+        except Exception as e:
+            for seq in self.running + list(self.waiting):
+                if seq.pending is not None and seq.pending.step_id == step_id:
+                    seq.pending = None
+            raise PlanningError(self._planning, e) from e
+
+    def _schedule(self, max_seqs: int | None, microbatch: int) -> StepPlan | None:
         budget, step_id = self.config.max_num_batched_tokens, self.next_step
         limit = max_seqs or self.config.max_num_seqs
         steps: list[SeqStep] = []
@@ -198,6 +219,7 @@ class Scheduler:
 
     def _plan_seq(self, seq: Sequence, budget: int, step_id: int, may_preempt: bool) -> SeqStep | None:
         """Its next step within `budget`, with blocks for every position the pass may write."""
+        self._planning = seq.seq_id
         remaining = seq.num_uncomputed          # >= 1: the newest token is always the next input
         n = min(remaining, budget)
         final = n == remaining
@@ -210,13 +232,14 @@ class Scheduler:
         if not self._make_room(seq, positions, may_preempt):
             return None
         self.blocks.grow(seq, positions)
-        seq.pending = InFlight(step_id, len(ids), len(drafts), final)
-        return SeqStep(
+        step = SeqStep(
             seq_id=seq.seq_id, input_ids=ids, start_pos=seq.num_computed, mamba_slot=seq.mamba_slot,
             block_table=list(seq.block_table), drafts=drafts, sample=final,
             next_token=None if final else seq.tokens[seq.num_computed + n],
             commit_index=seq.commit_index, params=seq.params.to_dict(), seed=seq.seed,
             num_drafts=seq.num_speculative, prompt_len=len(seq.prompt_ids))
+        seq.pending = InFlight(step_id, len(ids), len(drafts), final)       # last: the step exists
+        return step
 
     def _make_room(self, seq: Sequence, positions: int, may_preempt: bool) -> bool:
         """Blocks for `seq` to cover `positions`: free ones, else (if it may) preempt by recompute idle

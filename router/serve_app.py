@@ -164,7 +164,12 @@ class ModelServer:
         return dataclasses.asdict(self.engine.stats())
 
     async def check_health(self) -> None:
-        """Serve restarts a replica whose engine loop died (a rebuild in progress is not a death)."""
+        """Serve restarts a replica whose engine loop died or stalled (no pass back for twice the stall
+        timeout while busy: a hung actor), or whose actors could not be rebuilt. A rebuild in progress
+        is not a death."""
+        e = self.engine
+        if e is not None and e.is_running and e.stats_.healthy and e.stall_seconds > 2 * e.config.stall_timeout_s:
+            raise RuntimeError(f"engine stalled: no pass came back for {e.stall_seconds:.0f}s")
         if self.engine is not None and not self.engine.is_running:
             raise RuntimeError("engine loop is not running")
         if self.engine is not None and self.engine.broken:
@@ -223,6 +228,9 @@ class ServeBackend:
         gen = self.handle.generate.remote(request_id, prompt_ids, params.to_dict())
         try:
             first = await gen.__anext__()
+        except asyncio.CancelledError:  # the client left while waiting for admission: end it there too
+            gen.cancel()
+            raise
         except BackPressureError as e:
             raise Overloaded(f"queue is full: every model replica is busy and {e.args[1]} request(s) already wait "
                              f"for one; retry later", retry_after_s=e.retry_after_s or 1.0) from None

@@ -183,3 +183,62 @@ def test_gpu_memory_utilization_is_the_share_the_planner_may_use(preset_cache):
                                      gpu_memory_utilization=1.0))
     assert small.plan.devices.usable_bytes * 2 == pytest.approx(large.plan.devices.usable_bytes, rel=1e-6)
     assert small.blocks.num_blocks < large.blocks.num_blocks
+
+
+def test_a_sequence_whose_planning_raises_fails_alone_and_the_loop_does_not_spin(preset_cache):
+    engine = AsyncEngine(EngineConfig(model="tiny", max_model_len=128))
+    real = engine.scheduler._plan_seq
+
+    def plan_seq(seq, *a, **kw):
+        step = real(seq, *a, **kw)                  # blocks grown and the step built, then it goes wrong
+        if seq.request_id == "bad" and step is not None:
+            raise KeyError("bad params")
+        return step
+    engine.scheduler._plan_seq = plan_seq
+
+    async def scenario():
+        await engine.start()
+        try:
+            return await asyncio.wait_for(asyncio.gather(
+                collect(engine, "bad", [5, 6, 7], PARAMS), collect(engine, "good", [8, 9], PARAMS)), 30)
+        finally:
+            await engine.shutdown()
+
+    (_, bad_reason), (good_tokens, good_reason) = asyncio.run(scenario())
+    assert bad_reason == "error" and good_reason == "length"
+    assert good_tokens == oracle(engine.folder, [8, 9], PARAMS)
+    assert engine.blocks.all_free() and engine.stats_.requests_failed == 1
+
+
+def test_ready_after_an_idle_spell_and_not_ready_when_a_pass_never_returns(preset_cache):
+    from router import serve_app
+
+    engine = AsyncEngine(EngineConfig(model="tiny", max_model_len=128, stall_timeout_s=0.3))
+    hang = asyncio.Event()
+
+    class Hanging:
+        async def submit(self, plan):
+            await hang.wait()
+        is_fatal = staticmethod(lambda e: False)
+        rebuild = shutdown = staticmethod(lambda: None)
+
+    async def scenario():
+        await engine.start()
+        await asyncio.sleep(0.5)                                    # idle longer than the stall timeout
+        stream = engine.add_request("a", [5, 6], PARAMS)
+        stepping_after_idle = engine.is_stepping
+        await stream.__anext__()
+        engine.executor = Hanging()                                 # the next pass never comes back
+        await asyncio.sleep(0.5)
+        server = serve_app.ModelServer.__new__(serve_app.ModelServer)
+        server.engine = engine
+        stalled_not_ready = not engine.is_stepping
+        await asyncio.sleep(0.3)
+        with pytest.raises(RuntimeError, match="stalled"):
+            await server.check_health()                             # Serve replaces the replica
+        hang.set()
+        await engine.shutdown()
+        return stepping_after_idle, stalled_not_ready
+
+    stepping_after_idle, stalled_not_ready = asyncio.run(scenario())
+    assert stepping_after_idle and stalled_not_ready
