@@ -39,6 +39,7 @@ class Tally:
     sent: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     outcome: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     failures: list[str] = dataclasses.field(default_factory=list)
+    failure_times: list[float] = dataclasses.field(default_factory=list)
     mismatches: list[str] = dataclasses.field(default_factory=list)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
@@ -48,6 +49,7 @@ class Tally:
             self.outcome[outcome] += 1
             if outcome == "failed":
                 self.failures.append(f"{kind}: {detail[:300]}")
+                self.failure_times.append(time.time())
 
     def summary(self) -> dict:
         return {"sent": sum(self.sent.values()), **{k: self.outcome[k] for k in

@@ -84,6 +84,8 @@ def main() -> None:
         ("duration (s)", round(wall)), ("requests sent", s["sent"]), ("completed", s["completed"]),
         ("cut by their client (drop, gRPC cancel)", s["aborted_by_client"]), ("rejected 429", s["rejected_429"]),
         ("rejected 4xx (poison)", s["rejected_4xx"]), ("failed", s["failed"]),
+        ("failed more than 30 s after the kill (or with no kill)",
+         sum(1 for t in tally.failure_times if not killed or t - killed[0] > 30)),
         ("greedy text != alone", s["greedy_mismatches"]),
         ("engine: aborted / failed requests", f"{m.get('engine_requests_aborted_total', 0):.0f} / "
                                                f"{m.get('engine_requests_failed_total', 0):.0f}"),
@@ -100,8 +102,9 @@ def main() -> None:
             f"threads of mixed traffic (benchmarks/chaos.py: {kinds})"
             + (", one stage actor SIGKILLed half-way" if killed else "") + ".\n\n"
             + table(["measure", "value"], rows)
-            + ("\n\nFailed requests are expected only around the kill (the requests in flight on the killed actor): "
-               + "; ".join(tally.failures[:3]) if tally.failures else ""))
+            + ("\n\nFailed requests are expected only around the kill (those in flight on the killed actor, and "
+               "those that met the replica while it rebuilt); the first: " + "; ".join(tally.failures[:3])
+               if tally.failures else ""))
     publish("soak", body, write=not args.no_write)
 
 

@@ -80,3 +80,16 @@ def test_non_streaming_client_that_gives_up_is_aborted(served):
                    timeout=httpx.Timeout(30, read=1.0))
     after = served.wait_aborted_and_idle(before, 1, timeout_s=5)
     assert after["engine_requests_aborted_total"] == before.get("engine_requests_aborted_total", 0) + 1
+
+
+def test_grpc_deadline_that_passes_is_aborted(served):
+    import grpc
+
+    before = served.metrics()
+    with Client(f"127.0.0.1:{served.grpc_port}", timeout=1.0) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in c.generate("go", max_tokens=MAX_TOKENS, ignore_eos=True):
+                pass
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    after = served.wait_aborted_and_idle(before, 1, timeout_s=5)
+    assert after["engine_requests_aborted_total"] == before.get("engine_requests_aborted_total", 0) + 1

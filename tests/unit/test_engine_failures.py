@@ -242,3 +242,20 @@ def test_ready_after_an_idle_spell_and_not_ready_when_a_pass_never_returns(prese
 
     stepping_after_idle, stalled_not_ready = asyncio.run(scenario())
     assert stepping_after_idle and stalled_not_ready
+
+
+@pytest.mark.parametrize("make_error,transport,fatal", [
+    (lambda E: E.RayTaskError("run", "tb", ValueError("bad seed")), "ray", False),     # a stage's Python error
+    (lambda E: E.ActorDiedError(), "ray", True),
+    (lambda E: E.RayTaskError("run", "tb", E.ActorDiedError()), "ray", True),        # stage 1 fed by a dead stage 0
+    (lambda E: E.ObjectLostError("00" * 28, "", ""), "ray", True),
+    (lambda E: E.RayTaskError("run", "tb", ValueError("bad seed")), "gloo", True),    # later stages wait to recv
+])
+def test_the_ray_executor_rebuilds_only_when_actors_or_their_objects_are_lost(make_error, transport, fatal):
+    import ray.exceptions as E
+
+    from cluster.ray_executor import RayExecutor
+
+    ex = RayExecutor.__new__(RayExecutor)
+    ex.transport, ex.pp = transport, 2
+    assert ex.is_fatal(make_error(E)) is fatal
