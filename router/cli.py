@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--log-level", default=os.environ.get("HYBRIDSERVE_LOG_LEVEL", "INFO"),
                    help="our log level (env HYBRIDSERVE_LOG_LEVEL); INFO shows one line per request")
     n.add_argument("--app-name", default="hybridserve", help="Ray Serve application name")
+    add_export_parser(sub)
     return ap
 
 
@@ -288,10 +289,41 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def add_export_parser(sub) -> None:
+    e = sub.add_parser("export", help="write a checkpoint in another format (GGUF for llama.cpp)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--gguf", required=True, metavar="OUT.gguf",
+                   help="write a GGUF file in llama.cpp's nemotron_h_moe layout (without the MTP block)")
+    e.add_argument("--model", default="default", help="checkpoint folder (HF layout), preset name, or 'default'")
+    e.add_argument("--outtype", default="auto", choices=["auto", "f32", "f16", "bf16"],
+                   help="dtype of the weight matrices (auto: the checkpoint's; norms, router, conv, A, D stay f32)")
+    e.add_argument("--seed", type=int, default=0, help="random-weight seed of a preset")
+
+
+def cmd_export(args) -> int:
+    from model_shards.gguf_export import GGUFExportError, export_gguf
+    from model_shards.weights import CheckpointError
+
+    from .engine_config import resolve_checkpoint
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        r = export_gguf(resolve_checkpoint(args.model, args.seed), args.gguf, outtype=args.outtype)
+    except (GGUFExportError, CheckpointError, ValueError) as e:
+        print(f"hybridserve export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {r.path} ({r.arch}, {r.outtype}, {len(r.tensors)} tensors, {r.nbytes / 1e6:.1f} MB)")
+    for note in r.notes:
+        print(f"  note: {note}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "export":
+        return cmd_export(args)
     return 2
 
 
