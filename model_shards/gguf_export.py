@@ -227,6 +227,8 @@ def hparams(cfg: ModelConfig, arch_name: str) -> dict[str, Any]:
         K.Attention.KEY_LENGTH: cfg.head_dim,
         K.Attention.VALUE_LENGTH: cfg.head_dim,
         K.Attention.LAYERNORM_RMS_EPS: float(cfg.layer_norm_epsilon),
+        # llama.cpp's nemotron_h loader requires the plain LayerNorm eps too (its MTP head's final norm).
+        K.Attention.LAYERNORM_EPS: float(cfg.layer_norm_epsilon),
         K.SSM.CONV_KERNEL: cfg.conv_kernel,
         K.SSM.INNER_SIZE: cfg.d_inner,
         K.SSM.STATE_SIZE: cfg.ssm_state_size,

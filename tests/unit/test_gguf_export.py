@@ -104,6 +104,7 @@ def expected_hparams(raw: dict) -> dict:
         "attention.key_length": raw["head_dim"],
         "attention.value_length": raw["head_dim"],
         "attention.layer_norm_rms_epsilon": raw["layer_norm_epsilon"],
+        "attention.layer_norm_epsilon": raw["layer_norm_epsilon"],      # required by llama.cpp's loader
         "ssm.conv_kernel": raw["conv_kernel"],
         "ssm.inner_size": raw["mamba_num_heads"] * raw["mamba_head_dim"],
         "ssm.state_size": raw["ssm_state_size"],
