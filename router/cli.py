@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our log level (env HYBRIDSERVE_LOG_LEVEL); INFO shows one line per request")
     n.add_argument("--app-name", default="hybridserve", help="Ray Serve application name")
     add_export_parser(sub)
+    from .bench.command import add_parser as add_bench_parser
+    add_bench_parser(sub)
     return ap
 
 
@@ -324,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "export":
         return cmd_export(args)
+    if args.command == "bench":
+        from .bench.command import cmd_bench
+        return cmd_bench(args)
     return 2
 
 
