@@ -122,6 +122,23 @@ class ServedCluster:
                 pass
         return total
 
+    def rss_by_process(self) -> dict[str, float]:
+        """MiB of resident memory per kind of process in the tree (Ray names its workers ray::Class)."""
+        out: dict[str, float] = {}
+        try:
+            procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return out
+        for p in procs:
+            try:
+                cmd = " ".join(p.cmdline())
+                name = next((w for w in cmd.split() if w.startswith("ray::")), None) or p.name()
+                name = name.split(".")[0] if name.startswith("ray::") else name
+                out[name] = out.get(name, 0.0) + p.memory_info().rss / 2**20
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
     def actor_pids(self, class_name: str) -> list[int]:
         """PIDs of the Ray worker processes running actors of `class_name` (Ray names them ray::Class)."""
         root = psutil.Process(self.proc.pid)

@@ -58,6 +58,7 @@ def main() -> None:
         stop = threading.Event()
         threading.Thread(target=sample_memory, args=(served, stop, 5.0, mem), daemon=True).start()
         mix = Mix(served.url, served.grpc_port, refs, seed=args.seed)
+        rss_start = served.rss_by_process()
         seconds = args.minutes * 60
         killed = []
         if not args.no_kill:
@@ -74,6 +75,7 @@ def main() -> None:
         wall = time.time() - t0
         leak_wait = served.wait_until(served.idle, 30, "an idle engine after the soak")
         m = served.metrics()
+        rss_end = served.rss_by_process()
         stop.set()
 
     s = tally.summary()
@@ -96,12 +98,17 @@ def main() -> None:
         ("RSS slope, second half (MiB/min)", round(slope_mib_per_min([p for p in mem if p[0] >= seconds / 2]), 2)
          if len(half) >= 3 else "-"),
     ]]
+    growth = sorted(((rss_end.get(k, 0) - rss_start.get(k, 0), k) for k in set(rss_start) | set(rss_end)),
+                    reverse=True)
+    by_process = table(["process (all of that kind)", "RSS at the start of the mix (MiB)", "at the end", "growth"],
+                       [[k, round(rss_start.get(k, 0)), round(rss_end.get(k, 0)), round(g)] for g, k in growth[:6]])
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["by_kind"].items()))
     body = (f"## Soak (`python -m benchmarks.soak --minutes {args.minutes:g}`)\n\n"
             f"Machine: {machine()}. `hybridserve serve {' '.join(SETUP)}`, default model, {args.workers} client "
             f"threads of mixed traffic (benchmarks/chaos.py: {kinds})"
             + (", one stage actor SIGKILLed half-way" if killed else "") + ".\n\n"
             + table(["measure", "value"], rows)
+            + "\n\nWhere the memory is, by kind of process (the six that grew most):\n\n" + by_process
             + ("\n\nFailed requests are expected only around the kill (those in flight on the killed actor, and "
                "those that met the replica while it rebuilt); the first: " + "; ".join(tally.failures[:3])
                if tally.failures else ""))

@@ -30,6 +30,7 @@ class ExpertShardActor:
 
         self.shard = ExpertShard.load(read_config(folder), folder, range(*layers), expert_range).to(self.device)
 
+    @ray.method(enable_task_events=False)    # hot path: one call per MoE layer per pass (see run)
     def compute(self, layer: int, x_lat, topk_weights, topk_ids):
         d = self.device
         return self.shard.compute(layer, x_lat.to(d), topk_weights.to(d), topk_ids.to(d)).cpu()
@@ -74,11 +75,14 @@ class StageActor:
         self.rank = rank
         self.transport = make_transport(kind, rank, world_size, master_port=master_port, master_addr=master_addr)
 
+    @ray.method(enable_task_events=False)
     def run(self, plan_bytes: bytes, hidden=None):
         """One pass: hidden states out (not last) or msgpack StepResult bytes (last stage).
 
         With a torch.distributed transport the hidden states go straight to the next stage's `run`,
-        which the engine started at the same time, and this returns None.
+        which the engine started at the same time, and this returns None. No task events: Ray's GCS
+        keeps up to 100k of them for the dashboard, and a pass per few milliseconds made the GCS
+        process grow by ~30 MiB a minute under load (benchmarks/soak.py).
         """
         from router.contracts import decode_plan, encode
 

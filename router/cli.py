@@ -131,10 +131,14 @@ def start_ray(cfg, num_cpus: float | None) -> bool:
 # ray.init: the local cluster's processes inherit this environment. Values a user set win.
 PATIENT_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
                      "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "10"}
+# Ray's GCS keeps the events of the last 100k tasks for its dashboard; every request is a few Serve
+# tasks, so under steady traffic the GCS grows for hours before it levels off. 10k is plenty for
+# debugging a local cluster. (Our per-pass actor calls record none: cluster/actors.py.)
+BOUNDED_RAY_ENV = {"RAY_task_events_max_num_task_in_gcs": "10000"}
 
 
 def patient_startup() -> None:
-    for k, v in PATIENT_SERVE_ENV.items():
+    for k, v in {**PATIENT_SERVE_ENV, **BOUNDED_RAY_ENV}.items():
         os.environ.setdefault(k, v)
 
 
