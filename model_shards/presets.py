@@ -37,6 +37,16 @@ PRESETS: dict[str, ModelConfig] = {
         n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
         moe_shared_expert_intermediate_size=256, moe_latent_size=128, routed_scaling_factor=2.5,
         num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E", max_position_embeddings=4096),
+    # hybrid-mini's layer mix (20 layers: 12 Mamba, 6 latent MoE with a shared expert, 2 attention) at
+    # 281M parameters, 68M active (+42M MTP): benchmarks/peers.py's larger model, random weights.
+    "hybrid-280m": ModelConfig(
+        name="hybrid-280m", vocab_size=4096, hidden_size=640, hybrid_override_pattern="MEMM*EMMEMMEMM*EMMEM",
+        num_attention_heads=10, num_key_value_heads=2, head_dim=64,
+        mamba_num_heads=20, mamba_head_dim=64, ssm_state_size=64, n_groups=2, conv_kernel=4, chunk_size=64,
+        n_routed_experts=64, num_experts_per_tok=4, moe_intermediate_size=768,
+        moe_shared_expert_intermediate_size=1536, moe_latent_size=384, routed_scaling_factor=2.5,
+        num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E", mtp_use_final_norm_hidden=True,
+        max_position_embeddings=4096),
 }
 
 
