@@ -103,7 +103,8 @@ def main() -> None:
     by_process = table(["process (all of that kind)", "RSS at the start of the mix (MiB)", "at the end", "growth"],
                        [[k, round(rss_start.get(k, 0)), round(rss_end.get(k, 0)), round(g)] for g, k in growth[:6]])
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["by_kind"].items()))
-    body = (f"## Soak (`python -m benchmarks.soak --minutes {args.minutes:g}`)\n\n"
+    flags = f"--minutes {args.minutes:g}" + (" --no-kill" if args.no_kill else "")
+    body = (f"## Soak{'' if killed else ', no actor killed'} (`python -m benchmarks.soak {flags}`)\n\n"
             f"Machine: {machine()}. `hybridserve serve {' '.join(SETUP)}`, default model, {args.workers} client "
             f"threads of mixed traffic (benchmarks/chaos.py: {kinds})"
             + (", one stage actor SIGKILLed half-way" if killed else "") + ".\n\n"
@@ -112,7 +113,7 @@ def main() -> None:
             + ("\n\nFailed requests are expected only around the kill (those in flight on the killed actor, and "
                "those that met the replica while it rebuilt); the first: " + "; ".join(tally.failures[:3])
                if tally.failures else ""))
-    publish("soak", body, write=not args.no_write)
+    publish("soak" if not args.no_kill else "soak-no-kill", body, write=not args.no_write)
 
 
 if __name__ == "__main__":
