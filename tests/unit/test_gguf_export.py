@@ -223,7 +223,7 @@ def test_random_preset_round_trip_through_the_cli(tmp_path, preset_cache, outtyp
         assert got == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
 
     # No tokenizer.json: the server's byte tokenizer (byte b is id b+3) as a byte-level BPE vocabulary.
-    from model_shards.gguf_export import bytes_to_unicode
+    from model_shards.gguf_tokenizer import bytes_to_unicode
     table = bytes_to_unicode()
     assert len(set(table.values())) == 256
     tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
