@@ -93,6 +93,11 @@ def render(results: dict, img_dir: Path, write_plots: bool = True) -> str:
         out += [f"llama-server command (at the concurrency of the parity check): `{results['cmd']['llama.cpp']}`; it is built "
                 "from the llama.cpp that llama-cpp-python's source distribution vendors "
                 "(`--build-llama-server`; benchmarks/peers_servers.py lists the commands).", ""]
+    randoms = [k for k, m in results["models"].items() if str(m.get("weights", "")).startswith("random")]
+    if randoms:
+        out += [f"Random weights ({', '.join(randoms)}) include a random MTP block, whose drafts are (almost) never "
+                "accepted (acceptance length ~1.00): those MTP rows show what drafting and verifying cost without "
+                "the gain; only the trained default model shows MTP's speedup.", ""]
     for note in results.get("notes", []):
         out += [f"Note: {note}", ""]
     fails = [p for p in points if p.get("failed")]
