@@ -160,12 +160,28 @@ def write_plots(points: list[dict], model: str, folder: Path, stem: str, title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    def plain_axes(ax, log_y: bool) -> None:
+        """Concurrencies as plain numbers on a log2 x axis; plain numbers on a log y axis."""
+        concs = sorted({p["concurrency"] for p in points if p["model"] == model})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(concs)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if log_y:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
+
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for server, (xs, ys) in series(points, model, "output_tok_s").items():
         ax.plot(xs, ys, marker="o", label=server)
-    ax.set_xscale("log", base=2)
+    plain_axes(ax, log_y=False)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("output tokens/s")
     ax.set_title(f"Throughput: {title}")
@@ -183,10 +199,9 @@ def write_plots(points: list[dict], model: str, folder: Path, stem: str, title: 
             ax.plot(xs, ys, marker="o", color=color, label=f"{server} p50")
             xs99, ys99 = series(points, model, f"{fig_name}_p99_ms").get(server, ([], []))
             ax.plot(xs99, ys99, marker="x", linestyle="--", color=color, label=f"{server} p99")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        plain_axes(ax, log_y=True)
         ax.set_xlabel("concurrent streams")
-        ax.set_ylabel("ms")
+        ax.set_ylabel("ms (log scale)")
         ax.set_title(f"{fig_name.upper()} p50 (solid) and p99 (dashed)")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=6)
