@@ -65,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--llama-server", default=None, help="path of a llama-server binary")
     ap.add_argument("--build-llama-server", action="store_true", help="build it into the cache when absent")
     ap.add_argument("--from-json", default=None, help="re-render docs and plots from a results file; run nothing")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/BENCHMARKS.md")
+    ap.add_argument("--no-write", action="store_true",
+                    help="print only; do not update docs/BENCHMARKS.md (the results file can be written there later "
+                         "with --from-json, under the command without --no-write)")
     a = ap.parse_args(argv)
     q = a.quick
     a.models = R.parse_names(a.models, what="--models") if a.models else (["default"] if q else ["default", "large"])
@@ -232,7 +234,8 @@ def run(a) -> dict:
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     results = {"path": str(OUT_DIR / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"),
-               "command": shlex.join(["python", "-m", "benchmarks.peers", *sys.argv[1:]]), "machine": machine(),
+               "command": shlex.join(["python", "-m", "benchmarks.peers", *(x for x in sys.argv[1:] if x != "--no-write")]),
+               "machine": machine(),
                "quick": a.quick, "settings": {k: getattr(a, k) for k in ("concurrency", "input_len", "output_len",
                                               "min_prompts", "parity_prompts", "repeats", "threads", "seed")},
                "models": {}, "points": [], "parity": {}, "prompt_tokenization": {}, "notes": [], "cmd": {},
