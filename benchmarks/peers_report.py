@@ -111,9 +111,12 @@ def _order(p: dict) -> tuple:
     return (p["model"], SERVER_ORDER.index(s) if s in SERVER_ORDER else len(SERVER_ORDER), s, p["concurrency"])
 
 
-def _num(v, fmt: str = "{:.3g}") -> str:
+def _num(v, fmt: str | None = None) -> str:
+    """3 significant digits, without an exponent for large values (1057, not 1.06e+03)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
+    if fmt is None:
+        fmt = "{:.0f}" if abs(v) >= 100 else "{:.3g}"
     return fmt.format(v)
 
 

@@ -91,6 +91,7 @@ def test_headline_table_orders_servers_and_fills_gaps():
 def test_points_table_and_series():
     t = R.points_table(R.with_mfu(POINTS, {"default": 1_000_000, "large": 1_000_000}, 100.0))
     assert t.count("\n") == len(POINTS) + 1 and "1.50" in t and "n/a" in t
+    assert R.headline_table([point("m", "hybridserve", 64, 1057.3)], "m").splitlines()[-1] == "| hybridserve | 1057 |"
     s = R.series(POINTS, "default", "output_tok_s")
     assert s["hybridserve"] == ([1, 8], [80.0, 300.0])
     assert "large" not in str(s)
