@@ -3,8 +3,8 @@ on the same prompts, at 1, 8, 32 and 64 concurrent streams, on the default model
 random-weight model of the same layer mix (the `hybrid-280m` preset: 281M parameters, 68M active, with
 hybrid-mini's tokenizer).
 
-    python -m benchmarks.peers                      # the full run (docs/BENCHMARKS.md); long on 2 cores
-    python -m benchmarks.peers --quick              # a smoke run of a few minutes: default model, 1 and 8
+    python -m benchmarks.peers                      # the full run (docs/BENCHMARKS.md): ~15 min on 2 cores
+    python -m benchmarks.peers --quick              # a smoke run (~2 min): default model, 1 and 8 streams
     python -m benchmarks.peers --build-llama-server # build llama-server first when it is not cached (~5 min)
 
 What it measures, per model:
