@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -30,9 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psutil
 
-from .served import free_port
+from .served import ServerProcess, free_port, tree_rss_bytes
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CACHE = Path(os.environ.get("HYBRIDSERVE_CACHE", Path.home() / ".cache" / "hybridserve"))
@@ -97,18 +95,7 @@ def build_llama_server(root: Path = LLAMA_DIR, log=print) -> Path:
 
 # ---- memory ---------------------------------------------------------------------------------------
 def tree_rss_mib(pid: int) -> float:
-    try:
-        root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
+    return tree_rss_bytes(pid) / 2**20
 
 
 class MemorySampler:
@@ -147,43 +134,14 @@ def llama_server_command(binary: Path, gguf: Path, slots: int, ctx_per_slot: int
             "--no-cache-prompt", "-cram", "0", "--no-webui"]
 
 
-class LlamaServer:
+class LlamaServer(ServerProcess):
+    name, probe, poll_s = "llama-server", "/health", 0.3
+
     def __init__(self, binary: Path, gguf: Path, slots: int, ctx_per_slot: int, threads: int,
                  startup_timeout_s: float = 300):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = llama_server_command(binary, gguf, slots, ctx_per_slot, self.port, threads)
-        self.startup_timeout_s = startup_timeout_s
-        self.lines: list[str] = []
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "LlamaServer":
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True, errors="replace")
-        threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()
-        deadline = time.time() + self.startup_timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited {self.proc.returncode}:\n{''.join(self.lines[-40:])}")
-            if time.time() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"llama-server not ready after {self.startup_timeout_s}s")
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        port = free_port()
+        super().__init__(llama_server_command(binary, gguf, slots, ctx_per_slot, port, threads), port,
+                         startup_timeout_s)
 
     def tokenize(self, text: str) -> list[int]:
         r = httpx.post(self.url + "/tokenize", json={"content": text, "add_special": True}, timeout=60)

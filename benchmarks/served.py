@@ -27,50 +27,79 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServedCluster:
-    """`python -m router.cli serve ARGS` on free ports; `with ServedCluster(...) as s:` waits for /ready."""
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
-    def __init__(self, *args: str, startup_timeout_s: float = 300, num_cpus: int = 8):
-        self.port, self.grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "router.cli", "serve", "--port", str(self.port), "--grpc-port",
-                    str(self.grpc_port), "--num-cpus", str(num_cpus), "--log-level", "INFO", *args]
-        self.startup_timeout_s = startup_timeout_s
+
+class ServerProcess:
+    """A server subprocess in its own session; `with` waits until GET `probe` answers 200, and stops it
+    (SIGTERM, then SIGKILL of its process group) on the way out. Its output is kept in `lines`."""
+
+    name, probe, poll_s, stop_timeout_s = "server", "/health", 0.5, 30.0
+
+    def __init__(self, cmd: list[str], port: int, startup_timeout_s: float = 300, env: dict | None = None,
+                 cwd: Path | None = None):
+        self.cmd, self.port, self.startup_timeout_s, self.env, self.cwd = cmd, port, startup_timeout_s, env, cwd
+        self.url = f"http://127.0.0.1:{port}"
         self.lines: list[str] = []
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "ServedCluster":
-        env = dict(os.environ)
-        env.pop("RAY_ADDRESS", None)
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                     start_new_session=True, cwd=REPO)
+    def __enter__(self):
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=self.env, start_new_session=True, cwd=self.cwd, errors="replace")
         threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()
         deadline = time.time() + self.startup_timeout_s
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"hybridserve serve exited {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log()}")
             if time.time() > deadline:
                 self.__exit__()
-                raise RuntimeError(f"not ready after {self.startup_timeout_s}s:\n{self.log()}")
+                raise RuntimeError(f"{self.name} not ready after {self.startup_timeout_s}s:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/ready", timeout=5).status_code == 200:
+                if httpx.get(self.url + self.probe, timeout=5).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(self.poll_s)
 
     def __exit__(self, *exc) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(90)
+            self.proc.wait(self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
     def log(self, last: int = 200) -> str:
         return "".join(self.lines[-last:])
+
+
+class ServedCluster(ServerProcess):
+    """`python -m router.cli serve ARGS` on free ports; `with ServedCluster(...) as s:` waits for /ready."""
+
+    name, probe, stop_timeout_s = "hybridserve serve", "/ready", 90.0
+
+    def __init__(self, *args: str, startup_timeout_s: float = 300, num_cpus: int = 8):
+        port, self.grpc_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "router.cli", "serve", "--port", str(port), "--grpc-port",
+               str(self.grpc_port), "--num-cpus", str(num_cpus), "--log-level", "INFO", *args]
+        env = dict(os.environ)
+        env.pop("RAY_ADDRESS", None)
+        super().__init__(cmd, port, startup_timeout_s, env=env, cwd=REPO)
 
     # ---- the engine's own counters, through /metrics --------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -109,18 +138,7 @@ class ServedCluster:
     # ---- the server's processes -----------------------------------------------------------------------------
     def tree_rss_bytes(self) -> int:
         """Resident memory of the serve process and all its descendants (Ray, replicas, actors)."""
-        try:
-            root = psutil.Process(self.proc.pid)
-            procs = [root] + root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            return 0
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
+        return tree_rss_bytes(self.proc.pid)
 
     def rss_by_process(self) -> dict[str, float]:
         """MiB of resident memory per kind of process in the tree (Ray names its workers ray::Class)."""
