@@ -12,7 +12,7 @@ from .fast.conv1d import causal_conv1d_update, conv_step  # noqa: F401
 from .fast.linear import linear  # noqa: F401
 from .fast.moe import grouped_experts  # noqa: F401
 from .fast.norm import gated_rms_norm, rms_norm  # noqa: F401
-from .fast.ssd import ssd_advance_, ssd_state_at, ssd_step, ssd_verify  # noqa: F401
+from .fast.ssd import ssd_advance_, ssd_state_at, ssd_step, ssd_update_, ssd_verify  # noqa: F401
 from .reference.conv1d import causal_conv1d  # noqa: F401
 from .reference.moe import route  # noqa: F401
 from .reference.sampling import probs_from_logits, rejection_sample  # noqa: F401

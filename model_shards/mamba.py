@@ -76,20 +76,37 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self.norm(y, z))
 
     def _decode_steps(self, steps, xBC, dt, A, D, dt_bias, conv_w, cache: MambaLayerCache, y) -> None:
-        """One token of each sequence in `steps`: gather their slots' states, one batched update, scatter."""
+        """One token of each sequence in `steps`: one batched update. The SSM states (the big tensor) are
+        updated in place on the range of slots the steps span when it is dense enough (the allocator hands
+        out the lowest free slot, so it usually is): no gather, no scatter; otherwise gathered and scattered."""
         for s in steps:
             if s.start_pos == 0:
                 cache.reset(s.mamba_slot)                  # a one-token prompt starts from zeros
-        rows = torch.tensor([s.offset for s in steps], device=xBC.device)
-        slots = torch.tensor([s.mamba_slot for s in steps], device=xBC.device)
+        n, dev = len(steps), xBC.device
+        slot_ids = [s.mamba_slot for s in steps]
+        rows = torch.tensor([s.offset for s in steps], device=dev)
+        slots = torch.tensor(slot_ids, device=dev)
         xbc, conv_new = ops.conv_step(xBC.index_select(0, rows), cache.conv.index_select(0, slots), conv_w,
                                       self.conv1d.bias)
-        x, B, C = self._split_xbc(xbc)
-        ys, ssm_new = ops.ssd_step(cache.ssm.index_select(0, slots), x, dt.index_select(0, rows), A, B, C, D,
-                                   dt_bias, dt_limit=self.cfg.time_step_limit)
         cache.conv.index_copy_(0, slots, conv_new.float())
-        cache.ssm.index_copy_(0, slots, ssm_new)
-        y.index_copy_(0, rows, ys.reshape(len(steps), self.cfg.d_inner).to(y.dtype))
+        x, B, C = self._split_xbc(xbc)
+        dts = dt.index_select(0, rows)
+        lo, hi = min(slot_ids), max(slot_ids) + 1
+        if hi - lo > 2 * n:                                # sparse slots: gather, update, scatter
+            state = cache.ssm.index_select(0, slots)
+            ys = ops.ssd_update_(state, x, dts, A, B, C, D, dt_bias, dt_limit=self.cfg.time_step_limit)
+            cache.ssm.index_copy_(0, slots, state)
+        elif slot_ids == list(range(lo, hi)):              # slots lo..hi-1 in batch order: a view
+            ys = ops.ssd_update_(cache.ssm[lo:hi], x, dts, A, B, C, D, dt_bias, dt_limit=self.cfg.time_step_limit)
+        else:                                              # the slot range, holes left bit-exact (live=False)
+            span, pos = hi - lo, slots - lo
+            live = torch.zeros(span, dtype=torch.bool, device=dev).index_fill_(0, pos, True)
+
+            def spread(t):                                 # (n, ...) -> (span, ...) by slot
+                return t.new_zeros(span, *t.shape[1:]).index_copy_(0, pos, t)
+            ys = ops.ssd_update_(cache.ssm[lo:hi], spread(x), spread(dts), A, spread(B), spread(C), D, dt_bias,
+                                 dt_limit=self.cfg.time_step_limit, live=live).index_select(0, pos)
+        y.index_copy_(0, rows, ys.reshape(n, self.cfg.d_inner).to(y.dtype))
 
     def _verify(self, seqs, xBC, dt, A, D, dt_bias, conv_w, cache: MambaLayerCache, y) -> None:
         """T tokens of each sequence in `seqs` (same T) under verification: outputs now, and scratch

@@ -1,6 +1,7 @@
 """Allocator of KV blocks and Mamba state slots. Pure bookkeeping: the tensors live on the stages."""
 from __future__ import annotations
 
+import heapq
 import math
 
 from .sequence import Sequence
@@ -21,7 +22,9 @@ class BlockManager:
                              f"num_slots ({num_slots}) must be positive")
         self.num_blocks, self.block_size, self.num_slots = num_blocks, block_size, num_slots
         self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))
-        self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))
+        # A min-heap: the lowest free slot first keeps running sequences in a dense range of slots, which
+        # the Mamba decode step updates in place (model_shards/mamba.py) instead of gathering.
+        self.free_slots: list[int] = list(range(num_slots))
 
     def blocks_for(self, num_positions: int) -> int:
         return math.ceil(num_positions / self.block_size)
@@ -35,7 +38,7 @@ class BlockManager:
         if not self.can_hold(seq, num_positions):
             raise RuntimeError(f"seq {seq.seq_id}: not enough KV blocks or Mamba slots")
         if seq.mamba_slot < 0:
-            seq.mamba_slot = self.free_slots.pop()
+            seq.mamba_slot = heapq.heappop(self.free_slots)
         while len(seq.block_table) < self.blocks_for(num_positions):
             seq.block_table.append(self.free_blocks.pop())
 
@@ -43,7 +46,7 @@ class BlockManager:
         self.free_blocks.extend(reversed(seq.block_table))
         seq.block_table = []
         if seq.mamba_slot >= 0:
-            self.free_slots.append(seq.mamba_slot)
+            heapq.heappush(self.free_slots, seq.mamba_slot)
             seq.mamba_slot = -1
 
     @property

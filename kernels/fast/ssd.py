@@ -42,15 +42,29 @@ def ssd_step(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf")))
     """One position of each of S sequences (batched decode): state (S, H, P, N) or None (all fresh),
     x (S, H, P), dt (S, H), B, C (S, G, N). Returns y (S, H, P) in x's dtype, new states (S, H, P, N)."""
     S, H, P = x.shape
+    new = x.new_zeros(S, H, P, B.shape[2], dtype=torch.float32) if state is None else state.float().clone()
+    return ssd_update_(new, x, dt, A, B, C, D, dt_bias, dt_limit=dt_limit), new
+
+
+def ssd_update_(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf")), live=None):
+    """ssd_step in place: state (S, H, P, N) float32, contiguous (a range of cache slots, no copy) is
+    advanced one position per row; returns y (S, H, P) in x's dtype. Three passes over the state
+    (decay, += dt x B^T as a K=1 batched GEMM, y = state C) instead of five with gather and scatter.
+
+    live (S,) bool or None: rows where it is False keep their state bit for bit (their dt is taken as 0:
+    decay exp(0) = 1, update 0), so a caller can step a range of slots that has holes in it."""
+    S, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
     R = H // G
-    dt = _prep_dt(dt, dt_bias, dt_limit).view(S, G, R)
-    xf = x.float().view(S, G, R, P)
-    new = (dt[..., None] * xf)[..., None] * B.float().view(S, G, 1, 1, N)        # (S, G, R, P, N) dt x B^T
-    if state is not None:
-        new = new + (dt * A.view(G, R)).exp()[..., None, None] * state.view(S, G, R, P, N)
-    y = torch.matmul(new, C.float().view(S, G, 1, N, 1)).view(S, H, P) + D[:, None] * xf.view(S, H, P)
-    return y.to(x.dtype), new.view(S, H, P, N)
+    dt = _prep_dt(dt, dt_bias, dt_limit)                                        # (S, H)
+    if live is not None:
+        dt = dt * live[:, None]
+    state.mul_((dt * A).exp()[..., None, None])                                 # (S, H, P, N) *= decay
+    xf = x.float()
+    flat = state.view(S * G, R * P, N)
+    flat.baddbmm_((dt[..., None] * xf).view(S * G, R * P, 1), B.float().reshape(S * G, 1, N))
+    y = torch.bmm(flat, C.float().reshape(S * G, N, 1)).view(S, H, P)
+    return y.add_(xf * D[:, None]).to(x.dtype)
 
 
 def ssd_verify(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf"))):

@@ -208,6 +208,33 @@ def test_ragged_batch_equals_each_sequence_alone(model):
         assert_same_states(kv_contents(cache, table, pre + n), kv_contents(alone_cache, table, pre + n))
 
 
+@pytest.mark.parametrize("step_slots", [[0, 1, 2, 3], [2, 0, 3, 1], [0, 3, 5], [6, 0]],
+                         ids=["dense-in-order", "dense-permuted", "range-with-holes", "sparse"])
+def test_batched_decode_steps_equal_each_sequence_alone_for_every_slot_layout(model, step_slots):
+    """One decode token of several sequences in one pass: the Mamba update runs in place on the slot range
+    (in batch order, permuted, or with holes) or gathers (sparse slots); every way gives each sequence
+    what it gets alone, and a slot inside the range that is not stepping keeps its state bit for bit."""
+    vocab, slots = model.cfg.vocab_size, 8
+    perm = shuffled_table(5)
+    tables = {slot: perm[slot::slots] for slot in range(slots)}      # 6 blocks each
+    ids = {slot: tokens(9, 40 + slot, vocab) for slot in range(slots)}
+    cache = new_cache(model, slots=slots)
+    for slot in range(slots):                                        # every slot holds a prompt of 8
+        run(model, cache, ids[slot][:8], 0, tables[slot], slot=slot)
+    alone_cache = copy.deepcopy(cache)
+    before = {slot: mamba_states(cache, slot) for slot in range(slots)}
+    layout = BatchLayout([SeqSlice(n, 1, 8, slot, tables[slot]) for n, slot in enumerate(step_slots)])
+    with torch.no_grad():
+        batched = model.logits(model(torch.stack([ids[slot][8] for slot in step_slots]), layout, cache))
+    for n, slot in enumerate(step_slots):
+        alone = run(model, alone_cache, ids[slot][8:], 8, tables[slot], slot=slot)
+        torch.testing.assert_close(batched[n:n + 1], alone, **LOGIT_TOL)
+        assert_same_states(mamba_states(cache, slot), mamba_states(alone_cache, slot))
+    for slot in set(range(slots)) - set(step_slots):
+        for i, (conv, ssm) in mamba_states(cache, slot).items():
+            assert torch.equal(conv, before[slot][i][0]) and torch.equal(ssm, before[slot][i][1]), (slot, i)
+
+
 # ---- generation with MTP drafts ---------------------------------------------------------------------------------
 
 PROMPT_LEN, MAX_TOKENS = 13, 12

@@ -76,6 +76,26 @@ def test_batched_ssd_step_is_the_reference_update_of_each_sequence(dtype, H, P, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_in_place_ssd_update_steps_live_rows_and_leaves_the_others_bit_for_bit(dtype):
+    """ssd_update_ on a range of slots with holes: live rows get ssd_step's state and y, the rest keep theirs."""
+    H, P, G, N, S = 8, 16, 2, 8, 5
+    seqs = [_ssd_inputs(1, H, P, G, N, dtype, seed=70 + i) for i in range(S)]
+    cat = {name: torch.cat([a[name] for a, _ in seqs]) for name in ("x", "dt", "B", "C")}
+    shared = {name: seqs[0][0][name] for name in ("A", "D", "dt_bias")}
+    states = torch.stack([st for _, st in seqs])
+    live = torch.tensor([True, False, True, True, False])
+    y_step, new_step = fast_ssd.ssd_step(states, **cat, **shared)
+    inplace = states.clone()
+    y = fast_ssd.ssd_update_(inplace, **cat, **shared, live=live)
+    for i in range(S):
+        if live[i]:
+            _close(y[i:i + 1], y_step[i:i + 1], dtype)
+            torch.testing.assert_close(inplace[i], new_step[i], atol=STATE_TOL[0], rtol=STATE_TOL[1])
+        else:
+            assert torch.equal(inplace[i], states[i])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 2, 4, 5])
 @pytest.mark.parametrize("H,P,G,N", [(8, 16, 2, 8), (6, 4, 3, 8), (4, 8, 1, 16)])
 @pytest.mark.parametrize("fresh", [False, True])
