@@ -137,8 +137,15 @@ PATIENT_SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_P
 BOUNDED_RAY_ENV = {"RAY_task_events_max_num_task_in_gcs": "10000"}
 
 
+# Serve's defaults hop threads on every streamed item: replica code runs in a second event loop (each
+# yielded token crosses loops) and a handle's router in another. Our replicas never block their loop
+# (weights load in a thread, passes run in the executor), so one loop per process is safe and cheaper:
+# benchmarks/serve_profile.py measures the difference.
+SERVE_ONE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
 def patient_startup() -> None:
-    for k, v in {**PATIENT_SERVE_ENV, **BOUNDED_RAY_ENV}.items():
+    for k, v in {**PATIENT_SERVE_ENV, **BOUNDED_RAY_ENV, **SERVE_ONE_LOOP_ENV}.items():
         os.environ.setdefault(k, v)
 
 

@@ -179,7 +179,8 @@ class AsyncEngine:
         self._seq_of[request_id] = seq.seq_id
         if self._wake:
             self._wake.set()
-        return RequestStream(request_id, q.get, lambda: self.abort(request_id))
+        return RequestStream(request_id, q.get, lambda: self.abort(request_id),
+                             lambda: None if q.empty() else q.get_nowait())
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        num_speculative_tokens: int | None = None) -> AsyncIterator[RequestOutput]:

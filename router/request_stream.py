@@ -31,9 +31,9 @@ class RequestStream:
     """
 
     def __init__(self, request_id: str, next_output: Callable[[], Awaitable[RequestOutput]],
-                 cancel: Callable[[], None]):
+                 cancel: Callable[[], None], next_ready: Callable[[], RequestOutput | None] | None = None):
         self.request_id = request_id
-        self._next, self._cancel = next_output, cancel
+        self._next, self._cancel, self._ready = next_output, cancel, next_ready
         self.finished = False          # the finished output was read, or the stream was closed
 
     def __aiter__(self) -> "RequestStream":
@@ -47,6 +47,17 @@ class RequestStream:
         except StopAsyncIteration:      # the source ended without a finished output: treat as lost
             await self.aclose()
             raise
+        self.finished = out.finished
+        return out
+
+    def coalesce(self, out: RequestOutput) -> RequestOutput:
+        """`out` merged with the outputs already queued behind it (none are waited for): one message
+        instead of several when the reader fell a step or more behind, as a busy replica does."""
+        while self._ready is not None and not out.finished:
+            more = self._ready()
+            if more is None:
+                break
+            out = merge_outputs(out, more)
         self.finished = out.finished
         return out
 
@@ -65,3 +76,9 @@ class RequestStream:
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
+
+
+def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two consecutive updates of one request as one: the tokens of both, the later state."""
+    return RequestOutput(first.request_id, first.new_token_ids + then.new_token_ids, then.finish_reason,
+                         then.num_prompt_tokens, then.num_output_tokens, then.error)

@@ -150,8 +150,8 @@ class ModelServer:
             return
         async with stream:
             yield {"admitted": self.replica_id}
-            async for out in stream:
-                yield dataclasses.asdict(out)
+            async for out in stream:             # what queued while Serve sent the last one goes as one
+                yield dataclasses.asdict(stream.coalesce(out))
 
     async def info(self) -> dict:
         return model_info(self.engine)
