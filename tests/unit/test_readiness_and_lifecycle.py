@@ -109,7 +109,7 @@ def test_a_replica_stopped_while_loading_shuts_down_cleanly(monkeypatch, preset_
 def test_startup_gives_serve_proxy_time_on_a_busy_machine_unless_the_user_chose(monkeypatch):
     from router import cli
 
-    for k in cli.PATIENT_SERVE_ENV:
+    for k in (*cli.PATIENT_SERVE_ENV, *cli.SERVE_ONE_LOOP_ENV, *cli.BOUNDED_RAY_ENV):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", "3")
     cli.patient_startup()
