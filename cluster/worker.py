@@ -34,6 +34,7 @@ class StageWorker:
                                       max_verify_positions=max_verify_positions, device=device)
         self.store = DraftStore()
         self.device = device
+        self._params: dict[int, SamplingParams] = {}   # per running sequence, parsed once
         self.busy_s = 0.0                      # time spent computing, for overhead measurements
         self.num_steps = 0
 
@@ -43,6 +44,7 @@ class StageWorker:
         t0 = time.perf_counter()
         for seq_id in plan.released:
             self.store.drop(seq_id)
+            self._params.pop(seq_id, None)
         commits = [(s.mamba_slot, s.commit_index) for s in plan.seqs if s.commit_index >= 0]
         self.cache.commit_many([c[0] for c in commits], [c[1] for c in commits])
         layout = self.layout(plan)
@@ -53,14 +55,21 @@ class StageWorker:
         h = self.model(x, layout, self.cache)
         out = h
         if self.model.last:
-            reqs = [TailRequest(s.seq_id, s.input_ids, s.drafts, s.sample, s.next_token,
-                                SamplingParams.from_dict(s.params), s.seed, s.num_drafts, s.prompt_len) for s in plan.seqs]
+            reqs = [TailRequest(s.seq_id, s.input_ids, s.drafts, s.sample, s.next_token, self._params_of(s),
+                                s.seed, s.num_drafts, s.prompt_len) for s in plan.seqs]
             res = run_tail(self.model, self.cache, h, layout, reqs, self.store)
             out = StepResult(plan.step_id, plan.microbatch,
                              [SeqOutput(r.seq_id, r.new_tokens, r.num_accepted, r.drafts) for r in res])
         self.busy_s += time.perf_counter() - t0
         self.num_steps += 1
         return out
+
+    def _params_of(self, step) -> SamplingParams:
+        """A sequence's SamplingParams, parsed from the plan on its first pass here (they never change)."""
+        params = self._params.get(step.seq_id)
+        if params is None:
+            params = self._params[step.seq_id] = SamplingParams.from_dict(step.params)
+        return params
 
     def layout(self, plan: StepPlan) -> BatchLayout:
         seqs, offset = [], 0

@@ -8,7 +8,7 @@ A Triton kernel takes over an op for CUDA tensors once it exists and matches the
 from __future__ import annotations
 
 from .fast.attention import decode_attention, paged_attention, write_kv  # noqa: F401
-from .fast.conv1d import causal_conv1d_update, conv_step  # noqa: F401
+from .fast.conv1d import causal_conv1d_update, conv_step, conv_step_  # noqa: F401
 from .fast.linear import linear  # noqa: F401
 from .fast.moe import grouped_experts  # noqa: F401
 from .fast.norm import gated_rms_norm, rms_norm  # noqa: F401

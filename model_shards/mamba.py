@@ -12,6 +12,12 @@ from .config import ModelConfig
 from .linear import Linear
 
 
+# Prefill chunks of at most SHORT_CHUNK_MAX tokens run batched in the SSD dual form, whose (S, H, T, T)
+# decay matrix is capped at SHORT_CHUNK_ELEMENTS floats per call; longer ones use the chunked scan.
+SHORT_CHUNK_MAX = 64
+SHORT_CHUNK_ELEMENTS = 1 << 22
+
+
 class GatedRMSNorm(nn.Module):
     def __init__(self, dim: int, group_size: int, eps: float):
         super().__init__()
@@ -41,6 +47,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(H))
         self.norm = GatedRMSNorm(cfg.d_inner, cfg.d_inner // G, cfg.layer_norm_epsilon)
         self.out_proj = Linear(cfg.d_inner, cfg.hidden_size)
+        self.short_chunk = min(cfg.chunk_size, SHORT_CHUNK_MAX)   # prefill chunks this short go batched
 
     def forward(self, h: torch.Tensor, batch: BatchLayout, cache: MambaLayerCache) -> torch.Tensor:
         """h (T, d) -> (T, d). Reads and advances each sequence's state slot (or its scratch)."""
@@ -60,8 +67,16 @@ class Mamba2Mixer(nn.Module):
                 verifies.setdefault(s.num_tokens, []).append(s)
         for group in verifies.values():
             self._verify(group, xBC, dt, A, D, dt_bias, conv_w, cache, y)
-        for s in batch.seqs:                               # prefill chunks, one sequence at a time
-            if s.keep_states or s.num_tokens == 1:
+        short: dict[int, list] = {}                        # short prefill chunks, grouped by length
+        for s in batch.seqs:
+            if not s.keep_states and 1 < s.num_tokens <= self.short_chunk:
+                short.setdefault(s.num_tokens, []).append(s)
+        for group in short.values():
+            per_call = max(1, SHORT_CHUNK_ELEMENTS // (self.H * group[0].num_tokens ** 2))
+            for i in range(0, len(group), per_call):
+                self._prefill_short(group[i:i + per_call], xBC, dt, A, D, dt_bias, conv_w, cache, y)
+        for s in batch.seqs:                               # longer prefill chunks, one sequence at a time
+            if s.keep_states or s.num_tokens == 1 or s.num_tokens <= self.short_chunk:
                 continue
             rows, slot = slice(s.offset, s.end), s.mamba_slot
             fresh = s.start_pos == 0
@@ -86,18 +101,20 @@ class Mamba2Mixer(nn.Module):
         slot_ids = [s.mamba_slot for s in steps]
         rows = torch.tensor([s.offset for s in steps], device=dev)
         slots = torch.tensor(slot_ids, device=dev)
-        xbc, conv_new = ops.conv_step(xBC.index_select(0, rows), cache.conv.index_select(0, slots), conv_w,
-                                      self.conv1d.bias)
-        cache.conv.index_copy_(0, slots, conv_new.float())
+        lo, hi = min(slot_ids), max(slot_ids) + 1
+        dense = slot_ids == list(range(lo, hi))            # slots lo..hi-1 in batch order: views, in place
+        conv = cache.conv[lo:hi] if dense else cache.conv.index_select(0, slots)
+        xbc = ops.conv_step_(conv, xBC.index_select(0, rows), conv_w, self.conv1d.bias)
+        if not dense:
+            cache.conv.index_copy_(0, slots, conv)
         x, B, C = self._split_xbc(xbc)
         dts = dt.index_select(0, rows)
-        lo, hi = min(slot_ids), max(slot_ids) + 1
-        if hi - lo > 2 * n:                                # sparse slots: gather, update, scatter
+        if dense:
+            ys = ops.ssd_update_(cache.ssm[lo:hi], x, dts, A, B, C, D, dt_bias, dt_limit=self.cfg.time_step_limit)
+        elif hi - lo > 2 * n:                              # sparse slots: gather, update, scatter
             state = cache.ssm.index_select(0, slots)
             ys = ops.ssd_update_(state, x, dts, A, B, C, D, dt_bias, dt_limit=self.cfg.time_step_limit)
             cache.ssm.index_copy_(0, slots, state)
-        elif slot_ids == list(range(lo, hi)):              # slots lo..hi-1 in batch order: a view
-            ys = ops.ssd_update_(cache.ssm[lo:hi], x, dts, A, B, C, D, dt_bias, dt_limit=self.cfg.time_step_limit)
         else:                                              # the slot range, holes left bit-exact (live=False)
             span, pos = hi - lo, slots - lo
             live = torch.zeros(span, dtype=torch.bool, device=dev).index_fill_(0, pos, True)
@@ -107,6 +124,33 @@ class Mamba2Mixer(nn.Module):
             ys = ops.ssd_update_(cache.ssm[lo:hi], spread(x), spread(dts), A, spread(B), spread(C), D, dt_bias,
                                  dt_limit=self.cfg.time_step_limit, live=live).index_select(0, pos)
         y.index_copy_(0, rows, ys.reshape(n, self.cfg.d_inner).to(y.dtype))
+
+    def _prefill_short(self, seqs, xBC, dt, A, D, dt_bias, conv_w, cache: MambaLayerCache, y) -> None:
+        """Prompt chunks of the same length T <= short_chunk of several sequences at once: the chunk in the
+        SSD dual form (ssd_verify: all T outputs from C.B within the chunk plus the starting state), then
+        the state after its last position (ssd_state_at) written to each slot. At these lengths one
+        batched pass costs what one sequence's chunked scan (kernels/reference) does."""
+        S, T = len(seqs), seqs[0].num_tokens
+        dev = xBC.device
+        rows = torch.tensor([s.offset + t for s in seqs for t in range(T)], device=dev)
+        slots = torch.tensor([s.mamba_slot for s in seqs], device=dev)
+        fresh = [s.start_pos == 0 for s in seqs]
+        conv0 = None if all(fresh) else cache.conv.index_select(0, slots)
+        ssm0 = None if all(fresh) else cache.ssm.index_select(0, slots)
+        if conv0 is not None and any(fresh):               # a fresh sequence starts from zeros
+            keep = torch.tensor([not f for f in fresh], device=dev, dtype=conv0.dtype)
+            conv0.mul_(keep[:, None, None])
+            ssm0.mul_(keep[:, None, None, None])
+        xbc, conv_states = ops.causal_conv1d_update(xBC.index_select(0, rows).view(S, T, -1), conv0, conv_w,
+                                                    self.conv1d.bias)
+        x, B, C = self._split_xbc(xbc.reshape(S * T, -1))
+        x, B, C = x.view(S, T, self.H, self.P), B.view(S, T, self.G, self.N), C.view(S, T, self.G, self.N)
+        ys, cum, dtx = ops.ssd_verify(ssm0, x, dt.index_select(0, rows).view(S, T, -1), A, B, C, D, dt_bias,
+                                      dt_limit=self.cfg.time_step_limit)
+        last = torch.full((S,), T - 1, dtype=torch.long, device=dev)
+        cache.ssm.index_copy_(0, slots, ops.ssd_state_at(ssm0, cum, dtx, B, last))
+        cache.conv.index_copy_(0, slots, conv_states[:, T - 1].float())
+        y.index_copy_(0, rows, ys.reshape(S * T, self.cfg.d_inner).to(y.dtype))
 
     def _verify(self, seqs, xBC, dt, A, D, dt_bias, conv_w, cache: MambaLayerCache, y) -> None:
         """T tokens of each sequence in `seqs` (same T) under verification: outputs now, and scratch

@@ -236,7 +236,7 @@ class Scheduler:
             seq_id=seq.seq_id, input_ids=ids, start_pos=seq.num_computed, mamba_slot=seq.mamba_slot,
             block_table=list(seq.block_table), drafts=drafts, sample=final,
             next_token=None if final else seq.tokens[seq.num_computed + n],
-            commit_index=seq.commit_index, params=seq.params.to_dict(), seed=seq.seed,
+            commit_index=seq.commit_index, params=seq.params_dict, seed=seq.seed,
             num_drafts=seq.num_speculative, prompt_len=len(seq.prompt_ids))
         seq.pending = InFlight(step_id, len(ids), len(drafts), final)       # last: the step exists
         return step

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import time
 from typing import NamedTuple
 
@@ -57,6 +58,11 @@ class Sequence:
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     pending: InFlight | None = None
     num_emitted: int = 0                 # output tokens already handed to the request's stream
+
+    @functools.cached_property
+    def params_dict(self) -> dict:
+        """params as the plan carries them (SeqStep.params), built once rather than every step."""
+        return self.params.to_dict()
 
     @property
     def tokens(self) -> list[int]:

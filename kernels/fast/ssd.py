@@ -49,7 +49,7 @@ def ssd_step(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf")))
 def ssd_update_(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf")), live=None):
     """ssd_step in place: state (S, H, P, N) float32, contiguous (a range of cache slots, no copy) is
     advanced one position per row; returns y (S, H, P) in x's dtype. Three passes over the state
-    (decay, += dt x B^T as a K=1 batched GEMM, y = state C) instead of five with gather and scatter.
+    (decay, += dt x B^T as a broadcast multiply-add, y = state C) instead of five with gather and scatter.
 
     live (S,) bool or None: rows where it is False keep their state bit for bit (their dt is taken as 0:
     decay exp(0) = 1, update 0), so a caller can step a range of slots that has holes in it."""
@@ -62,8 +62,10 @@ def ssd_update_(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf"
     state.mul_((dt * A).exp()[..., None, None])                                 # (S, H, P, N) *= decay
     xf = x.float()
     flat = state.view(S * G, R * P, N)
-    flat.baddbmm_((dt[..., None] * xf).view(S * G, R * P, 1), B.float().reshape(S * G, 1, N))
-    y = torch.bmm(flat, C.float().reshape(S * G, N, 1)).view(S, H, P)
+    flat.addcmul_((dt[..., None] * xf).view(S * G, R * P, 1), B.float().reshape(S * G, 1, N))   # += dt x B^T
+    # y = state C as (1, N) @ (N, R*P) per (sequence, group): MKL runs this layout of the batched GEMV
+    # 3x faster than state @ C as a column (the state is read once either way).
+    y = torch.bmm(C.float().reshape(S * G, 1, N), flat.transpose(1, 2)).view(S, H, P)
     return y.add_(xf * D[:, None]).to(x.dtype)
 
 
