@@ -135,8 +135,9 @@ def served(model: str, k: int, concurrency: int, num_prompts: int, input_len: in
         subprocess.run(bench + ["--num-prompts", str(max(2, concurrency))], check=True, capture_output=True)
         spies = start_spies(s, Path(tmp), spy_seconds)
         m0, c0 = s.metrics(), cpu_seconds(s.proc.pid)
+        client_log = open(Path(tmp, "bench.log"), "w+")
         client = subprocess.Popen(bench + ["--num-prompts", str(num_prompts), "--json", f"{tmp}/b.json"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                  stdout=subprocess.DEVNULL, stderr=client_log)
         client_cpu = 0.0
         while client.poll() is None:            # the client's own CPU, read before it exits
             try:
@@ -146,7 +147,8 @@ def served(model: str, k: int, concurrency: int, num_prompts: int, input_len: in
                 pass
             time.sleep(0.2)
         if client.returncode:
-            raise RuntimeError(f"bench failed: {client.stderr.read()[-2000:]}")
+            client_log.seek(0)
+            raise RuntimeError(f"bench failed: {client_log.read()[-2000:]}")
         c1 = cpu_seconds(s.proc.pid)
         time.sleep(1.2)                          # replicas report their counters twice a second
         m1 = s.metrics()
@@ -163,7 +165,7 @@ def served(model: str, k: int, concurrency: int, num_prompts: int, input_len: in
             if Path(tmp, f"{cls}.txt").exists():
                 pieces[cls] = spy_pieces(Path(tmp, f"{cls}.txt"))
             else:
-                print(f"[serve_profile] py-spy of {cls} gave nothing: {p.stderr.read()[-300:]}", file=sys.stderr)
+                print(f"[serve_profile] py-spy of {cls} gave nothing", file=sys.stderr)
         return dict(tok_s=fig["output_throughput"], ttft_ms=fig["ttft_median_ms"], tpot_ms=fig["tpot_median_ms"],
                     steps=steps, tokens_per_step=toks / max(steps, 1), cpu_ms_per_token=cpu, pieces=pieces)
 
@@ -175,9 +177,9 @@ def start_spies(s: ServedCluster, folder: Path, seconds: float) -> dict[str, sub
     out = {}
     for cls in ("ModelServer", "Ingress"):
         for pid in s.actor_pids(f"ServeReplica:hybridserve:{cls}")[:1]:
-            out[cls] = subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "100", "-f", "raw",
-                                         "-o", str(folder / f"{cls}.txt")],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            out[cls] = subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "100", "-f", "raw",
+                                         "-o", str(folder / f"{cls}.txt"), "--nonblocking"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out
 
 

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     n = s.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address for HTTP and gRPC (0.0.0.0: all interfaces)")
     n.add_argument("--port", type=int, default=8000, help="HTTP port")
+    n.add_argument("--http-server", choices=("ingress", "proxy"), default="ingress",
+                   help="who listens for HTTP: the ingress replica itself (one process hop less per token), "
+                        "or Ray Serve's HTTP proxy")
     n.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC)")
     n.add_argument("--api-key", default=os.environ.get("HYBRIDSERVE_API_KEY"),
                    help="require 'Authorization: Bearer <key>' (env HYBRIDSERVE_API_KEY)")
@@ -99,7 +102,8 @@ def serve_config_from_args(args):
                        min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                        target_ongoing_requests=args.target_ongoing_requests,
                        autoscaling_overrides=args.autoscaling_config, max_body_bytes=args.max_request_body_bytes,
-                       torch_threads=args.torch_threads, log_level=args.log_level.upper())
+                       torch_threads=args.torch_threads, log_level=args.log_level.upper(),
+                       http_server=args.http_server)
 
 
 def needed_cpus(cfg) -> float:
@@ -157,8 +161,12 @@ def deploy(cfg) -> None:
 
     from .serve_app import build_application
 
-    serve.start(http_options=HTTPOptions(host=cfg.host, port=cfg.port),
-                logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"))
+    if cfg.http_server == "proxy":
+        serve.start(http_options=HTTPOptions(host=cfg.host, port=cfg.port),
+                    logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"))
+    else:                                   # the ingress replica listens on cfg.port itself
+        serve.start(proxy_location="Disabled",
+                    logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"))
     logging.getLogger("ray.serve").setLevel(logging.WARNING)   # our own banner says where we listen
     app = build_application(cfg)
     errors: list[BaseException] = []

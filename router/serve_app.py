@@ -65,6 +65,7 @@ class ServeConfig:
     target_ongoing_requests: float | None = None    # None: max_num_seqs
     autoscaling_overrides: dict = dataclasses.field(default_factory=dict)
     max_body_bytes: int = 8 * 1024 * 1024
+    http_server: str = "ingress"         # ingress: the ingress replica listens itself; proxy: Serve's HTTP proxy
     replica_num_cpus: float = 0.5        # Ray scheduling label of a model replica (threads are separate)
     torch_threads: int | None = None     # per model replica; None: cores / max_replicas
     log_level: str = "INFO"
@@ -292,7 +293,13 @@ class Ingress:
             aliases += (DEFAULT_CHECKPOINT.name,)
         self.fe = Frontend(ServeBackend(model_handle, self.hub), None, None, served_model_name=name, aliases=aliases,
                            api_key=cfg.api_key)
-        self.grpc = None
+        self.grpc = self.http = None
+        if cfg.http_server == "ingress":
+            from .http_app import build_app
+            from .http_server import HttpServer
+
+            self.http = HttpServer(build_app(self.fe, cfg.max_body_bytes), cfg.host, cfg.port)
+            await self.http.start()
         if cfg.grpc_port:
             self.grpc = GrpcServer(self.fe, cfg.host, cfg.grpc_port, cfg.max_body_bytes)
             await self.grpc.start()
@@ -348,6 +355,8 @@ class Ingress:
         await self.fe.abort_all("ingress shutting down")
         if self.grpc is not None:
             await self.grpc.stop(1.0)
+        if self.http is not None:
+            await self.http.stop()
 
 
 def build_application(cfg: ServeConfig):
@@ -363,8 +372,10 @@ def build_application(cfg: ServeConfig):
         health_check_period_s=5, health_check_timeout_s=30,
         graceful_shutdown_timeout_s=30, graceful_shutdown_wait_loop_s=1,
     )
+    # The ingress listens on the head node (where `hybridserve serve` and a Kubernetes Service expect it).
+    ingress_resources = {"node:__internal_head__": 0.001} if cfg.http_server == "ingress" else {}
     ingress = serve.deployment(
-        Ingress, name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
+        Ingress, name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": ingress_resources},
         max_ongoing_requests=10_000,
         graceful_shutdown_timeout_s=30,
     )
