@@ -35,7 +35,7 @@ from .served import ServedCluster
 PIECES = [
     ("tail: sampling, verification, MTP drafting", r"model_shards/(tail|speculative|drafter|mtp)\.py|run_tail"),
     ("model forward (layers, logits)", r"model_shards/|kernels/"),
-    ("stage worker (plan to batch, commits)", r"cluster/"),
+    ("executor: plan to batch, commits; the pipe to the model process", r"cluster/"),
     ("engine loop and scheduler", r"router/(engine|scheduler|block_manager|sequence)\.py"),
     ("replica generator", r"router/(serve_app|request_stream|backend)\.py"),
     ("frontend: tokenize, detokenize, stops", r"router/(frontend|detokenizer|tokenizer|responses)\.py"),
@@ -43,6 +43,7 @@ PIECES = [
     ("Ray Serve and Ray core (streams, handles)", r"ray/"),
 ]
 
+MODEL_PROCESS = "model process (cluster/process_executor.py)"
 THREAD_FRAMES = r"(Thread\.run|Thread\._bootstrap|_WorkItem\.run|_worker) "
 
 
@@ -69,6 +70,8 @@ def cpu_seconds(root: int) -> dict[str, float]:
         try:
             cmd = p.cmdline()
             name = next((w for w in cmd if w.startswith("ray::")), None) or p.name()
+            if "cluster.process_executor" in cmd:
+                name = MODEL_PROCESS
             t = p.cpu_times()
             out[name.split(".")[0]] += t.user + t.system
         except psutil.Error:
@@ -175,8 +178,11 @@ def start_spies(s: ServedCluster, folder: Path, seconds: float) -> dict[str, sub
     if seconds <= 0 or not Path(spy).exists():
         return {}
     out = {}
-    for cls in ("ModelServer", "Ingress"):
-        for pid in s.actor_pids(f"ServeReplica:hybridserve:{cls}")[:1]:
+    targets = {cls: s.actor_pids(f"ServeReplica:hybridserve:{cls}")[:1] for cls in ("ModelServer", "Ingress")}
+    targets["model process"] = [p.pid for p in psutil.Process(s.proc.pid).children(recursive=True)
+                                if "cluster.process_executor" in " ".join(p.cmdline())][:1]
+    for cls, pids in targets.items():
+        for pid in pids:
             out[cls] = subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "100", "-f", "raw",
                                          "-o", str(folder / f"{cls}.txt"), "--nonblocking"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -193,7 +199,8 @@ def report(points: list[dict], cmd: str) -> str:
     out = [f"## Where a served request's time goes (`{cmd}`)", "",
            f"Machine: {machine()}. Closed loop: each point sends its prompts with at most C in flight, greedy, "
            "EOS ignored; in-process = the AsyncEngine fed directly in one process; served = `hybridserve serve` "
-           "(Ray Serve: proxy, ingress, model replica) driven by `hybridserve bench` over HTTP.", "",
+           "(Ray Serve: the ingress replica serving HTTP, the model replica, its model process) driven by "
+           "`hybridserve bench` over HTTP from its own process.", "",
            table(["point", "in-process tok/s", "served tok/s", "served / in-process", "in-process tokens per step",
                   "served tokens per step", "served TTFT p50 ms", "served TPOT p50 ms"], rows), ""]
     by_k = {p["k"]: p for p in points if p["c"] == 1}
@@ -209,7 +216,7 @@ def report(points: list[dict], cmd: str) -> str:
     out += ["CPU time per output token (ms) by process, served runs (2 cores = 2 CPU-seconds per second):", "",
             table(["process"] + [p["label"] for p in points],
                   [[n] + [p["served"]["cpu_ms_per_token"].get(n, 0.0) for p in points] for n in names]), ""]
-    for cls in ("ModelServer", "Ingress"):
+    for cls in ("model process", "ModelServer", "Ingress"):
         pieces = sorted({k for p in points for k in p["served"]["pieces"].get(cls, {})})
         if not pieces:
             continue

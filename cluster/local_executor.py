@@ -25,8 +25,10 @@ class LocalExecutor:
                                   draft_dtype=draft_dtype, draft_vocab=draft_vocab)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hybridserve-worker")
 
-    async def submit(self, plan: StepPlan) -> StepResult:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.worker.execute, plan)
+    def submit(self, plan: StepPlan) -> "asyncio.Future[StepResult]":
+        """Starts the pass now (not when the event loop next runs a task: outputs of the last pass are
+        being streamed then) and returns its future."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, self.worker.execute, plan)
 
     def is_fatal(self, err: BaseException) -> bool:
         """In one process a failed pass leaves the model intact: only the plan's requests are affected."""

@@ -118,8 +118,13 @@ class RayExecutor:
             ref = stage.run.remote(data, ref if self.transport == "ray" else None)
         return ref
 
-    async def submit(self, plan: StepPlan) -> StepResult:
-        return decode_result(await self._chain(plan))
+    def submit(self, plan: StepPlan):
+        """Sends the pass to the stages now and returns an awaitable of its result."""
+        return self._result(self._chain(plan))
+
+    @staticmethod
+    async def _result(ref) -> StepResult:
+        return decode_result(await ref)
 
     def is_fatal(self, err: BaseException) -> bool:
         """An actor (or an object it owned) is gone: the replica must be rebuilt. A Python error inside

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy requests draft from the whole vocabulary, not only the checkpoint's draft_vocab.json")
     m.add_argument("--max-model-len", type=int, default=2048, help="context length (prompt + output)")
     m.add_argument("--max-num-seqs", type=int, default=16, help="sequences running at once per replica")
+    m.add_argument("--model-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="with -pp 1 -ep 1: compute in a child process of the replica, so the model and the "
+                        "replica's token streaming do not share one GIL (--no-model-process: a thread)")
     m.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")
     m.add_argument("--max-queued-requests", type=int, default=64,
                    help="requests waiting per replica before new ones get 429 + Retry-After")
@@ -92,7 +95,8 @@ def serve_config_from_args(args):
                           max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                           block_size=args.block_size, max_queued_requests=args.max_queued_requests,
                           num_kv_blocks=args.num_gpu_blocks_override,
-                          gpu_memory_utilization=args.gpu_memory_utilization, use_ray=pp * ep > 1, seed=args.seed)
+                          gpu_memory_utilization=args.gpu_memory_utilization, use_ray=pp * ep > 1, seed=args.seed,
+                          model_process=args.model_process)
     engine.validate()
     if not 1 <= args.min_replicas <= args.max_replicas:
         raise ValueError(f"--min-replicas/--max-replicas: need 1 <= min ({args.min_replicas}) <= max "

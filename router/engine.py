@@ -34,6 +34,9 @@ def make_executor(config: EngineConfig, folder, plan, num_blocks: int, num_slots
     kw = dict(num_blocks=num_blocks, block_size=config.block_size, num_slots=num_slots,
               max_verify_positions=config.num_speculative_tokens + 1, draft_dtype=config.draft_dtype,
               draft_vocab=config.draft_vocab)
+    if not config.use_ray and config.model_process:
+        from cluster.process_executor import ProcessExecutor
+        return ProcessExecutor(folder, torch_threads=config.torch_threads, **kw)
     if not config.use_ray:
         from cluster.local_executor import LocalExecutor
         return LocalExecutor(folder, torch_threads=config.torch_threads, **kw)
@@ -41,6 +44,24 @@ def make_executor(config: EngineConfig, folder, plan, num_blocks: int, num_slots
     return RayExecutor(folder, plan, actor_num_cpus=config.actor_num_cpus,
                        torch_threads=config.torch_threads, placement_strategy=config.placement_strategy,
                        stage_resources=config.stage_resources, transport=config.transport, **kw)
+
+
+def _pass(executor, plan):
+    """The pass's awaitable, its work started now: executors send the plan (to a thread, a child process,
+    the stage actors) when called, so the model computes while this loop streams the last pass's
+    tokens. A synchronous failure to send is that pass's failure, like any other."""
+    try:
+        work = executor.submit(plan)
+    except Exception as e:  # noqa: BLE001 - handled where the pass's result is applied
+        err = e
+
+        async def failed():
+            raise err
+        return failed()
+
+    async def result():
+        return await work
+    return result()
 
 
 class AsyncEngine:
@@ -274,7 +295,7 @@ class AsyncEngine:
                 return
             if not self._in_flight:
                 self._last_progress = time.monotonic()     # a stall is counted from the first pass out
-            fut = asyncio.ensure_future(self.executor.submit(plan))
+            fut = asyncio.ensure_future(_pass(self.executor, plan))
             fut.plan, fut.t0 = plan, time.perf_counter()
             self._in_flight.add(fut)
 

@@ -33,6 +33,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9    # share of device memory (CPU: of the replica's budget) for weights + caches
     max_queued_requests: int = 64
     use_ray: bool = False                  # False: the whole model in this process (the oracle's setup)
+    model_process: bool = False            # without Ray: the model in a child process (its own GIL), not a thread
     num_microbatches: int | None = None    # None: pipeline_parallel_size micro-batches in flight
     placement_strategy: str = "PACK"       # Ray placement group strategy for the replica's actors
     transport: str = "ray"                 # stage-to-stage hidden states: ray (object store), gloo, nccl
