@@ -216,6 +216,10 @@ def report(points: list[dict], cmd: str) -> str:
     out += ["CPU time per output token (ms) by process, served runs (2 cores = 2 CPU-seconds per second):", "",
             table(["process"] + [p["label"] for p in points],
                   [[n] + [p["served"]["cpu_ms_per_token"].get(n, 0.0) for p in points] for n in names]), ""]
+    out += ["How to read the py-spy tables: the share of each process's sampled stacks whose innermost "
+            "frame of ours (or of Ray, FastAPI, uvicorn) falls in a piece. \"native code under a thread's "
+            "frame\" is mostly threads blocked in C (Ray's core-worker threads, pool workers waiting for "
+            "work) that py-spy's non-blocking sampling cannot tell from busy ones.", ""]
     for cls in ("model process", "ModelServer", "Ingress"):
         pieces = sorted({k for p in points for k in p["served"]["pieces"].get(cls, {})})
         if not pieces:

@@ -160,17 +160,11 @@ def patient_startup() -> None:
 def deploy(cfg) -> None:
     """serve.start + serve.run, printing progress until the application is RUNNING."""
     from ray import serve
-    from ray.serve.config import HTTPOptions
     from ray.serve.schema import LoggingConfig
 
-    from .serve_app import build_application
+    from .serve_app import build_application, start_serve
 
-    if cfg.http_server == "proxy":
-        serve.start(http_options=HTTPOptions(host=cfg.host, port=cfg.port),
-                    logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"))
-    else:                                   # the ingress replica listens on cfg.port itself
-        serve.start(proxy_location="Disabled",
-                    logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"))
+    start_serve(cfg, LoggingConfig(enable_access_log=False, log_level="WARNING"))
     logging.getLogger("ray.serve").setLevel(logging.WARNING)   # our own banner says where we listen
     app = build_application(cfg)
     errors: list[BaseException] = []

@@ -359,6 +359,15 @@ class Ingress:
             await self.http.stop()
 
 
+def start_serve(cfg: ServeConfig, logging_config=None) -> None:
+    """serve.start for `cfg.http_server`: Serve's HTTP proxy on cfg.port, or no proxy (the ingress
+    replica listens on cfg.port itself)."""
+    if cfg.http_server == "proxy":
+        serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
+    else:
+        serve.start(proxy_location="Disabled", logging_config=logging_config)
+
+
 def build_application(cfg: ServeConfig):
     """The bound Serve application for `serve.run`."""
     e = cfg.engine

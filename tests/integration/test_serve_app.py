@@ -1,7 +1,8 @@
-"""The Ray Serve application on loopback: ingress (HTTP via Serve's proxy + gRPC) and model replicas.
+"""The Ray Serve application on loopback: ingress (HTTP + gRPC) and model replicas.
 
 Few and well chosen, because each deployment costs seconds and memory: one app for the request path
-(outputs equal greedy, cancellation frees the cache, queue limit), one for autoscaling.
+(outputs equal greedy, cancellation frees the cache, queue limit) with the ingress serving HTTP itself
+(the default), one for autoscaling behind Serve's HTTP proxy (`--http-server proxy`).
 """
 from __future__ import annotations
 
@@ -54,9 +55,9 @@ def greedy_refs(requests: list[tuple[list[int], int]]) -> list[list[int]]:
 def deploy(cfg):
     from ray import serve
 
-    from router.serve_app import build_application
+    from router.serve_app import build_application, start_serve
 
-    serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
+    start_serve(cfg)
     serve.run(build_application(cfg), name=cfg.app_name, route_prefix="/")
 
 
@@ -178,6 +179,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it(ray_cluster):
 
     cfg = ServeConfig(engine=engine_config(max_num_seqs=4, max_queued_requests=8), app_name="hs-scale",
                       port=free_port(), grpc_port=0, min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+                      http_server="proxy",
                       torch_threads=1, autoscaling_overrides={"upscale_delay_s": 0.5, "downscale_delay_s": 3,
                                                               "metrics_interval_s": 0.5, "look_back_period_s": 1})
     serve.shutdown()                    # the request-path app (HTTP options are per Serve instance)
