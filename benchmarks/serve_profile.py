@@ -73,7 +73,7 @@ def cpu_seconds(root: int) -> dict[str, float]:
             if "cluster.process_executor" in cmd:
                 name = MODEL_PROCESS
             t = p.cpu_times()
-            out[name.split(".")[0]] += t.user + t.system
+            out[name.split(".")[0] if name.startswith("ray::") else name] += t.user + t.system
         except psutil.Error:
             pass
     return out
@@ -224,7 +224,8 @@ def report(points: list[dict], cmd: str) -> str:
         pieces = sorted({k for p in points for k in p["served"]["pieces"].get(cls, {})})
         if not pieces:
             continue
-        out += [f"Inside the {cls} process (py-spy samples of its busy threads, share of samples):", "",
+        where = cls if cls == "model process" else f"{cls} replica's process"
+        out += [f"Inside the {where} (py-spy samples of its busy threads, share of samples):", "",
                 table(["piece"] + [p["label"] for p in points],
                       [[k] + [f"{100 * p['served']['pieces'].get(cls, {}).get(k, 0.0):.0f}%" for p in points]
                        for k in pieces]), ""]
