@@ -84,6 +84,37 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def serve_args_from_dict(options: dict) -> argparse.Namespace:
+    """`hybridserve serve` options given as a mapping (a Serve config file's `args`), parsed by the CLI's
+    own parser. Keys are long option names (dashes or underscores); True/False toggle flags."""
+    ap = build_parser()
+    serve_parser = next(a for a in ap._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve"))
+    known = {a.dest: a for a in serve_parser._actions if a.option_strings and a.dest != "help"}
+    flags = {s.lstrip("-").replace("-", "_"): a for a in serve_parser._actions for s in a.option_strings
+             if s.startswith("--") and a.dest != "help" and not s.startswith("--no-")}
+
+    def fail(message):
+        raise ValueError(f"invalid serve options: {message}")
+    serve_parser.error = fail
+    argv = []
+    for key, value in options.items():
+        name = str(key).replace("-", "_")
+        action = flags.get(name) or known.get(name)
+        if action is None:
+            raise ValueError(f"{key}: not a `hybridserve serve` option (known: {', '.join(sorted(known))})")
+        opt = next(s for s in action.option_strings if s.startswith("--"))
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(opt if value else "--no-" + opt[2:])
+        elif isinstance(action, argparse._StoreFalseAction):      # --no-draft-vocab: draft_vocab=False
+            if value is False or value is None:
+                argv.append(opt)
+        elif isinstance(value, bool):
+            raise ValueError(f"{key}: expected a value, got {value}")
+        elif value is not None:
+            argv += [opt, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    return ap.parse_args(["serve", *argv])
+
+
 def serve_config_from_args(args):
     from .engine_config import EngineConfig
     from .serve_app import ServeConfig

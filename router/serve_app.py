@@ -381,11 +381,26 @@ def build_application(cfg: ServeConfig):
         health_check_period_s=5, health_check_timeout_s=30,
         graceful_shutdown_timeout_s=30, graceful_shutdown_wait_loop_s=1,
     )
-    # The ingress listens on the head node (where `hybridserve serve` and a Kubernetes Service expect it).
-    ingress_resources = {"node:__internal_head__": 0.001} if cfg.http_server == "ingress" else {}
+    # The ingress sits on the head node: its gRPC server (and in ingress mode its HTTP server) is where
+    # `hybridserve serve` and a Kubernetes Service (which selects the head pod) expect it.
+    ingress_resources = {"node:__internal_head__": 0.001}
     ingress = serve.deployment(
         Ingress, name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": ingress_resources},
         max_ongoing_requests=10_000,
         graceful_shutdown_timeout_s=30,
     )
     return ingress.bind(model.bind(cfg), cfg)
+
+
+def app_builder(args: dict):
+    """The Serve application from a config file (`serve run`, `serve deploy`, KubeRay's serveConfigV2).
+
+    `args` holds `hybridserve serve` options by their long names, dashes or underscores, e.g.
+    `{"model": "/models/x", "pipeline_parallel_size": 2, "model_process": false}`; they are parsed by the
+    very parser the CLI uses, so the two cannot drift and a bad value fails with the CLI's message.
+    """
+    from .cli import serve_config_from_args, serve_args_from_dict
+
+    cfg = serve_config_from_args(serve_args_from_dict(args or {}))
+    setup_logging(cfg.log_level)
+    return build_application(cfg)
