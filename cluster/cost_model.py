@@ -16,6 +16,12 @@ Cost model (per token, FLOPs = 2 x multiply-adds; documented so it can be replac
     head       2*d*V (lm_head; norm_f is noise); MTP block: 4*d*d (eh_proj) + its layers + 2*d*V (its own
                lm_head pass), counted once per token (tail drafting runs it about once per verified token)
     embedding  a lookup: 0
+
+Placement facts the planner prices (checked against the real allocations in tests/unit/test_plan_command.py):
+the MTP block's routed experts stay whole in the last stage actor (`MTPBlock` takes no expert range and
+expert shards load backbone layers only); serving's drafter (`model_shards/drafter.py`) keeps copies of
+the MTP block and lm_head on the last stage (`drafter_bytes`). Mamba states and their verification
+scratch are float32 whatever the weights' dtype (`mamba_slot_bytes_per_layer`).
 """
 from __future__ import annotations
 
@@ -117,3 +123,33 @@ def mamba_slot_bytes_per_layer(cfg: ModelConfig, max_positions: int) -> int:
     H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
     conv = cfg.conv_dim * (cfg.conv_kernel - 1)
     return 4 * (conv + H * P * N + max_positions * (conv + H + H * P + G * N))
+
+
+# Bytes per element of the dtypes weights and KV may take (Mamba states are float32 whatever these are).
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def draft_dtype_bytes(draft_dtype: str, weight_dtype_bytes: int, on_cpu: bool) -> int:
+    """Bytes per weight of the drafter's copy, as `model_shards.drafter.resolve_draft_dtype` picks the dtype
+    (EngineConfig.draft_dtype): "auto" is float16 on a CPU when the model is float32, else the model's."""
+    if draft_dtype == "auto":
+        return 2 if on_cpu and weight_dtype_bytes == 4 else weight_dtype_bytes
+    if draft_dtype == "model":
+        return weight_dtype_bytes
+    if draft_dtype not in DTYPE_BYTES:
+        raise PlanError(f"draft_dtype: expected auto, model or one of {', '.join(DTYPE_BYTES)}, "
+                        f"found {draft_dtype!r}")
+    return DTYPE_BYTES[draft_dtype]
+
+
+def drafter_bytes(cfg: ModelConfig, weight_dtype_bytes: int, draft_bytes: int, draft_vocab: bool) -> int:
+    """What serving's Drafter adds to the last stage next to the model's own weights: with a draft
+    vocabulary a copy of lm_head with the vocabulary's rows first (model dtype); with a drafting dtype
+    other than the model's a copy of the MTP block and of that head in it. Zero without MTP."""
+    if not cfg.has_mtp:
+        return 0
+    head = cfg.vocab_size * cfg.hidden_size
+    extra = head * weight_dtype_bytes if draft_vocab else 0
+    if draft_bytes != weight_dtype_bytes:
+        extra += (mtp_parameters(cfg).total + head) * draft_bytes
+    return extra

@@ -15,7 +15,8 @@ alone when no split allows that, and then the capacity check names the stage); t
 with less weight memory on the fullest stage device.
 
 Placement: stage s owns devices s*ep .. s*ep+ep-1 of the replica; expert shard r sits on device s*ep+r,
-and the stage actor shares the device of shard 0, so that device also holds the stage's caches.
+and the stage actor shares the device of shard 0, so that device also holds the stage's caches. The last
+stage's device also holds the MTP block whole (its routed experts are not sharded) and the drafter's copies.
 Transport ranks: stage actors 0..pp-1, then expert shard (s, r) at pp + s*ep + r.
 """
 from __future__ import annotations
@@ -28,8 +29,9 @@ from typing import Callable
 from model_shards.config import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from router.block_manager import kv_positions
 
-from .cost_model import (LayerCost, PlanError, _embedding, _head, _mtp, kv_block_bytes_per_layer,  # noqa: F401
-                         layer_cost, layer_costs, mamba_slot_bytes_per_layer)
+from .cost_model import (DTYPE_BYTES, LayerCost, PlanError, _embedding, _head, _mtp,  # noqa: F401
+                         draft_dtype_bytes, drafter_bytes, kv_block_bytes_per_layer, layer_cost, layer_costs,
+                         mamba_slot_bytes_per_layer)
 from .parallel import ParallelConfig
 
 GiB = 1024 ** 3
@@ -108,12 +110,13 @@ class StagePlan:
     expert_params: int           # routed-expert parameters of the stage, all EP shards together
     active_params: int           # per token: non-expert + k of E experts
     flops_per_token: float       # cost model: non-expert + routed/ep
-    weight_bytes: int            # on `device`: stage actor + expert shard 0
+    weight_bytes: int            # on `device`: stage actor + expert shard 0 (+ the drafter's copies)
     free_bytes: int              # on `device` after the reserve and the weights
     kv_block_bytes: int          # one block id over all attention layers of the stage (+ MTP's)
     slot_bytes: int              # one sequence slot over all Mamba layers of the stage (+ scratch)
     max_seqs: int | None         # slots this stage alone could give at context_len (None: no constraint)
     num_kv_blocks: int | None    # blocks left after the replica's max_num_seqs slots (None: no attention)
+    draft_bytes: int = 0         # of weight_bytes: the drafter's copies of MTP block / lm_head (last stage)
 
     @property
     def layers(self) -> range:
@@ -207,7 +210,7 @@ def balanced_split(n: int, parts: int, key: Callable[[int, int], tuple], fits: C
 # ---- planning ----------------------------------------------------------------------------------------------
 def plan_replica(cfg: ModelConfig, parallel: ParallelConfig, devices: DeviceSpec, *, block_size: int = 16,
                  num_speculative_tokens: int | None = None, context_len: int = 8192,
-                 max_num_seqs: int = 256) -> ReplicaPlan:
+                 max_num_seqs: int = 256, draft_dtype: str = "auto", draft_vocab: bool = False) -> ReplicaPlan:
     """Plan one replica of `cfg` on `parallel.devices_per_replica` of `devices`.
 
     num_speculative_tokens: MTP drafts k per step (default 3 with an MTP block, else 0); the Mamba
@@ -216,6 +219,8 @@ def plan_replica(cfg: ModelConfig, parallel: ParallelConfig, devices: DeviceSpec
         memory is split between Mamba slots and KV blocks (room for sequences of that length, with the
         k positions MTP drafting writes past a pass, as the scheduler counts them: kv_positions).
     max_num_seqs: upper bound on the slots; the memory a bound leaves over goes to KV blocks.
+    draft_dtype, draft_vocab: serving's drafter on the last stage (EngineConfig.draft_dtype; whether the
+        checkpoint has a draft_vocab.json that is used): the copies it keeps count as that device's weights.
     """
     parallel.check_model(cfg)
     pp, ep = parallel.pp, parallel.ep
@@ -238,24 +243,31 @@ def plan_replica(cfg: ModelConfig, parallel: ParallelConfig, devices: DeviceSpec
     mtp = _mtp(cfg, context_len) if cfg.has_mtp else LayerCost()
     last_needs_emb = cfg.has_mtp or cfg.tie_word_embeddings  # the MTP block / tied head read the embedding
 
+    # The MTP block's routed experts stay whole in the last stage actor (MTPBlock takes no expert range,
+    # expert shards load backbone layers only): the actor's parameters and work, not the shards'.
+    mtp_whole = LayerCost(flops=mtp.expert_flops, params=mtp.expert_params) - LayerCost(
+        expert_flops=mtp.expert_flops, expert_params=mtp.expert_params)
+
     @functools.lru_cache(maxsize=None)
     def stage_cost(i: int, j: int) -> LayerCost:
         c = pre[j] - pre[i]
         if i == 0 or (j == n and last_needs_emb):
             c = c + emb
-        return c + head + mtp if j == n else c
+        return c + head + mtp + mtp_whole if j == n else c
 
     wb, usable = devices.weight_dtype_bytes, devices.usable_bytes
 
-    def device_bytes(c: LayerCost) -> int:  # the stage's device: stage actor + expert shard 0
-        return (c.params + c.expert_params // ep) * wb
+    draft = drafter_bytes(cfg, wb, draft_dtype_bytes(draft_dtype, wb, devices.kind == "cpu"), draft_vocab)
+
+    def stage_bytes(i: int, j: int) -> int:  # the stage's device: stage actor + expert shard 0 (+ drafter)
+        c = stage_cost(i, j)
+        return (c.params + c.expert_params // ep) * wb + (draft if j == n else 0)
 
     def work(c: LayerCost) -> int:  # ep x (non-expert + routed/ep): an exact integer, same order
         return c.flops * ep + c.expert_flops
 
     def key(i: int, j: int) -> tuple:
-        c = stage_cost(i, j)
-        return (work(c), device_bytes(c))
+        return (work(stage_cost(i, j)), stage_bytes(i, j))
 
     kv_layer = kv_block_bytes_per_layer(cfg, block_size, devices.kv_dtype_bytes)
     slot_layer = mamba_slot_bytes_per_layer(cfg, k + 1)
@@ -268,15 +280,15 @@ def plan_replica(cfg: ModelConfig, parallel: ParallelConfig, devices: DeviceSpec
 
     def room_for_one(i: int, j: int) -> bool:  # weights and one sequence of context_len tokens
         kvb, slotb = cache_bytes(i, j)
-        return device_bytes(stage_cost(i, j)) + slotb + blocks_per_seq * kvb <= usable
+        return stage_bytes(i, j) + slotb + blocks_per_seq * kvb <= usable
 
     bounds = balanced_split(n, pp, key, room_for_one)
     if bounds is None:  # no split leaves room for a sequence: say whether the weights alone fit
-        bounds = balanced_split(n, pp, key, lambda i, j: device_bytes(stage_cost(i, j)) <= usable)
+        bounds = balanced_split(n, pp, key, lambda i, j: stage_bytes(i, j) <= usable)
     if bounds is None:
         best = balanced_split(n, pp, key, lambda i, j: True)
-        s, (i, j) = max(enumerate(best), key=lambda t: device_bytes(stage_cost(*t[1])))
-        need = device_bytes(stage_cost(i, j))
+        s, (i, j) = max(enumerate(best), key=lambda t: stage_bytes(*t[1]))
+        need = stage_bytes(i, j)
         raise PlanError(
             f"stage {s} (layers {i}-{j - 1}): weights need {need / GiB:.1f} GiB ({need} bytes) on device {s * ep}, "
             f"available {usable / GiB:.1f} GiB ({usable} bytes = {devices.memory_bytes} x (1 - reserve "
@@ -290,13 +302,13 @@ def plan_replica(cfg: ModelConfig, parallel: ParallelConfig, devices: DeviceSpec
         c = stage_cost(i, j)
         counts = {kind: pattern.count(kind, i, j) for kind in _KINDS}
         kvb, slotb = cache_bytes(i, j)
-        free = usable - device_bytes(c)
+        free = usable - stage_bytes(i, j)
         per_seq = slotb + blocks_per_seq * kvb
         rows.append((s, i, j, c, counts, kvb, slotb, free, per_seq, free // per_seq if per_seq else None))
     for s, i, j, c, _, kvb, slotb, free, per_seq, seqs in rows:
         if seqs is not None and seqs < 1:
             raise PlanError(
-                f"stage {s} (layers {i}-{j - 1}): after {device_bytes(c) / GiB:.2f} GiB of weights, "
+                f"stage {s} (layers {i}-{j - 1}): after {stage_bytes(i, j) / GiB:.2f} GiB of weights, "
                 f"{free / GiB:.2f} GiB ({free} bytes) free on device {s * ep} cannot hold one sequence of "
                 f"{context_len} tokens ({per_seq} bytes: a Mamba slot of {slotb} + {blocks_per_seq} KV blocks "
                 f"of {kvb}); lower context_len or num_speculative_tokens, or add memory")
@@ -308,9 +320,10 @@ def plan_replica(cfg: ModelConfig, parallel: ParallelConfig, devices: DeviceSpec
         stages.append(StagePlan(
             index=s, start=i, stop=j, kind_counts=counts, has_embedding=i == 0 or (j == n and last_needs_emb),
             has_head=j == n, has_mtp=j == n and cfg.has_mtp, rank=s, device=s * ep, params=c.params,
-            expert_params=c.expert_params, active_params=c.params + c.active_expert_params,
-            flops_per_token=work(c) / ep, weight_bytes=device_bytes(c), free_bytes=free, kv_block_bytes=kvb,
-            slot_bytes=slotb, max_seqs=seqs, num_kv_blocks=(free - num_seqs * slotb) // kvb if kvb else None))
+            expert_params=c.expert_params, flops_per_token=work(c) / ep, weight_bytes=stage_bytes(i, j),
+            active_params=c.params + c.active_expert_params - (mtp.expert_params if j == n else 0),  # k of E
+            free_bytes=free, kv_block_bytes=kvb, slot_bytes=slotb, max_seqs=seqs,
+            num_kv_blocks=(free - num_seqs * slotb) // kvb if kvb else None, draft_bytes=draft if j == n else 0))
         for r, rng in enumerate(ranges):
             p = c.expert_params // ep
             shards.append(ExpertShardPlan(stage=s, ep_rank=r, experts=rng, rank=pp + s * ep + r,

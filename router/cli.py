@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     from .bench.command import add_parser as add_bench_parser
     add_bench_parser(sub)
+    from .plan_command import add_parser as add_plan_parser
+    add_plan_parser(sub)
+    from .drain_command import add_parser as add_drain_parser
+    add_drain_parser(sub)
     return ap
 
 
@@ -262,13 +266,10 @@ def drain_and_stop(cfg, started_ray: bool, timeout_s: float) -> None:
     from ray import serve
 
     def drain_and_shutdown():
+        from .drain_command import drain_app
+
         try:
-            handle = serve.get_app_handle(cfg.app_name)
-            n = handle.in_flight.remote().result(timeout_s=10)
-            print(f"draining: {n} request(s) in flight, waiting up to {timeout_s:g}s", flush=True)
-            left = handle.drain.remote(timeout_s).result(timeout_s=timeout_s + 10)
-            if left:
-                print(f"drain timeout: aborted {left} request(s)", flush=True)
+            drain_app(cfg.app_name, timeout_s)
         except Exception as e:  # noqa: BLE001 - shut down regardless
             print(f"drain failed ({type(e).__name__}: {e}); shutting down", flush=True)
         serve.shutdown()
@@ -374,9 +375,15 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "export":
         return cmd_export(args)
+    if args.command == "drain":
+        from .drain_command import cmd_drain
+        return cmd_drain(args)
     if args.command == "bench":
         from .bench.command import cmd_bench
         return cmd_bench(args)
+    if args.command == "plan":
+        from .plan_command import cmd_plan
+        return cmd_plan(args)
     return 2
 
 

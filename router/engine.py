@@ -113,7 +113,8 @@ class AsyncEngine:
                                   expert_parallel_size=c.expert_parallel_size)
         return plan_replica(self.model_config, parallel, c.device_spec(parallel.devices_per_replica),
                             block_size=c.block_size, num_speculative_tokens=c.num_speculative_tokens,
-                            context_len=self.max_model_len, max_num_seqs=c.max_num_seqs)
+                            context_len=self.max_model_len, max_num_seqs=c.max_num_seqs, draft_dtype=c.draft_dtype,
+                            draft_vocab=c.draft_vocab and (self.folder / "draft_vocab.json").exists())
 
     def _num_kv_blocks(self) -> int:
         """--num-gpu-blocks-override if given, else what the plan's memory and max_num_seqs allow; the

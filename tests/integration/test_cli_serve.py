@@ -14,17 +14,24 @@ import pytest
 from tests.frontdoor_helpers import free_port
 
 pytestmark = pytest.mark.integration
+LONG, N_LONG = 1000, 6   # one sequence at a time (--max-num-seqs 1): ~10 s of work for the tiny model
 
 
-def test_serve_command_answers_and_drains_on_sigterm(preset_cache):
+def _gauge(metrics_text: str, name: str) -> float:
+    """Sum of a gauge over its label sets in Prometheus text."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines() if line.startswith(name + "{"))
+
+
+def test_serve_command_answers_and_drains_from_outside_and_on_sigterm(preset_cache):
     port, grpc_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "router.cli", "serve", "--model", "tiny", "--port", str(port),
-           "--grpc-port", str(grpc_port), "--max-model-len", "1024", "--num-cpus", "4", "--drain-timeout", "60",
+           "--grpc-port", str(grpc_port), "--max-model-len", "1024", "--max-num-seqs", "1", "--num-cpus", "4", "--drain-timeout", "60",
            "--log-level", "INFO"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
+    proc_cwd = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+                            start_new_session=True, cwd=proc_cwd)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
@@ -40,22 +47,40 @@ def test_serve_command_answers_and_drains_on_sigterm(preset_cache):
                        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
-        long_result = {}
+        long_results = []
 
         def long_request():
-            long_result["r"] = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
-                                          json={"prompt": "x", "max_tokens": 600, "ignore_eos": True})
-        t = threading.Thread(target=long_request)
-        t.start()
-        time.sleep(0.5)
+            long_results.append(httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+                                           json={"prompt": "x", "max_tokens": LONG, "ignore_eos": True}))
+        threads = [threading.Thread(target=long_request) for _ in range(N_LONG)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while "hybridserve:num_requests_running{" not in (m := httpx.get(f"http://127.0.0.1:{port}/metrics").text) \
+                or not _gauge(m, "hybridserve:num_requests_running") >= 1:
+            assert time.time() < deadline, "the long request never ran"
+            time.sleep(0.05)
+        # What a Kubernetes preStop hook runs: drain from outside, while the request still has tokens to go.
+        drainer = subprocess.Popen([sys.executable, "-m", "router.cli", "drain", "--timeout", "60"], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=proc_cwd)
+        deadline = time.time() + 60
+        while httpx.get(f"http://127.0.0.1:{port}/ready").status_code != 503:
+            assert time.time() < deadline and drainer.poll() is None, drainer.communicate()[0]
+            time.sleep(0.05)
+        refused = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30, json={"prompt": "y", "max_tokens": 4})
+        assert refused.status_code == 503, refused.text
+        drain_out = drainer.communicate(timeout=120)[0]
+        assert drainer.returncode == 0 and "drained in" in drain_out, drain_out
+        assert int(drain_out.split(" request(s) in flight")[0].rsplit(" ", 1)[1]) >= 1, drain_out
+        for t in threads:
+            t.join(120)
+        assert [r.status_code for r in long_results] == [200] * N_LONG, [r.text for r in long_results]
+        assert all(r.json()["usage"]["completion_tokens"] == LONG for r in long_results), "an in-flight request was cut"
         proc.send_signal(signal.SIGTERM)          # as Kubernetes does: to the main process only
-        t.join(120)
-        assert long_result["r"].status_code == 200
-        assert long_result["r"].json()["usage"]["completion_tokens"] == 600, "the in-flight request was cut"
         assert proc.wait(90) == 0
         reader.join(5)
         out = "".join(lines)
-        assert "SIGTERM received" in out and "draining: 1 request(s) in flight" in out and "stopped" in out
+        assert "SIGTERM received" in out and "0 request(s) in flight" in out and "stopped" in out
         assert "POST /v1/chat/completions model=tiny prompt=" in out      # the per-request log line
     finally:
         if proc.poll() is None:
