@@ -88,11 +88,25 @@ def test_auto_picks_the_smallest_layout_that_fits():
                 with pytest.raises(PlanError):
                     plan_replica(cfg, ParallelConfig(p, e), hw.devices(p * e), context_len=2048,
                                  num_speculative_tokens=0)
-    assert any("does not fit" in w for w in plan.why) and plan.larger          # why, and what bigger ones hold
+    assert any("passed over" in w for w in plan.why) and plan.larger          # why, and what bigger ones hold
     four = plan_deployment(cfg, Hardware(4, 1, 80 * GB))
     assert four.pp * four.ep == 4
     per_node = plan_deployment(cfg, Hardware(2, 2, 80 * GB))
     assert per_node.pp * per_node.ep == 4 and per_node.ep <= 2 and per_node.nodes_per_replica == 2
+
+
+def test_auto_with_min_batch_passes_over_replicas_that_hold_too_few_sequences(capsys):
+    """The smallest Super replica on H200s holds a sequence or two; `--min-batch` asks for a useful one."""
+    cfg = get_preset(SUPER)
+    hw = Hardware(8, 1, 141 * GB)
+    smallest = plan_deployment(cfg, hw)
+    useful = plan_deployment(cfg, hw, min_batch=32)
+    assert smallest.max_batch < 32 <= useful.max_batch
+    assert useful.pp * useful.ep > smallest.pp * smallest.ep
+    assert any(f"pp={smallest.pp} ep={smallest.ep}: fits, but only" in w for w in useful.why)
+    code, out, _ = run(capsys, "--model", SUPER, "--gpus", "8", "--gpu-memory-gb", "141")   # the CLI asks for 32
+    assert code == 0
+    assert f"layout: pp={useful.pp} x ep={useful.ep}" in out
 
 
 # ---- refusals --------------------------------------------------------------------------------------------
