@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-replicas", type=int, default=1)
     a.add_argument("--target-ongoing-requests", type=float, default=None,
                    help="autoscaling target per replica (default: --max-num-seqs)")
+    a.add_argument("--autoscaling-policy", choices=("engine", "ongoing"), default="engine",
+                   help="engine: scale on the most loaded of ongoing requests, running + waiting sequences "
+                        "and KV-cache usage (router/autoscaling.py); ongoing: Ray Serve's default policy")
+    a.add_argument("--target-kv-cache-usage", type=float, default=0.8,
+                   help="engine policy: mean KV-cache usage per replica to aim for (0..1]")
     a.add_argument("--autoscaling-config", type=json.loads, default={},
                    help='JSON overrides of Ray Serve\'s autoscaling_config, e.g. \'{"downscale_delay_s": 60}\'')
     a.add_argument("--num-cpus", type=float, default=None,
@@ -133,6 +138,8 @@ def serve_config_from_args(args):
                           gpu_memory_utilization=args.gpu_memory_utilization, use_ray=pp * ep > 1, seed=args.seed,
                           model_process=args.model_process)
     engine.validate()
+    if not 0.0 < args.target_kv_cache_usage <= 1.0:
+        raise ValueError(f"--target-kv-cache-usage: must be in (0, 1], got {args.target_kv_cache_usage}")
     if not 1 <= args.min_replicas <= args.max_replicas:
         raise ValueError(f"--min-replicas/--max-replicas: need 1 <= min ({args.min_replicas}) <= max "
                          f"({args.max_replicas})")
@@ -140,6 +147,7 @@ def serve_config_from_args(args):
                        api_key=args.api_key, host=args.host, port=args.port, grpc_port=args.grpc_port,
                        min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                        target_ongoing_requests=args.target_ongoing_requests,
+                       autoscaling_policy=args.autoscaling_policy, target_kv_cache_usage=args.target_kv_cache_usage,
                        autoscaling_overrides=args.autoscaling_config, max_body_bytes=args.max_request_body_bytes,
                        torch_threads=args.torch_threads, log_level=args.log_level.upper(),
                        http_server=args.http_server)

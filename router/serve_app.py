@@ -63,6 +63,8 @@ class ServeConfig:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float | None = None    # None: max_num_seqs
+    autoscaling_policy: str = "engine"   # engine: router/autoscaling.py's signals; ongoing: Serve's default
+    target_kv_cache_usage: float = 0.8   # engine policy: mean KV-cache usage per replica to aim for
     autoscaling_overrides: dict = dataclasses.field(default_factory=dict)
     max_body_bytes: int = 8 * 1024 * 1024
     http_server: str = "ingress"         # ingress: the ingress replica listens itself; proxy: Serve's HTTP proxy
@@ -76,6 +78,12 @@ class ServeConfig:
                "target_ongoing_requests": self.target_ongoing_requests or self.engine.max_num_seqs,
                "upscale_delay_s": 5.0, "downscale_delay_s": 30.0, "metrics_interval_s": 1.0,
                "look_back_period_s": 5.0}
+        if self.autoscaling_policy == "engine" and self.max_replicas > self.min_replicas:
+            from .autoscaling import POLICY_PATH
+
+            cfg["policy"] = {"policy_function": POLICY_PATH, "policy_kwargs": {
+                "target_sequences": float(self.engine.max_num_seqs),
+                "target_kv_usage": self.target_kv_cache_usage}}
         cfg.update(self.autoscaling_overrides)
         return cfg
 
@@ -163,6 +171,12 @@ class ModelServer:
 
     async def stats(self) -> dict:
         return dataclasses.asdict(self.engine.stats())
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Engine load for Serve's autoscaler (router/autoscaling.py), sent with each metrics push."""
+        from .autoscaling import engine_autoscaling_stats
+
+        return engine_autoscaling_stats(self.engine.stats()) if self.engine is not None else {}
 
     async def check_health(self) -> None:
         """Serve restarts a replica whose engine loop died or stalled (no pass back for twice the stall

@@ -172,14 +172,17 @@ def test_serve_queue_limit(app):
             assert r.json()["usage"]["completion_tokens"] == 200
 
 
-def test_autoscaling_adds_a_replica_under_load_and_removes_it(ray_cluster):
+def test_autoscaling_on_kv_cache_usage_adds_a_replica_under_load_and_removes_it(ray_cluster):
+    """The engine policy (router/autoscaling.py) scales on KV-cache usage: two clients can never push the
+    ongoing-requests signal (2 / target 100) or the sequences signal (2 / max_num_seqs 4) to 1, but
+    their 150-token sequences fill a 24-block cache past the 0.3 target."""
     from ray import serve
 
     from router.serve_app import ServeConfig
 
-    cfg = ServeConfig(engine=engine_config(max_num_seqs=4, max_queued_requests=8), app_name="hs-scale",
-                      port=free_port(), grpc_port=0, min_replicas=1, max_replicas=2, target_ongoing_requests=1,
-                      http_server="proxy",
+    cfg = ServeConfig(engine=engine_config(max_num_seqs=4, max_queued_requests=8, num_kv_blocks=24),
+                      app_name="hs-scale", port=free_port(), grpc_port=0, min_replicas=1, max_replicas=2,
+                      target_ongoing_requests=100, target_kv_cache_usage=0.3, http_server="proxy",
                       torch_threads=1, autoscaling_overrides={"upscale_delay_s": 0.5, "downscale_delay_s": 3,
                                                               "metrics_interval_s": 0.5, "look_back_period_s": 1})
     serve.shutdown()                    # the request-path app (HTTP options are per Serve instance)
@@ -199,7 +202,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it(ray_cluster):
                 httpx.post(url + "/v1/completions", json={"prompt": "load", "max_tokens": 150, "ignore_eos": True},
                            timeout=120)
 
-        threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
         for t in threads:
             t.start()
         wait_for(lambda: running_replicas() == 2, 90, "a second replica", interval=0.5)
