@@ -224,7 +224,8 @@ class DeploymentPlan:
 
     def helm_values(self) -> dict:
         hw = self.hardware
-        group = ({"cpu": {"gpusPerWorker": 0, "minWorkers": 1, "maxWorkers": 1}} if hw.cpu else
+        # A CPU plan drops the chart's default `gpu` group (Helm merges maps: null removes a key).
+        group = ({"cpu": {"gpusPerWorker": 0, "minWorkers": 1, "maxWorkers": 1}, "gpu": None} if hw.cpu else
                  {"gpu": {"gpusPerWorker": hw.gpus_per_node, "minWorkers": self.nodes_per_replica,
                           "maxWorkers": hw.nodes}})
         return {"serve": {"model": self.model, "pipelineParallelSize": self.pp, "expertParallelSize": self.ep,

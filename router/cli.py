@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--num-cpus", type=float, default=None,
                    help="logical CPUs of the local Ray cluster (default: max(cores, what the replicas need))")
     a.add_argument("--torch-threads", type=int, default=None, help="torch threads per replica (default: cores / max)")
+    a.add_argument("--replica-num-gpus", type=float, default=None,
+                   help="GPUs a model replica asks Ray for (default: 1 at -pp 1 -ep 1 when the Ray cluster has "
+                        "GPUs, else 0; stage and expert actors take one GPU each)")
     n = s.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address for HTTP and gRPC (0.0.0.0: all interfaces)")
     n.add_argument("--port", type=int, default=8000, help="HTTP port")
@@ -150,6 +153,7 @@ def serve_config_from_args(args):
                        autoscaling_policy=args.autoscaling_policy, target_kv_cache_usage=args.target_kv_cache_usage,
                        autoscaling_overrides=args.autoscaling_config, max_body_bytes=args.max_request_body_bytes,
                        torch_threads=args.torch_threads, log_level=args.log_level.upper(),
+                       replica_num_gpus=args.replica_num_gpus,
                        http_server=args.http_server)
 
 

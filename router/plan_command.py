@@ -185,7 +185,7 @@ def values_yaml(values: dict, indent: int = 0) -> str:
             out.append(" " * indent + f"{k}:")
             out.append(values_yaml(v, indent + 2))
         else:
-            out.append(" " * indent + f"{k}: {_scalar(v)}")
+            out.append(" " * indent + f"{k}: {'null' if v is None else _scalar(v)}")
     return "\n".join(out)
 
 

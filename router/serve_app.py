@@ -69,6 +69,7 @@ class ServeConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     http_server: str = "ingress"         # ingress: the ingress replica listens itself; proxy: Serve's HTTP proxy
     replica_num_cpus: float = 0.5        # Ray scheduling label of a model replica (threads are separate)
+    replica_num_gpus: float | None = None  # GPUs a model replica itself asks for; None: 1 at pp*ep == 1 on a GPU cluster
     torch_threads: int | None = None     # per model replica; None: cores / max_replicas
     log_level: str = "INFO"
 
@@ -382,6 +383,16 @@ def start_serve(cfg: ServeConfig, logging_config=None) -> None:
         serve.start(proxy_location="Disabled", logging_config=logging_config)
 
 
+def replica_gpus(cfg: ServeConfig) -> dict:
+    """Ray options for a model replica's GPU: at pp*ep == 1 the replica computes itself and needs one
+    (with pipeline or expert parallelism its stage and expert actors take one each instead)."""
+    gpus = cfg.replica_num_gpus
+    if gpus is None:
+        on_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+        gpus = 1.0 if on_gpus and not cfg.engine.use_ray else 0.0
+    return {"num_gpus": gpus} if gpus else {}
+
+
 def build_application(cfg: ServeConfig):
     """The bound Serve application for `serve.run`."""
     e = cfg.engine
@@ -391,7 +402,7 @@ def build_application(cfg: ServeConfig):
         # The engine queues (and rejects past max_queued_requests) itself; Serve sends it up to that many.
         max_ongoing_requests=e.max_num_seqs + e.max_queued_requests,
         max_queued_requests=max(1, e.max_queued_requests),
-        ray_actor_options={"num_cpus": cfg.replica_num_cpus},
+        ray_actor_options={"num_cpus": cfg.replica_num_cpus, **replica_gpus(cfg)},
         health_check_period_s=5, health_check_timeout_s=30,
         graceful_shutdown_timeout_s=30, graceful_shutdown_wait_loop_s=1,
     )

@@ -168,7 +168,7 @@ def test_cpu_plan_values(capsys):
     rc, out, err = run(capsys, "--model", "small", "--output", "values")
     assert rc == 0, err
     v = yaml.safe_load(out)
-    assert v["workerGroups"] == {"cpu": {"gpusPerWorker": 0, "minWorkers": 1, "maxWorkers": 1}}
+    assert v["workerGroups"] == {"cpu": {"gpusPerWorker": 0, "minWorkers": 1, "maxWorkers": 1}, "gpu": None}
     assert v["replicas"] == {"min": 1, "max": 1}
     assert v["serve"]["pipelineParallelSize"] == v["serve"]["expertParallelSize"] == 1
 
