@@ -2,18 +2,239 @@
 
 Each op has a plain-torch reference in reference/ (readable, the definition) and, where it pays, a fast
 path: fast/ holds CPU versions that issue a fixed handful of ops (decode is dispatch-bound on a CPU).
-The model calls whatever is bound here; tests/unit/kernels checks every fast path against its reference.
-A Triton kernel takes over an op for CUDA tensors once it exists and matches the reference.
+The decode-path ops also have Triton kernels (triton/), which take over for CUDA tensors.
+tests/unit/kernels checks every fast path and every Triton kernel against its reference.
+
+Dispatch (docs/KERNELS.md), per call, for the ops in _FAST below:
+    HYBRIDSERVE_KERNELS unset or "auto": CUDA tensor -> Triton kernel (the fast path if triton is not
+        importable); anything else -> the CPU fast path
+    "triton": the Triton kernel whatever the device (CPU tensors need TRITON_INTERPRET=1 set before
+        kernels.triton is first imported: the interpreter)
+    "fast": the fast path; "reference": the plain-torch reference (per-sequence loops for the batched
+        ops; ssd_verify / ssd_state_at / ssd_advance_, whose contract only the fast path defines, use it)
+The variable is read at every call (tests set it), the other ops (no Triton kernel yet: linear, the
+router, the prefill conv and chunked scan, sampling) are bound directly, with no dispatch at all.
 """
 from __future__ import annotations
 
-from .fast.attention import decode_attention, paged_attention, write_kv  # noqa: F401
-from .fast.conv1d import causal_conv1d_update, conv_step, conv_step_  # noqa: F401
+import os
+
+import torch
+
+from .fast import attention as _fast_attn
+from .fast import conv1d as _fast_conv
+from .fast import norm as _fast_norm
+from .fast import ssd as _fast_ssd
+from .fast import moe as _fast_moe
 from .fast.linear import linear  # noqa: F401
-from .fast.moe import grouped_experts  # noqa: F401
-from .fast.norm import gated_rms_norm, rms_norm  # noqa: F401
-from .fast.ssd import ssd_advance_, ssd_state_at, ssd_step, ssd_update_, ssd_verify  # noqa: F401
+from .reference import attention as _ref_attn
+from .reference import conv1d as _ref_conv
+from .reference import moe as _ref_moe
+from .reference import norm as _ref_norm
+from .reference import ssd as _ref_ssd
 from .reference.conv1d import causal_conv1d  # noqa: F401
 from .reference.moe import route  # noqa: F401
 from .reference.sampling import probs_from_logits, rejection_sample  # noqa: F401
 from .reference.ssd import ssd_chunk_scan  # noqa: F401
+
+ENV = "HYBRIDSERVE_KERNELS"
+CHOICES = ("auto", "triton", "fast", "reference")
+
+# The variable's value, None when unset. os.environ.get costs ~0.5 us (it encodes the key, then
+# decodes the value); CPython keeps os.environ's contents in a dict of encoded keys that assignments
+# to os.environ (and pytest's monkeypatch.setenv) update, where the usual miss costs ~15 ns. A CPU
+# decode pass makes ~100 dispatched calls.
+try:
+    _ENV_DATA, _ENV_KEY, _decode = os.environ._data, os.environ.encodekey(ENV), os.environ.decodevalue
+
+    def _forced():
+        v = _ENV_DATA.get(_ENV_KEY)
+        return None if v is None else _decode(v)
+except AttributeError:                                 # another Python: the public way
+    def _forced():
+        return os.environ.get(ENV)
+
+
+_TRITON: dict | None = None
+_TRITON_ERROR: Exception | None = None
+
+
+def _triton_ops() -> dict:
+    """kernels.triton's ops by name, imported on first use ({} if triton cannot be imported)."""
+    global _TRITON, _TRITON_ERROR
+    if _TRITON is None:
+        try:
+            from . import triton as _tk
+            _TRITON = _tk.OPS
+        except ImportError as e:
+            _TRITON, _TRITON_ERROR = {}, e
+    return _TRITON
+
+
+def _pick(name: str, t: torch.Tensor):
+    """The implementation of op `name` for a call whose main tensor is t."""
+    forced = _forced()
+    if forced is None:
+        return _triton_ops().get(name, _FAST[name]) if t.is_cuda else _FAST[name]
+    return _choose(name, t, forced)
+
+
+def _choose(name: str, t: torch.Tensor, forced: str):
+    if forced == "fast":
+        return _FAST[name]
+    if forced == "reference":
+        return _REFERENCE[name]
+    if forced == "auto" or forced == "":
+        return _triton_ops().get(name, _FAST[name]) if t.is_cuda else _FAST[name]
+    if forced == "triton":
+        ops = _triton_ops()
+        if name not in ops:
+            raise RuntimeError(f"{ENV}=triton, but the Triton kernels cannot be imported: {_TRITON_ERROR!r}")
+        if not t.is_cuda:
+            from .triton import INTERPRET
+            if not INTERPRET:
+                raise RuntimeError(f"{ENV}=triton on a {t.device} tensor needs Triton's interpreter: set "
+                                   "TRITON_INTERPRET=1 before kernels.triton is first imported")
+        return ops[name]
+    raise ValueError(f"{ENV}={forced!r}: expected one of {', '.join(CHOICES)}")
+
+
+# ---- the dispatched ops: the fast paths' signatures -------------------------------------------------
+
+def rms_norm(x, weight, eps):
+    return _pick("rms_norm", x)(x, weight, eps)
+
+
+def gated_rms_norm(x, z, weight, *, group_size, eps):
+    return _pick("gated_rms_norm", x)(x, z, weight, group_size=group_size, eps=eps)
+
+
+def conv_step(x, states, weight, bias, *, activation=True):
+    return _pick("conv_step", x)(x, states, weight, bias, activation=activation)
+
+
+def conv_step_(states, x, weight, bias, *, activation=True):
+    return _pick("conv_step_", x)(states, x, weight, bias, activation=activation)
+
+
+def causal_conv1d_update(x, state, weight, bias, *, activation=True):
+    return _pick("causal_conv1d_update", x)(x, state, weight, bias, activation=activation)
+
+
+def ssd_step(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf"))):
+    return _pick("ssd_step", x)(state, x, dt, A, B, C, D, dt_bias, dt_limit=dt_limit)
+
+
+def ssd_update_(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf")), live=None):
+    return _pick("ssd_update_", x)(state, x, dt, A, B, C, D, dt_bias, dt_limit=dt_limit, live=live)
+
+
+def ssd_verify(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf"))):
+    return _pick("ssd_verify", x)(state, x, dt, A, B, C, D, dt_bias, dt_limit=dt_limit)
+
+
+def ssd_state_at(state, cum, dtx, B, index):
+    return _pick("ssd_state_at", dtx)(state, cum, dtx, B, index)
+
+
+def ssd_advance_(state, cum, dtx, B, index):
+    return _pick("ssd_advance_", state)(state, cum, dtx, B, index)
+
+
+def write_kv(k_cache, v_cache, k, v, block_table, start_pos):
+    return _pick("write_kv", k)(k_cache, v_cache, k, v, block_table, start_pos)
+
+
+def paged_attention(q, k_cache, v_cache, block_table, *, start_pos):
+    return _pick("paged_attention", q)(q, k_cache, v_cache, block_table, start_pos=start_pos)
+
+
+def decode_attention(q, k, v, k_cache, v_cache, block_tables, positions):
+    return _pick("decode_attention", q)(q, k, v, k_cache, v_cache, block_tables, positions)
+
+
+def grouped_experts(x, topk_weights, topk_ids, up, down, *, first_expert=0):
+    return _pick("grouped_experts", x)(x, topk_weights, topk_ids, up, down, first_expert=first_expert)
+
+
+# ---- HYBRIDSERVE_KERNELS=reference: the references, looped over the sequences of a batched op ---------
+
+def _ref_decode_attention(q, k, v, k_cache, v_cache, block_tables, positions):
+    outs = []
+    for i, (table, pos) in enumerate(zip(block_tables, positions)):
+        _ref_attn.write_kv(k_cache, v_cache, k[i:i + 1], v[i:i + 1], table, pos)
+        outs.append(_ref_attn.paged_attention(q[i:i + 1], k_cache, v_cache, table, start_pos=pos))
+    return torch.cat(outs)
+
+
+def _ref_conv_update(x, state, weight, bias, *, activation=True):
+    S, T, Cdim = x.shape
+    zeros = x.new_zeros(Cdim, weight.shape[1] - 1)
+    outs = [_ref_conv.causal_conv1d_update(x[s], zeros if state is None else state[s], weight, bias,
+                                           activation=activation) for s in range(S)]
+    return torch.stack([y for y, _ in outs]), torch.stack([st for _, st in outs])
+
+
+def _ref_conv_step_(states, x, weight, bias, *, activation=True):
+    y, new = _ref_conv_update(x[:, None], states, weight, bias, activation=activation)
+    states.copy_(new[:, 0])
+    return y[:, 0]
+
+
+def _ref_conv_step(x, states, weight, bias, *, activation=True):
+    new = states.clone()
+    return _ref_conv_step_(new, x, weight, bias, activation=activation), new
+
+
+def _ref_ssd_update_(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf")), live=None):
+    S, H, P = x.shape
+    R = H // B.shape[1]
+    ys = []
+    for s in range(S):
+        if live is None or bool(live[s]):
+            y, states = _ref_ssd.ssd_state_update(state[s], x[s:s + 1], dt[s:s + 1], A, B[s:s + 1], C[s:s + 1],
+                                                  D, dt_bias, dt_limit=dt_limit)
+            state[s] = states[0]
+        else:                                          # a dead row keeps its state; y as with dt = 0
+            Ch = C[s].float().repeat_interleave(R, dim=0)
+            y = (torch.einsum("hpn,hn->hp", state[s], Ch) + D.float()[:, None] * x[s].float())[None].to(x.dtype)
+        ys.append(y)
+    return torch.cat(ys)
+
+
+def _ref_ssd_step(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf"))):
+    S, H, P = x.shape
+    new = x.new_zeros(S, H, P, B.shape[2], dtype=torch.float32) if state is None else state.float().clone()
+    return _ref_ssd_update_(new, x, dt, A, B, C, D, dt_bias, dt_limit=dt_limit), new
+
+
+_FAST = {
+    "rms_norm": _fast_norm.rms_norm,
+    "gated_rms_norm": _fast_norm.gated_rms_norm,
+    "conv_step": _fast_conv.conv_step,
+    "conv_step_": _fast_conv.conv_step_,
+    "causal_conv1d_update": _fast_conv.causal_conv1d_update,
+    "ssd_step": _fast_ssd.ssd_step,
+    "ssd_update_": _fast_ssd.ssd_update_,
+    "ssd_verify": _fast_ssd.ssd_verify,
+    "ssd_state_at": _fast_ssd.ssd_state_at,
+    "ssd_advance_": _fast_ssd.ssd_advance_,
+    "write_kv": _fast_attn.write_kv,
+    "paged_attention": _fast_attn.paged_attention,
+    "decode_attention": _fast_attn.decode_attention,
+    "grouped_experts": _fast_moe.grouped_experts,
+}
+_REFERENCE = {
+    **_FAST,                                           # ssd_verify, ssd_state_at, ssd_advance_: the definition
+    "rms_norm": _ref_norm.rms_norm,
+    "gated_rms_norm": _ref_norm.gated_rms_norm,
+    "conv_step": _ref_conv_step,
+    "conv_step_": _ref_conv_step_,
+    "causal_conv1d_update": _ref_conv_update,
+    "ssd_step": _ref_ssd_step,
+    "ssd_update_": _ref_ssd_update_,
+    "write_kv": _ref_attn.write_kv,
+    "paged_attention": _ref_attn.paged_attention,
+    "decode_attention": _ref_decode_attention,
+    "grouped_experts": _ref_moe.grouped_experts,
+}
