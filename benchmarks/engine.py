@@ -112,13 +112,16 @@ def main() -> None:
     import ray
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    base = dict(model=args.model, max_model_len=512, max_num_seqs=max(conc), max_num_batched_tokens=1024)
+    # MTP off unless a row says k=3 (fixed: k drafts every step, as these rows have always measured).
+    base = dict(model=args.model, max_model_len=512, max_num_seqs=max(conc), max_num_batched_tokens=1024,
+                num_speculative_tokens=0)
 
     single = asyncio.run(measure(EngineConfig(**base), conc, args.max_tokens))
     ray22 = asyncio.run(measure(EngineConfig(**base, use_ray=True, pipeline_parallel_size=2,
                                              expert_parallel_size=2), conc, args.max_tokens))
     big = max(conc)
-    mtp = asyncio.run(measure(EngineConfig(**base, num_speculative_tokens=3), [1, big], args.max_tokens, k=3))
+    mtp = asyncio.run(measure(EngineConfig(**{**base, "num_speculative_tokens": 3}, speculative_policy="fixed"),
+                              [1, big], args.max_tokens, k=3))
     pp1mb = asyncio.run(measure(EngineConfig(**base, use_ray=True, pipeline_parallel_size=2, num_microbatches=1),
                                 [big], args.max_tokens))
     pp2mb = asyncio.run(measure(EngineConfig(**base, use_ray=True, pipeline_parallel_size=2, num_microbatches=2),

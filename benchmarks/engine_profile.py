@@ -56,7 +56,8 @@ async def run(args) -> tuple[list[list], float]:
     folder = resolve_checkpoint(args.model)
     prompts = heldout_prompts(folder, args.prompts, args.prompt_len)
     engine = AsyncEngine(EngineConfig(model=str(folder), num_speculative_tokens=3, max_model_len=1024,
-                                      max_num_seqs=4, max_num_batched_tokens=2048, torch_threads=1))
+                                      max_num_seqs=4, max_num_batched_tokens=2048, torch_threads=1,
+                                      speculative_policy="fixed"))
     await engine.start()
     try:
         _instrument(engine)

@@ -40,9 +40,11 @@ from .common import DOC, machine, publish
 from .served import REPO
 
 LARGE_PRESET = "hybrid-280m"
-HS_SETUPS = [("hybridserve", ()), ("hybridserve MTP k=3", ("--num-speculative-tokens", "3")),
-             ("hybridserve -pp 2 -ep 2", ("-pp", "2", "-ep", "2")),
-             ("hybridserve -pp 2 -ep 2 MTP k=3", ("-pp", "2", "-ep", "2", "--num-speculative-tokens", "3"))]
+# MTP is on by default (auto, adaptive): the plain rows turn it off, the k=3 rows draft 3 every step.
+_OFF, _K3 = ("--num-speculative-tokens", "0"), ("--num-speculative-tokens", "3", "--speculative-policy", "fixed")
+HS_SETUPS = [("hybridserve", _OFF), ("hybridserve MTP k=3", _K3),
+             ("hybridserve -pp 2 -ep 2", ("-pp", "2", "-ep", "2", *_OFF)),
+             ("hybridserve -pp 2 -ep 2 MTP k=3", ("-pp", "2", "-ep", "2", *_K3))]
 SKIPPABLE = ("llama.cpp", "transformers", "mtp", "pp")
 IMG = DOC.parent / "img"
 OUT_DIR = S.CACHE / "peers"

@@ -87,8 +87,9 @@ def render(results: dict, img_dir: Path, write_plots: bool = True) -> str:
         out += [f"Prompt text tokenized by llama-server's `/tokenize` against hybridserve's tokenizer ({key}): "
                 f"{R.parity_text(summary)}.", ""]
     if results.get("cmd", {}).get("hybridserve"):
-        out += [f"hybridserve: `{results['cmd']['hybridserve']}` plus the setup's flags (`--num-speculative-tokens 3`, "
-                "`-pp 2 -ep 2`), its own default torch threads; one server per setup for every concurrency.", ""]
+        out += [f"hybridserve: `{results['cmd']['hybridserve']}` plus the setup's flags (`--num-speculative-tokens 0`, "
+                "or `--num-speculative-tokens 3 --speculative-policy fixed`, `-pp 2 -ep 2`), its own default torch threads; "
+                "one server per setup for every concurrency.", ""]
     if results.get("cmd", {}).get("llama.cpp"):
         out += [f"llama-server command (at the concurrency of the parity check): `{results['cmd']['llama.cpp']}`; it is built "
                 "from the llama.cpp that llama-cpp-python's source distribution vendors "

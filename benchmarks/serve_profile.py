@@ -97,7 +97,7 @@ async def in_process(model: str, k: int, concurrency: int, num_prompts: int, inp
     from router.engine_config import EngineConfig
 
     engine = AsyncEngine(EngineConfig(model=model, num_speculative_tokens=k, max_num_seqs=max_num_seqs,
-                                      max_model_len=max_model_len))
+                                      max_model_len=max_model_len, speculative_policy="fixed"))
     await engine.start()
     prompts = bench_prompt_ids(engine.folder, num_prompts, input_len, output_len, seed)
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
@@ -126,7 +126,8 @@ async def in_process(model: str, k: int, concurrency: int, num_prompts: int, inp
 # ---- served ----------------------------------------------------------------------------------------------
 def served(model: str, k: int, concurrency: int, num_prompts: int, input_len: int, output_len: int,
            max_num_seqs: int, max_model_len: int, seed: int, spy_seconds: float) -> dict:
-    args = ("--model", model, "--num-speculative-tokens", str(k), "--max-num-seqs", str(max_num_seqs),
+    args = ("--model", model, "--num-speculative-tokens", str(k), "--speculative-policy", "fixed",
+            "--max-num-seqs", str(max_num_seqs),
             "--max-model-len", str(max_model_len), "--max-queued-requests", str(max(64, num_prompts)))
     with ServedCluster(*args) as s, tempfile.TemporaryDirectory() as tmp:
         from router.engine_config import resolve_checkpoint

@@ -6,6 +6,7 @@ same choices. Only token ids and counts leave this module; logits and draft dist
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -23,8 +24,10 @@ class TailRequest:
     input_ids:  the tokens of this pass (the last len(drafts) of them are drafts under verification)
     sample:     produce a token (final prefill chunk, decode, verification); False for earlier chunks
     next_token: for a non-final prefill chunk, the prompt token after it (the MTP block needs it)
-    num_drafts: how many drafts to propose after sampling (0: MTP off for this sequence)
+    num_drafts: how many drafts to propose after sampling (0: none this pass)
     prompt_len: the prompt's length, so position p holds output token p - prompt_len (min_tokens)
+    mtp_context: with num_drafts 0, still feed the MTP block this pass's settled pairs (its attention
+                cache then has no gap when the sequence drafts again)
     """
 
     seq_id: int
@@ -36,6 +39,7 @@ class TailRequest:
     seed: int
     num_drafts: int
     prompt_len: int = 0
+    mtp_context: bool = False
 
 
 @dataclasses.dataclass
@@ -71,8 +75,9 @@ class DraftStore:
 
 @torch.no_grad()
 def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: BatchLayout,
-             reqs: list[TailRequest], store: DraftStore) -> list[TailResult]:
-    """h (T, d): the last layer's output for the whole batch (before norm_f)."""
+             reqs: list[TailRequest], store: DraftStore, timings: dict | None = None) -> list[TailResult]:
+    """h (T, d): the last layer's output for the whole batch (before norm_f). `timings`, if given, gets
+    "draft_s": the seconds spent drafting (what the engine's speculation policy charges per draft step)."""
     results = [TailResult(r.seq_id, [], 0, []) for r in reqs]
     # 1. Verify drafts / sample one token, from logits of only the rows that need them.
     rows, owners = [], []
@@ -98,7 +103,10 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
         results[j].new_tokens, results[j].num_accepted = toks, acc
         at += n
     if model.mtp is not None:
+        t0 = time.perf_counter()
         _mtp_draft(model, cache, h, batch, reqs, results, store)
+        if timings is not None:
+            timings["draft_s"] = time.perf_counter() - t0
     return results
 
 
@@ -121,14 +129,14 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> None:
     """Feed the MTP block every newly settled (h_t, token_{t+1}) pair, then draft recursively."""
     pair_rows, pair_tokens, seqs, drafting = [], [], [], []
     for j, (s, r, res) in enumerate(zip(batch.seqs, reqs, results)):
-        if r.num_drafts <= 0 or (not r.sample and r.next_token is None):
+        if (r.num_drafts <= 0 and not r.mtp_context) or (not r.sample and r.next_token is None):
             continue
         m = res.num_accepted + 1 if r.drafts else s.num_tokens        # settled positions s.start_pos..+m-1
         extra = res.new_tokens[-1] if r.sample else r.next_token
         seqs.append(SeqSlice(len(pair_rows), m, s.start_pos, s.mamba_slot, s.block_table))
         pair_rows.extend(range(s.offset, s.offset + m))
         pair_tokens.extend(r.input_ids[1:m] + [extra])
-        if r.sample:
+        if r.sample and r.num_drafts > 0:
             drafting.append((j, len(seqs) - 1))
     if not seqs:
         return

@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--served-model-name", default=None, help="name clients use (default: the model's name)")
     m.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     m.add_argument("--expert-parallel-size", "-ep", type=int, default=1)
-    m.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP drafts per step (0: off)")
+    m.add_argument("--num-speculative-tokens", type=_speculative_tokens, default="auto",
+                   help="MTP drafts per step at most (auto: 3 when the checkpoint has an MTP block, else 0; 0: off)")
+    m.add_argument("--speculative-policy", choices=("adaptive", "fixed"), default="adaptive",
+                   help="adaptive: each step drafts per sequence what pays on this deployment (router/spec_policy.py); "
+                        "fixed: k drafts every step")
     m.add_argument("--draft-dtype", default="auto", choices=["auto", "model", "float32", "float16", "bfloat16"],
                    help="dtype the MTP drafter computes in; auto: float16 on a CPU (verification keeps the "
                         "model's dtype, so outputs do not change)")
@@ -96,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _speculative_tokens(text: str):
+    """--num-speculative-tokens: 'auto' or an integer >= 0."""
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {text!r}") from None
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {k}")
+    return k
+
+
 def serve_args_from_dict(options: dict) -> argparse.Namespace:
     """`hybridserve serve` options given as a mapping (a Serve config file's `args`), parsed by the CLI's
     own parser. Keys are long option names (dashes or underscores); True/False toggle flags."""
@@ -133,7 +150,8 @@ def serve_config_from_args(args):
 
     pp, ep = args.pipeline_parallel_size, args.expert_parallel_size
     engine = EngineConfig(model=args.model, pipeline_parallel_size=pp, expert_parallel_size=ep,
-                          num_speculative_tokens=args.num_speculative_tokens, draft_dtype=args.draft_dtype,
+                          num_speculative_tokens=args.num_speculative_tokens,
+                          speculative_policy=args.speculative_policy, draft_dtype=args.draft_dtype,
                           draft_vocab=args.draft_vocab, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                           block_size=args.block_size, max_queued_requests=args.max_queued_requests,

@@ -27,8 +27,10 @@ class SeqStep:
                   verification (the accepted count); -1 when there is nothing to commit
     params:       SamplingParams.to_dict()
     seed:         the request's sampling seed
-    num_drafts:   drafts to propose after this pass (0: MTP off)
+    num_drafts:   drafts to propose after this pass (0: none this step; the policy's choice, <= k)
     prompt_len:   the request's prompt length: output token i sits at position prompt_len + i (min_tokens)
+    mtp_context:  feed the MTP block this pass's settled tokens even when proposing none, so its attention
+                  has no gap when the sequence drafts again (set when the pass drafts for others anyway)
     """
 
     seq_id: int
@@ -44,6 +46,7 @@ class SeqStep:
     seed: int = 0
     num_drafts: int = 0
     prompt_len: int = 0
+    mtp_context: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -74,10 +77,13 @@ class SeqOutput:
 
 @dataclasses.dataclass
 class StepResult:
+    """draft_s: seconds the last stage spent in MTP drafting (the speculation policy's drafting cost)."""
+
     step_id: int
     microbatch: int
     outputs: list[SeqOutput]
     error: str | None = None
+    draft_s: float = 0.0
 
 
 def _to_plain(obj):

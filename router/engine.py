@@ -26,6 +26,7 @@ from .outputs import EngineDeadError, EngineStats, QueueFullError, RequestOutput
 from .request_stream import RequestStream
 from .scheduler import PlanningError, Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .spec_policy import AdaptivePolicy, FixedPolicy, draft_rows
 
 log = logging.getLogger("hybridserve.engine")
 
@@ -67,9 +68,11 @@ def _pass(executor, plan):
 class AsyncEngine:
     def __init__(self, config: EngineConfig, executor=None):
         config.validate()
-        self.config = config
         self.folder = resolve_checkpoint(config.model, config.seed)
         self.model_config = read_config(self.folder)
+        # "auto" becomes the checkpoint's k here; from now on config.num_speculative_tokens is an int.
+        config = self.config = dataclasses.replace(
+            config, num_speculative_tokens=config.speculative_tokens_for(self.model_config.has_mtp))
         if config.num_speculative_tokens and not self.model_config.has_mtp:
             raise ValueError(f"num_speculative_tokens: {self.model_config.name} has no MTP block; use 0")
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
@@ -77,15 +80,19 @@ class AsyncEngine:
         num_slots = self.plan.max_num_seqs
         num_blocks = self._num_kv_blocks()
         self.blocks = BlockManager(num_blocks, config.block_size, num_slots)
+        # The adaptive policy learns this deployment's pass costs from every pass, whichever policy plans.
+        k = config.num_speculative_tokens
+        self.adaptive_policy = AdaptivePolicy(k, microbatches=config.microbatches) if k else None
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=num_slots, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, max_queued_requests=config.max_queued_requests,
             eos_token_id=self.model_config.eos_token_id), self.blocks)
+        self.set_speculative_policy(config.speculative_policy)
         t0 = time.perf_counter()
         self.executor = executor or make_executor(config, self.folder, self.plan, num_blocks, num_slots)
-        log.info("engine ready: model %s (%s), pp=%d ep=%d mtp k=%d, %d KV blocks x %d, %d Mamba slots (%.1fs)",
+        log.info("engine ready: model %s (%s), pp=%d ep=%d mtp k=%d (%s), %d KV blocks x %d, %d Mamba slots (%.1fs)",
                  self.model_config.name, self.folder, config.pipeline_parallel_size, config.expert_parallel_size,
-                 config.num_speculative_tokens, num_blocks, config.block_size, num_slots,
+                 config.num_speculative_tokens, config.speculative_policy, num_blocks, config.block_size, num_slots,
                  time.perf_counter() - t0)
         self._streams: dict[str, asyncio.Queue] = {}
         self._seq_of: dict[str, int] = {}
@@ -95,7 +102,8 @@ class AsyncEngine:
         self._in_flight: set[asyncio.Future] = set()
         self.stats_ = EngineStats(kv_blocks_total=num_blocks, mamba_slots_total=num_slots,
                                   drafted_per_position=[0] * config.num_speculative_tokens,
-                                  accepted_per_position=[0] * config.num_speculative_tokens)
+                                  accepted_per_position=[0] * config.num_speculative_tokens,
+                                  drafts_per_seq=[0] * (k + 1) if k else [])
         self.step_times: collections.deque[float] = collections.deque(maxlen=4096)  # pass wall times
         self.loop_overhead_s = 0.0             # engine-loop time spent scheduling and applying results
         self._finish_times: collections.deque[float] = collections.deque(maxlen=32)
@@ -133,6 +141,17 @@ class AsyncEngine:
                         self.max_model_len, room, num_blocks, c.block_size)
             self.max_model_len = room
         return num_blocks
+
+    def set_speculative_policy(self, name: str) -> None:
+        """adaptive (router/spec_policy.py) or fixed (k drafts every step); outputs never depend on it.
+        Switching forgets the adaptive policy's per-sequence estimates, not what it measured of passes."""
+        if name not in ("adaptive", "fixed"):
+            raise ValueError(f"speculative_policy: must be adaptive or fixed, got {name!r}")
+        self.config.speculative_policy = name
+        if self.adaptive_policy is not None:
+            self.adaptive_policy.forget_sequences()
+        adaptive = name == "adaptive" and self.adaptive_policy is not None
+        self.scheduler.policy = self.adaptive_policy if adaptive else FixedPolicy()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -245,7 +264,8 @@ class AsyncEngine:
         s.kv_blocks_used, s.mamba_slots_used = self.blocks.used_blocks, self.blocks.used_slots
         s.stepping = self.is_stepping
         return dataclasses.replace(s, drafted_per_position=list(s.drafted_per_position),
-                                   accepted_per_position=list(s.accepted_per_position))
+                                   accepted_per_position=list(s.accepted_per_position),
+                                   drafts_per_seq=list(s.drafts_per_seq))
 
     def _retry_after_s(self) -> float:
         """When a refused request may find room: the time to drain the queue at the recent finish rate."""
@@ -332,6 +352,9 @@ class AsyncEngine:
         t0 = time.perf_counter()
         self._last_progress = time.monotonic()
         self.step_times.append(t0 - fut.t0)
+        if self.adaptive_policy is not None:
+            self.adaptive_policy.observe_pass(plan.num_tokens, t0 - fut.t0, result.draft_s, draft_rows(plan, result),
+                                              len(plan.seqs))
         try:
             self._account_mtp(plan, result)
             self._deliver(self.scheduler.update(result))
@@ -362,6 +385,10 @@ class AsyncEngine:
     def _account_mtp(self, plan, result) -> None:
         self.stats_.steps += 1
         by_id = {s.seq_id: s for s in plan.seqs}
+        for s in plan.seqs:                     # what the policy chose, for sequences with MTP on
+            seq = self.scheduler.seqs.get(s.seq_id)
+            if s.sample and seq is not None and seq.num_speculative and self.stats_.drafts_per_seq:
+                self.stats_.drafts_per_seq[min(s.num_drafts, len(self.stats_.drafts_per_seq) - 1)] += 1
         for o in result.outputs:
             step = by_id.get(o.seq_id)
             for i in range(len(step.drafts) if step else 0):

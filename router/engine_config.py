@@ -15,6 +15,8 @@ FALLBACK_PRESET = "small"
 
 
 DRAFT_DTYPES = ("auto", "model", "float32", "float16", "bfloat16")
+SPECULATIVE_POLICIES = ("adaptive", "fixed")
+AUTO_SPECULATIVE_TOKENS = 3                # "auto": MTP drafts per step at most, when the checkpoint has MTP
 
 
 @dataclasses.dataclass
@@ -22,7 +24,8 @@ class EngineConfig:
     model: str = "default"                 # a checkpoint folder, a preset name, or "default"
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
-    num_speculative_tokens: int = 0        # MTP drafts per round (0: off)
+    num_speculative_tokens: int | str = "auto"   # MTP drafts per step at most; auto: 3 with MTP, else 0; 0: off
+    speculative_policy: str = "adaptive"   # adaptive: drafts per sequence per step chosen as it runs; fixed: k always
     draft_dtype: str = "auto"              # the MTP drafter's dtype (model_shards/drafter.py); auto: float16 on CPU
     draft_vocab: bool = True               # greedy drafts only from the checkpoint's draft_vocab.json (if any)
     max_num_seqs: int = 16
@@ -63,12 +66,16 @@ class EngineConfig:
                 raise ValueError(f"{field}: {msg}")
         need(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1")
         need(self.expert_parallel_size >= 1, "expert_parallel_size", "must be >= 1")
-        need(self.num_speculative_tokens >= 0, "num_speculative_tokens", "must be >= 0")
+        k = self.num_speculative_tokens
+        need(k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 0), "num_speculative_tokens",
+             f"must be an integer >= 0 or 'auto', got {k!r}")
+        need(self.speculative_policy in SPECULATIVE_POLICIES, "speculative_policy",
+             f"must be one of {', '.join(SPECULATIVE_POLICIES)}, got {self.speculative_policy!r}")
         need(self.draft_dtype in DRAFT_DTYPES, "draft_dtype", f"must be one of {', '.join(DRAFT_DTYPES)}")
         need(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         need(self.max_model_len >= 2, "max_model_len", "must be >= 2")
-        need(self.max_num_batched_tokens > self.num_speculative_tokens, "max_num_batched_tokens",
-             f"must exceed num_speculative_tokens ({self.num_speculative_tokens})")
+        need(self.max_num_batched_tokens > self.max_speculative_tokens, "max_num_batched_tokens",
+             f"must exceed num_speculative_tokens ({self.max_speculative_tokens})")
         need(self.block_size >= 1, "block_size", "must be >= 1")
         need(self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0")
         need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks",
@@ -82,6 +89,18 @@ class EngineConfig:
     def microbatches(self) -> int:
         return self.num_microbatches or self.pipeline_parallel_size
 
+    @property
+    def max_speculative_tokens(self) -> int:
+        """k, with "auto" counted as what it may become (before the checkpoint is read)."""
+        k = self.num_speculative_tokens
+        return AUTO_SPECULATIVE_TOKENS if k == "auto" else int(k)
+
+    def speculative_tokens_for(self, has_mtp: bool) -> int:
+        """k for a checkpoint: "auto" is 3 when it has an MTP block and 0 (off) when not."""
+        if self.num_speculative_tokens == "auto":
+            return AUTO_SPECULATIVE_TOKENS if has_mtp else 0
+        return int(self.num_speculative_tokens)
+
     def kv_blocks(self) -> int:
         """The override, else room for max_num_seqs sequences of max_model_len tokens each, counted as
         the scheduler counts them (MTP drafting positions included: router.block_manager.kv_positions)."""
@@ -89,7 +108,7 @@ class EngineConfig:
             return self.num_kv_blocks
         from .block_manager import kv_positions
 
-        per_seq = math.ceil(kv_positions(self.max_model_len, self.num_speculative_tokens) / self.block_size)
+        per_seq = math.ceil(kv_positions(self.max_model_len, self.max_speculative_tokens) / self.block_size)
         return self.max_num_seqs * per_seq
 
 

@@ -239,11 +239,25 @@ class Generation:
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.ttft: float | None = None
+        self.drafts = (0, 0, 0)         # MTP: drafts verified, accepted, passes that verified any
         fe.open[request_id] = self
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prep.prompt_ids)
+
+    @property
+    def prediction_tokens(self) -> tuple[int, int] | None:
+        """(accepted, rejected) MTP drafts, as OpenAI's usage.completion_tokens_details counts prediction
+        tokens; None when no draft of this request was verified (MTP off, or it never drafted)."""
+        verified, accepted, _ = self.drafts
+        return (accepted, verified - accepted) if verified else None
+
+    @property
+    def acceptance_length(self) -> float | None:
+        """Tokens per verifying pass, 1 + accepted / passes (the usual MTP figure); None without drafts."""
+        _, accepted, steps = self.drafts
+        return 1.0 + accepted / steps if steps else None
 
     def __aiter__(self):
         return self._deltas()
@@ -266,6 +280,7 @@ class Generation:
                     last = now
                 self.token_ids.extend(out.new_token_ids)
                 self.completion_tokens = max(out.num_output_tokens, len(self.token_ids))
+                self.drafts = (out.num_verified_drafts, out.num_accepted_drafts, out.num_verify_steps)
                 text, hit = self.text.add(out.new_token_ids)
                 if hit:
                     self.finish_reason = "stop"
@@ -290,9 +305,10 @@ class Generation:
         reason = self.finish_reason or "abort"
         fe.metrics.observe_finished(e2e, self.prompt_tokens, self.completion_tokens, reason)
         ttft = f"{1000 * self.ttft:.0f} ms" if self.ttft is not None else "-"
-        log.info("%s %s model=%s prompt=%d completion=%d finish=%s ttft=%s e2e=%.0f ms", self.request_id,
-                 self.route, fe.model_name, self.prompt_tokens, self.completion_tokens,
-                 reason if self.finish_reason else "abort (client gone)", ttft, 1000 * e2e)
+        accept = f"{self.acceptance_length:.2f}" if self.acceptance_length is not None else "-"
+        log.info("%s %s model=%s prompt=%d completion=%d finish=%s ttft=%s e2e=%.0f ms mtp_accept_len=%s",
+                 self.request_id, self.route, fe.model_name, self.prompt_tokens, self.completion_tokens,
+                 reason if self.finish_reason else "abort (client gone)", ttft, 1000 * e2e, accept)
 
     async def aclose(self) -> None:
         await self._close()

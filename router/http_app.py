@@ -243,9 +243,9 @@ async def _collect(fe: Frontend, gen: Generation, req, kind: str) -> dict:
     ptok = gen.prep.prompt_ids if req.return_token_ids else None
     if kind == "chat":
         return R.chat_response(gen.request_id, int(time.time()), gen.prep.model, out, finish, gen.prompt_tokens,
-                               gen.completion_tokens, tok, ptok)
+                               gen.completion_tokens, tok, ptok, gen.prediction_tokens)
     return R.completion_response(gen.request_id, int(time.time()), gen.prep.model, gen.prep.echo_text + out, finish,
-                                 gen.prompt_tokens, gen.completion_tokens, tok, ptok)
+                                 gen.prompt_tokens, gen.completion_tokens, tok, ptok, gen.prediction_tokens)
 
 
 async def _stream(fe: Frontend, gen: Generation, req, kind: str):
@@ -272,7 +272,8 @@ async def _stream(fe: Frontend, gen: Generation, req, kind: str):
                 yield chunk(d.text, d.finish_reason, d.token_ids)
         if include_usage:
             obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-            yield R.sse(R.usage_chunk(rid, created, model, obj, gen.prompt_tokens, gen.completion_tokens))
+            yield R.sse(R.usage_chunk(rid, created, model, obj, gen.prompt_tokens, gen.completion_tokens,
+                                      gen.prediction_tokens))
     except APIError as e:           # after the 200 header: report in-band, as OpenAI-compatible servers do
         yield R.sse(e.to_json())
     finally:

@@ -6,14 +6,15 @@ Two sources:
   end-to-end latency, token counts, finished requests by reason, rejections by HTTP status.
 - Engine state, read on scrape from every model replica's latest `EngineStats` (`set_engine_stats`):
   waiting/running requests, KV-block and Mamba-slot use, engine steps, MTP drafted/accepted tokens per
-  draft position. These carry a `replica` label; sum over it for the deployment.
+  draft position, and a histogram of the drafts the speculation policy chose per sequence per step.
+  These carry a `replica` label; sum over it for the deployment.
 
 Each Metrics object has its own registry, so tests and several apps in one process do not collide.
 """
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .outputs import EngineStats
 
@@ -57,6 +58,9 @@ class _EngineCollector:
                                       "MTP draft tokens proposed, by draft position (0 = first).", labels=pos_labels)
         accepted = CounterMetricFamily(P + "spec_decode_num_accepted_tokens_per_pos",
                                        "MTP draft tokens accepted, by draft position (0 = first).", labels=pos_labels)
+        chosen = HistogramMetricFamily(P + "spec_decode_drafts_per_seq",
+                                       "MTP drafts proposed per sequence per step, as the speculation policy chose "
+                                       "(one observation per sampling step of a sequence with MTP on).", labels=labels)
         for replica, s in sorted(self.stats.items()):
             lv = [self.model_name, replica]
             g["num_requests_running"].add_metric(lv, s.running)
@@ -75,11 +79,16 @@ class _EngineCollector:
             for i, (d, a) in enumerate(zip(s.drafted_per_position, s.accepted_per_position)):
                 drafted.add_metric(lv + [str(i)], d)
                 accepted.add_metric(lv + [str(i)], a)
+            if s.drafts_per_seq:
+                cum = [sum(s.drafts_per_seq[:i + 1]) for i in range(len(s.drafts_per_seq))]
+                chosen.add_metric(lv, [(str(float(i)), c) for i, c in enumerate(cum)] + [("+Inf", cum[-1])],
+                                  sum_value=sum(i * c for i, c in enumerate(s.drafts_per_seq)))
         yield from g.values()
         yield steps
         yield from ends.values()
         yield drafted
         yield accepted
+        yield chosen
 
 
 class Metrics:

@@ -28,7 +28,11 @@ def _nullable(schema: dict) -> dict:
 _INT = {"type": "integer", "minimum": 0}
 _TOKEN_IDS = {"type": "array", "items": _INT}
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-          "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT}}
+          "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT,
+                         # MTP drafts of the request that were verified: accepted / rejected (when any were)
+                         "completion_tokens_details": {
+                             "type": "object", "required": ["accepted_prediction_tokens", "rejected_prediction_tokens"],
+                             "properties": {"accepted_prediction_tokens": _INT, "rejected_prediction_tokens": _INT}}}}
 
 
 def _envelope(obj: str, choice: dict, chunk: bool = False) -> dict:

@@ -22,6 +22,8 @@ class RequestOutput:
 
     finish_reason: None while running; "stop" (eos or a stop token), "length" (max_tokens),
     "abort" (cancelled), "error" (see `error`).
+    num_verified_drafts / num_accepted_drafts / num_verify_steps: the request's MTP so far (all its
+    passes): drafts verified, drafts accepted, passes that verified any (usage, the request log line).
     """
 
     request_id: str
@@ -30,6 +32,9 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    num_verified_drafts: int = 0
+    num_accepted_drafts: int = 0
+    num_verify_steps: int = 0
 
     @property
     def finished(self) -> bool:
@@ -48,6 +53,9 @@ class EngineStats:
     # MTP: drafts proposed and accepted, per draft position (index 0 = first draft).
     drafted_per_position: list[int] = dataclasses.field(default_factory=list)
     accepted_per_position: list[int] = dataclasses.field(default_factory=list)
+    # MTP drafts proposed per sequence per step (index = how many; sampling steps of MTP sequences):
+    # what the speculation policy chose.
+    drafts_per_seq: list[int] = dataclasses.field(default_factory=list)
     # Counters of how requests ended inside the engine (tests and soak runs read them through /metrics).
     requests_aborted: int = 0            # cancelled while running: client gone, stop string, shutdown
     requests_failed: int = 0             # ended with an error (a failed pass, a lost actor)

@@ -81,4 +81,5 @@ class RequestStream:
 def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
     """Two consecutive updates of one request as one: the tokens of both, the later state."""
     return RequestOutput(first.request_id, first.new_token_ids + then.new_token_ids, then.finish_reason,
-                         then.num_prompt_tokens, then.num_output_tokens, then.error)
+                         then.num_prompt_tokens, then.num_output_tokens, then.error, then.num_verified_drafts,
+                         then.num_accepted_drafts, then.num_verify_steps)

@@ -16,9 +16,15 @@ def sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, predictions: tuple[int, int] | None = None) -> dict:
+    """OpenAI's usage; `predictions` (accepted, rejected) MTP drafts, when the request verified any, go in
+    `completion_tokens_details` as OpenAI reports predicted-output tokens."""
+    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+         "total_tokens": prompt_tokens + completion_tokens}
+    if predictions is not None:
+        u["completion_tokens_details"] = {"accepted_prediction_tokens": predictions[0],
+                                          "rejected_prediction_tokens": predictions[1]}
+    return u
 
 
 def _envelope(rid: str, created: int, model: str, obj: str, choices: list[dict]) -> dict:
@@ -42,11 +48,11 @@ def _chunk(rid: str, created: int, model: str, obj: str, choice: dict, usage_: d
 
 def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
                   completion_tokens: int, token_ids: list[int] | None = None,
-                  prompt_token_ids: list[int] | None = None) -> dict:
+                  prompt_token_ids: list[int] | None = None, predictions: tuple[int, int] | None = None) -> dict:
     choice = _with_token_ids({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                               "finish_reason": finish_reason}, token_ids)
     body = _envelope(rid, created, model, "chat.completion", [choice])
-    body["usage"] = usage(prompt_tokens, completion_tokens)
+    body["usage"] = usage(prompt_tokens, completion_tokens, predictions)
     if prompt_token_ids is not None:  # chat: on the body (vLLM); completions: on the choice
         body["prompt_token_ids"] = prompt_token_ids
     return body
@@ -60,12 +66,13 @@ def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: s
 
 def completion_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
                         prompt_tokens: int, completion_tokens: int, token_ids: list[int] | None = None,
-                        prompt_token_ids: list[int] | None = None) -> dict:
+                        prompt_token_ids: list[int] | None = None,
+                        predictions: tuple[int, int] | None = None) -> dict:
     choice = _with_token_ids({"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}, token_ids)
     if prompt_token_ids is not None:
         choice["prompt_token_ids"] = prompt_token_ids
     body = _envelope(rid, created, model, "text_completion", [choice])
-    body["usage"] = usage(prompt_tokens, completion_tokens)
+    body["usage"] = usage(prompt_tokens, completion_tokens, predictions)
     return body
 
 
@@ -76,10 +83,11 @@ def completion_chunk(rid: str, created: int, model: str, text: str, finish_reaso
     return _chunk(rid, created, model, "text_completion", choice, usage_, with_usage_field)
 
 
-def usage_chunk(rid: str, created: int, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_chunk(rid: str, created: int, model: str, obj: str, prompt_tokens: int, completion_tokens: int,
+                predictions: tuple[int, int] | None = None) -> dict:
     """The last chunk when `stream_options.include_usage` is set: no choices, the request's usage."""
     body = _envelope(rid, created, model, obj, [])
-    body["usage"] = usage(prompt_tokens, completion_tokens)
+    body["usage"] = usage(prompt_tokens, completion_tokens, predictions)
     return body
 
 

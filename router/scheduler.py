@@ -16,6 +16,10 @@ Correct by construction, not by care at each call:
 - add() refuses a sequence whose worst case does not fit the whole cache alone. So with nothing in
   flight the oldest running sequence (or, none running, the first waiting one) can always be
   planned: work pending with nothing in flight and nothing plannable cannot happen.
+
+How many MTP drafts each sequence verifies and proposes is the speculation policy's choice
+(router/spec_policy.py), made once per plan for the sequences it will likely hold; it only ever lowers
+the counts below k, so none of the above depends on it.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from .block_manager import BlockManager, kv_positions
 from .contracts import SeqOutput, SeqStep, StepPlan, StepResult
 from .outputs import RequestOutput
 from .sequence import InFlight, SeqStatus, Sequence
+from .spec_policy import Choice, FixedPolicy, candidates, feed_mtp, pinned
 
 log = logging.getLogger("hybridserve.scheduler")
 
@@ -56,8 +61,10 @@ def _priority(seq: Sequence) -> tuple[float, int]:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, policy=None):
         self.config, self.blocks = config, blocks
+        self.policy = policy or FixedPolicy()     # drafts per sequence per step (router/spec_policy.py)
+        self._choice: Choice | None = None        # the adaptive policy's choice for the plan being built
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.seqs: dict[int, Sequence] = {}
@@ -181,6 +188,7 @@ class Scheduler:
             return len(steps) < limit and budget > 0 and not alone
 
         idle = sorted((s for s in self.running if not s.in_flight), key=_priority)
+        self._choice = self._choose_drafts(idle, limit, budget) if self.policy.adaptive else None
         # 0. A suspect waiting ahead of every idle running sequence has its turn first (alone).
         head = self.waiting[0] if self.waiting else None
         if head is not None and head.suspect and (not idle or _priority(head) < _priority(idle[0])):
@@ -200,11 +208,20 @@ class Scheduler:
                 break
         if not steps:
             return None
+        if self._choice is not None:
+            feed_mtp(steps, self.seqs, self.policy)
         plan = StepPlan(step_id, microbatch, steps, self.released)
         self.released = []
         self.next_step += 1
         self._plans[step_id] = plan
         return plan
+
+    def _choose_drafts(self, idle: list[Sequence], limit: int, budget: int) -> Choice:
+        """The policy's drafts for the sequences this plan will likely hold (spec_policy.candidates)."""
+        room = max(0, self.config.max_num_seqs - len(self.running))
+        cands, extra, extra_seqs = candidates(idle + list(self.waiting)[:room], limit, budget,
+                                              self.config.max_model_len)
+        return self.policy.choose(cands, extra, self.config.max_num_batched_tokens, extra_seqs)
 
     def _admit(self, seq: Sequence, budget: int, step_id: int) -> SeqStep | None:
         """The first waiting sequence into `running`, if a slot and free blocks are there for its step."""
@@ -223,12 +240,20 @@ class Scheduler:
         remaining = seq.num_uncomputed          # >= 1: the newest token is always the next input
         n = min(remaining, budget)
         final = n == remaining
+        propose = verify = seq.num_speculative  # fixed: k every step
+        if self._choice is not None:            # adaptive: the policy's counts (seeded random: always k)
+            chosen = self._choice.get(seq.seq_id)
+            if chosen is None:
+                propose = verify = seq.num_speculative if pinned(seq) else 0
+            else:
+                propose, verify = chosen, self._choice.verify.get(seq.seq_id, 0)
+            propose = propose if final else 0   # a prompt chunk that does not sample drafts nothing
         drafts: list[int] = []
         if remaining == 1:                      # decoding: verify the drafts that can still count
             drafts = drafts_to_verify(seq.drafts, len(seq.output_ids), seq.params)
-            drafts = drafts[:max(0, min(self.config.max_model_len - seq.num_tokens - 1, budget - 1))]
+            drafts = drafts[:max(0, min(self.config.max_model_len - seq.num_tokens - 1, budget - 1, verify))]
         ids = seq.tokens[seq.num_computed:seq.num_computed + n] + drafts
-        positions = seq.num_computed + len(ids) + seq.num_speculative   # MTP drafting writes k past it
+        positions = seq.num_computed + len(ids) + propose   # MTP drafting writes `propose` past it
         if not self._make_room(seq, positions, may_preempt):
             return None
         self.blocks.grow(seq, positions)
@@ -237,7 +262,7 @@ class Scheduler:
             block_table=list(seq.block_table), drafts=drafts, sample=final,
             next_token=None if final else seq.tokens[seq.num_computed + n],
             commit_index=seq.commit_index, params=seq.params_dict, seed=seq.seed,
-            num_drafts=seq.num_speculative, prompt_len=len(seq.prompt_ids))
+            num_drafts=propose, prompt_len=len(seq.prompt_ids))
         seq.pending = InFlight(step_id, len(ids), len(drafts), final)       # last: the step exists
         return step
 
@@ -344,6 +369,10 @@ class Scheduler:
             return []
         seq.num_computed += p.num_tokens - p.num_verified + o.num_accepted
         seq.output_ids.extend(o.new_tokens)
+        self.policy.observe_verified(seq.seq_id, p.num_verified, o.num_accepted)
+        seq.num_verified_drafts += p.num_verified
+        seq.num_accepted_drafts += o.num_accepted
+        seq.num_verify_steps += p.num_verified > 0
         seq.drafts = list(o.drafts[:seq.num_speculative])   # the stages verify at most k
         keep, reason = check_stop(seq.output_ids, seq.params, self.config.eos_token_id)
         most = self.config.max_model_len - len(seq.prompt_ids)
@@ -355,7 +384,8 @@ class Scheduler:
     def _emit(self, seq: Sequence, reason: str | None = None, error: str | None = None) -> RequestOutput:
         new = seq.output_ids[seq.num_emitted:]
         seq.num_emitted = len(seq.output_ids)
-        return RequestOutput(seq.request_id, new, reason, len(seq.prompt_ids), len(seq.output_ids), error)
+        return RequestOutput(seq.request_id, new, reason, len(seq.prompt_ids), len(seq.output_ids), error,
+                             seq.num_verified_drafts, seq.num_accepted_drafts, seq.num_verify_steps)
 
     def _end(self, seq: Sequence) -> RequestOutput:
         """An aborted or failed sequence, out of flight: finish it as such."""
@@ -370,4 +400,5 @@ class Scheduler:
         seq.status, seq.finish_reason, seq.pending = SeqStatus.FINISHED, reason, None
         self.released.append(seq.seq_id)
         self.seqs.pop(seq.seq_id, None)
+        self.policy.release(seq.seq_id)
         return self._emit(seq, reason, error)

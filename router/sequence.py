@@ -58,6 +58,9 @@ class Sequence:
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     pending: InFlight | None = None
     num_emitted: int = 0                 # output tokens already handed to the request's stream
+    num_verified_drafts: int = 0         # MTP drafts verified for it, all passes together
+    num_accepted_drafts: int = 0         # ... and accepted
+    num_verify_steps: int = 0            # passes that verified at least one of its drafts
 
     @functools.cached_property
     def params_dict(self) -> dict:

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import asyncio
 
+import random
+
 from model_shards.generate import generate
 from model_shards.sampling_params import SamplingParams
 from model_shards.weights import load_checkpoint
+from router.spec_policy import AdaptivePolicy, Choice
 
 
 async def collect(engine, request_id, prompt, params, k=None):
@@ -39,6 +42,24 @@ async def staggered(engine, requests, late_after_tokens=3):
     tasks += [asyncio.create_task(run(*r, False)) for r in late]
     await asyncio.wait_for(asyncio.gather(*tasks), 300)
     return results
+
+
+class RandomDrafts(AdaptivePolicy):
+    """An adaptive policy whose every choice is a coin toss: 0..cap drafts per sequence per step (seeded
+    random sampling still k). Whatever a policy chooses must leave the outputs alone; this one chooses
+    everything, including verifying fewer drafts than a sequence holds and proposing none."""
+
+    def __init__(self, k: int, seed: int = 0):
+        super().__init__(k)
+        self.rng = random.Random(seed)
+
+    def choose(self, cands, extra_tokens, budget, extra_seqs=0) -> Choice:
+        self.num_choices += 1
+        most = {c.seq_id: max(0, min(c.cap, self.k)) for c in cands}
+        drafts = {c.seq_id: most[c.seq_id] if c.pinned else self.rng.randint(0, most[c.seq_id]) for c in cands}
+        verify = {c.seq_id: min(most[c.seq_id], c.held) if c.pinned
+                  else self.rng.randint(0, min(most[c.seq_id], c.held)) for c in cands}
+        return Choice(drafts, verify)
 
 
 def oracle(folder, prompt, params: SamplingParams, k=0):

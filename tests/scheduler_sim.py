@@ -21,6 +21,7 @@ from router.block_manager import BlockManager
 from router.contracts import SeqOutput, StepPlan, StepResult
 from router.scheduler import Scheduler, SchedulerConfig
 from router.sequence import Sequence, SeqStatus
+from router.spec_policy import AdaptivePolicy, draft_rows
 
 EOS = 2
 
@@ -37,6 +38,7 @@ class Request:
     k: int = 0                   # MTP drafts
     abort_at: int | None = None  # loop turn its client goes away (None: never)
     poison: bool = False         # every pass that holds it raises
+    seeded: bool = False         # seeded random sampling: the adaptive policy keeps its k drafts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Workload:
     seed: int = 0                # results' order, acceptance, EOS, failures
     p_eos: float = 0.0           # a sampled token is EOS
     p_fail: float = 0.0          # any pass raises (Scheduler.pass_failed)
+    adaptive: bool = False       # the adaptive speculation policy chooses the drafts (else k every step)
+    cost: tuple[float, float, float] = (0.01, 0.001, 0.001)   # simulated pass seconds: fixed, per token, per MTP row
 
 
 def worst_positions(r: Request, max_model_len: int) -> int:
@@ -79,8 +83,12 @@ class Sim:
     def __init__(self, w: Workload, checks: bool = True):
         self.w, self.checks = w, checks
         self.blocks = BlockManager(w.num_blocks, w.block_size, w.num_slots)
+        k = max((r.k for r in w.requests), default=0)
+        # Probing and exploring often, so that short runs go through those paths too.
+        self.policy = AdaptivePolicy(k, probe_every=2, explore_every=3) if w.adaptive and k else None
         self.sched = Scheduler(SchedulerConfig(max_num_seqs=w.max_num_seqs, max_num_batched_tokens=w.budget,
-                                               max_model_len=w.max_model_len, eos_token_id=EOS), self.blocks)
+                                               max_model_len=w.max_model_len, eos_token_id=EOS), self.blocks,
+                               self.policy)
         self.rng = random.Random(w.seed)
         self.turn = 0
         self.in_flight: list[StepPlan] = []
@@ -95,6 +103,7 @@ class Sim:
         self.history: list[str] = []                   # events, for the failure message
         self.num_plans = 0
         self.num_failures = 0
+        self.proposed: set[int] = set()                # drafts proposed per sampling step, as chosen
 
     # ---- the loop (router/engine.py `_loop`) -------------------------------------------------------
     def run(self) -> "Sim":
@@ -130,7 +139,7 @@ class Sim:
         return self
 
     def _add(self, i: int, r: Request) -> None:
-        params = SamplingParams(max_tokens=r.max_tokens)
+        params = SamplingParams(max_tokens=r.max_tokens, **(dict(temperature=1.0, seed=i) if r.seeded else {}))
         seq = Sequence(i, f"r{i}", [10 + (i + j) % 50 for j in range(r.prompt_len)], params, seed=i,
                        num_speculative=r.k, arrival_time=float(self.turn))
         try:
@@ -168,6 +177,7 @@ class Sim:
                 self.check("schedule()")
                 return
             self._check_plan(plan, per_mb)
+            self.proposed |= {s.num_drafts for s in plan.seqs if s.sample and self.reqs[s.seq_id].k}
             self.in_flight.append(plan)
             self.num_plans += 1
             self.check("schedule()")
@@ -187,6 +197,12 @@ class Sim:
             self.check(f"pass_failed(step {plan.step_id})")
             return
         result = StepResult(plan.step_id, plan.microbatch, [self._execute(s) for s in plan.seqs])
+        if self.policy is not None:                     # what the engine measures of a pass
+            fixed, per_token, per_row = self.w.cost
+            rows = draft_rows(plan, result)
+            noise = 1.0 + 0.2 * (self.rng.random() - 0.5)
+            self.policy.observe_pass(plan.num_tokens, noise * (fixed + per_token * plan.num_tokens) + per_row * rows,
+                                     per_row * rows, rows, len(plan.seqs))
         self.history.append(f"t{self.turn} result {plan.step_id}: "
                             f"{[(o.seq_id, o.new_tokens, o.num_accepted) for o in result.outputs]}")
         outs = self.sched.update(result)
@@ -313,6 +329,17 @@ class Sim:
             _check(len(st.block_table) <= math.ceil(worst_positions(r, w.max_model_len) / w.block_size),
                    f"seq {st.seq_id} holds {len(st.block_table)} blocks, more than its worst case{where}")
             _check(not set(st.block_table) & others, f"seq {st.seq_id} writes blocks of a pass in flight{where}")
+            k = q.num_speculative
+            _check(st.num_drafts <= k and len(st.drafts) <= k and st.drafts == q.drafts[:len(st.drafts)],
+                   f"seq {st.seq_id}: proposes {st.num_drafts} and verifies {st.drafts} of {q.drafts}, k={k}{where}")
+            _check(not (r.seeded and k) or st.num_drafts > 0 or st.mtp_context,
+                   f"seeded seq {st.seq_id} does not feed the MTP block as k every step would{where}")
+            decoding = st.num_tokens == 1 + len(st.drafts) and st.start_pos == len(q.tokens) - 1
+            if r.seeded and decoding:                   # reproducible: what fixed k verifies (budget permitting)
+                full = min(len(q.drafts), max(0, r.max_tokens - len(q.output_ids) - 1),
+                           w.max_model_len - q.num_tokens - 1)
+                _check(len(st.drafts) == full or plan.num_tokens == w.budget,
+                       f"seeded seq {st.seq_id} verifies {len(st.drafts)} of {len(q.drafts)} drafts{where}")
             tokens = q.tokens
             _check(st.input_ids[:st.num_tokens - len(st.drafts)] ==
                    tokens[st.start_pos:st.start_pos + st.num_tokens - len(st.drafts)],

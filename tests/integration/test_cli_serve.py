@@ -76,6 +76,11 @@ def test_serve_command_answers_and_drains_from_outside_and_on_sigterm(preset_cac
             t.join(120)
         assert [r.status_code for r in long_results] == [200] * N_LONG, [r.text for r in long_results]
         assert all(r.json()["usage"]["completion_tokens"] == LONG for r in long_results), "an in-flight request was cut"
+        # MTP is on by default (--num-speculative-tokens auto: 3, the tiny preset has an MTP block, adaptive
+        # policy): drafts were proposed and verified, and the policy's choices are counted.
+        m = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert _gauge(m, "hybridserve:spec_decode_num_draft_tokens_per_pos_total") > 0, m
+        assert _gauge(m, "hybridserve:spec_decode_drafts_per_seq_count") > 0, m
         proc.send_signal(signal.SIGTERM)          # as Kubernetes does: to the main process only
         assert proc.wait(90) == 0
         reader.join(5)

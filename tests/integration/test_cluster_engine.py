@@ -11,7 +11,7 @@ import ray
 from model_shards.sampling_params import SamplingParams
 from router.engine import AsyncEngine
 from router.engine_config import EngineConfig
-from tests.engine_helpers import collect, oracle, staggered
+from tests.engine_helpers import RandomDrafts, collect, oracle, staggered
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +59,37 @@ def test_greedy_tokens_equal_the_single_process_oracle(ray_local, preset_cache, 
     assert seeded[0] == oracle(engine.folder, reqs[1][1], SEEDED, k=3)
     assert engine.blocks.all_free(), "every KV block and Mamba slot is free after the requests finish"
     assert engine.stats().drafted_per_position[0] > 0
+
+
+def test_greedy_tokens_with_mtp_off_fixed_adaptive_and_random_drafts_at_pp2_ep2(ray_local, preset_cache):
+    """Two micro-batches in flight over two stages and expert shards: whatever drafts each plan carries
+    (the adaptive policy's, k every step, or a coin toss per sequence per step), the oracle's tokens."""
+    engine = _engine(2, 2)
+    reqs = [(rid, prompt, params) for rid, prompt, params, _ in _requests(seed=77)]
+    modes = {"off": None, "fixed": "fixed", "adaptive": "adaptive", "random": RandomDrafts(3, seed=3)}
+
+    async def scenario():
+        await engine.start()
+        results = {}
+        try:
+            for mode, policy in modes.items():
+                if isinstance(policy, str):
+                    engine.set_speculative_policy(policy)
+                elif policy is not None:
+                    engine.scheduler.policy = policy
+                k = 0 if mode == "off" else 3
+                results[mode] = await staggered(engine, [(f"{mode}-{rid}", p, params, k) for rid, p, params in reqs])
+            return results, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    results, stats = asyncio.run(scenario())
+    for rid, prompt, params in reqs:
+        want = oracle(engine.folder, prompt, params)
+        for mode in modes:
+            assert results[mode][f"{mode}-{rid}"] == (want, "length"), f"{rid} differs with MTP {mode} at pp=2 ep=2"
+    assert engine.blocks.all_free()
+    assert sum(1 for c in stats.drafts_per_seq if c) >= 3, f"drafts chosen per step: {stats.drafts_per_seq}"
 
 
 def test_killed_stage_fails_in_flight_requests_fast_and_replica_recovers(ray_local, preset_cache):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import shutil
 import subprocess
 import time
@@ -127,8 +128,11 @@ def test_raw_sse_format(server):
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == text
     assert sum((c["choices"][0]["token_ids"] for c in chunks if c["choices"]), []) == ids
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+    usage = dict(chunks[-1]["usage"])
+    details = usage.pop("completion_tokens_details", None)    # MTP is on by default: there when drafts were verified
+    assert chunks[-1]["choices"] == [] and usage == {
         "prompt_tokens": len(prompt), "completion_tokens": len(ids), "total_tokens": len(prompt) + len(ids)}
+    assert details is None or set(details) == {"accepted_prediction_tokens", "rejected_prediction_tokens"}
 
 
 # ---- models, probes, metrics -------------------------------------------------------------------------
@@ -373,20 +377,44 @@ def test_queue_limit_rejects_with_retry_after_while_admitted_complete(preset_cac
 
 # ---- MTP speculative decoding through the front door ------------------------------------------------
 
-def test_mtp_outputs_equal_greedy_and_metrics_count_drafts(preset_cache):
-    cfg = EngineConfig(model="tiny", max_model_len=512, max_num_seqs=2, num_speculative_tokens=2)
+def _metric_sum(metrics: str, prefix: str) -> float:
+    return sum(float(v) for name, v in (ln.rsplit(" ", 1) for ln in metrics.splitlines() if ln[:1] != "#")
+               if name.startswith(prefix))
+
+
+def test_mtp_outputs_equal_greedy_and_metrics_count_drafts(preset_cache, caplog):
+    """k=2 every step (fixed): greedy text as without MTP; /metrics counts drafts per position and the drafts
+    chosen per step; usage reports the request's accepted / rejected drafts and the request log line its
+    mean acceptance length."""
+    cfg = EngineConfig(model="tiny", max_model_len=512, max_num_seqs=2, num_speculative_tokens=2,
+                       speculative_policy="fixed")
+    caplog.set_level(logging.INFO, logger="hybridserve.requests")
     with LocalServer(cfg, grpc=False) as s:
         ids, text = expected(s, s.tokenizer.encode_chat(MSGS), 30)
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        before = httpx.get(s.url + "/metrics").text
         chunks = list(c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=30, temperature=0, stream=True,
-                                                extra_body={"return_token_ids": True}))
-        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
-        assert sum((ch.choices[0].token_ids or [] for ch in chunks), []) == ids
+                                                extra_body={"return_token_ids": True},
+                                                stream_options={"include_usage": True}))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+        assert sum((ch.choices[0].token_ids or [] for ch in chunks if ch.choices), []) == ids
         metrics = httpx.get(s.url + "/metrics").text
+        drafted_name = "hybridserve:spec_decode_num_draft_tokens_per_pos_total"
         drafted = [float(v) for name, v in (ln.rsplit(" ", 1) for ln in metrics.splitlines() if ln[:1] != "#")
-                   if name.startswith("hybridserve:spec_decode_num_draft_tokens_per_pos_total")]
+                   if name.startswith(drafted_name)]
         assert len(drafted) == 2 and all(d > 0 for d in drafted), metrics
-        assert "hybridserve:spec_decode_num_accepted_tokens_per_pos_total" in metrics
+        acc, draft = "hybridserve:spec_decode_num_accepted_tokens_per_pos_total", drafted_name
+        accepted = _metric_sum(metrics, acc) - _metric_sum(before, acc)         # this request's
+        verified = _metric_sum(metrics, draft) - _metric_sum(before, draft)
+        details = chunks[-1].usage.completion_tokens_details
+        assert verified > 0 and (details.accepted_prediction_tokens, details.rejected_prediction_tokens) == \
+            (accepted, verified - accepted)
+        assert _metric_sum(metrics, 'hybridserve:spec_decode_drafts_per_seq_bucket{le="1.0"') == 0   # k=2 each step
+        assert _metric_sum(metrics, "hybridserve:spec_decode_drafts_per_seq_count") > 0
+        r = c.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=0)
+        assert r.usage.completion_tokens_details.accepted_prediction_tokens >= 0
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "hybridserve.requests"]
+    assert any("mtp_accept_len=" in ln and "mtp_accept_len=-" not in ln for ln in lines), lines
 
 
 def test_draining_refuses_new_requests_with_503(server):

@@ -100,8 +100,8 @@ def test_bad_sampling_parameters_name_the_field(preset_cache):
     engine = AsyncEngine(EngineConfig(model="tiny"))
     with pytest.raises(ValueError, match="top_p"):
         engine.add_request("x", [5, 6], SamplingParams(top_p=0.0))
-    with pytest.raises(ValueError, match="num_speculative_tokens"):
-        engine.add_request("y", [5, 6], SamplingParams(), num_speculative_tokens=1)
+    with pytest.raises(ValueError, match="num_speculative_tokens"):     # the default is auto: k=3 for tiny
+        engine.add_request("y", [5, 6], SamplingParams(), num_speculative_tokens=4)
 
 
 def test_device_memory_caps_the_slots_and_kv_blocks_as_the_planner_computes(preset_cache):

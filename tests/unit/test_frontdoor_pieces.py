@@ -42,6 +42,14 @@ def test_sse_framing():
     assert "usage" not in R.chat_chunk("id", 1, "m", {"content": "x"})
 
 
+def test_usage_reports_mtp_drafts_as_prediction_tokens_only_when_some_were_verified():
+    assert R.usage(5, 7) == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+    assert R.usage(5, 7, (4, 2))["completion_tokens_details"] == {"accepted_prediction_tokens": 4,
+                                                                   "rejected_prediction_tokens": 2}
+    assert R.usage_chunk("id", 1, "m", "text_completion", 5, 7, (0, 3))["usage"]["completion_tokens_details"] == \
+        {"accepted_prediction_tokens": 0, "rejected_prediction_tokens": 3}
+
+
 def test_generated_grpc_code_matches_proto(tmp_path):
     from router.proto.generate import ROOT, generate
 
@@ -59,6 +67,13 @@ def test_cli_defaults_and_vllm_names():
     cfg = serve_config_from_args(args)
     assert (cfg.engine.model, cfg.port, cfg.grpc_port, cfg.min_replicas, cfg.max_replicas) == \
         ("default", 8000, 50051, 1, 1)
+    assert (cfg.engine.num_speculative_tokens, cfg.engine.speculative_policy) == ("auto", "adaptive")   # MTP on
+    e = serve_config_from_args(build_parser().parse_args(
+        ["serve", "--num-speculative-tokens", "0", "--speculative-policy", "fixed"])).engine
+    assert (e.num_speculative_tokens, e.speculative_policy) == (0, "fixed")                            # 0: off
+    for bad in (["--num-speculative-tokens", "-1"], ["--num-speculative-tokens", "x"], ["--speculative-policy", "k"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", *bad])
     args = build_parser().parse_args(
         ["serve", "--model", "tiny", "--pipeline-parallel-size", "2", "--expert-parallel-size", "2",
          "--num-speculative-tokens", "1", "--draft-dtype", "float32", "--min-replicas", "1", "--max-replicas", "3", "--host", "0.0.0.0",

@@ -16,6 +16,10 @@ is in them. tests/scheduler_sim.py checks, after every schedule(), update(), abo
 At the end every request has finished exactly once, having streamed exactly the tokens the stages
 sampled for it, and every block and slot is free. Work pending with nothing in flight and nothing
 plannable fails the run as a deadlock; a run that does not end, as a livelock.
+With the adaptive speculation policy choosing the drafts (fed simulated pass timings: a fixed cost, a
+cost per token and one per MTP row drafting, drawn per example) all of that holds, and every step
+proposes and verifies at most k drafts and verifies a prefix of the drafts the sequence holds; a seeded
+random-sampling sequence verifies what k every step would and always feeds the MTP block.
 """
 from __future__ import annotations
 
@@ -45,12 +49,12 @@ def _mostly(draw, likely: st.SearchStrategy, otherwise: st.SearchStrategy, odds:
 
 
 @st.composite
-def workloads(draw, fail: bool = False, oversized: bool = False) -> Workload:
+def workloads(draw, fail: bool = False, oversized: bool = False, adaptive: bool = False) -> Workload:
     """A cache of a few blocks and requests each of which fits it alone (unless `oversized`), most of
     them long enough that two together do not, most arriving at once: the cache runs short often."""
     block_size, num_blocks = draw(st.integers(1, 4)), draw(st.integers(1, 8))
     capacity = num_blocks * block_size
-    k_max = draw(st.integers(0, min(3, capacity - 1)))
+    k_max = draw(st.integers(1 if adaptive and capacity > 1 else 0, min(3, capacity - 1)))
     # Mostly a context limit past the cache, so that sequences grow until the cache runs short.
     max_model_len = _mostly(draw, st.integers(capacity + 1, capacity + 4), st.integers(2, capacity + 4))
     num_slots = _mostly(draw, st.integers(2, 4), st.integers(1, 4))
@@ -63,13 +67,16 @@ def workloads(draw, fail: bool = False, oversized: bool = False) -> Workload:
         arrival = _mostly(draw, st.just(0), st.integers(0, 6), odds=2)
         abort_at = _mostly(draw, st.none(), st.integers(arrival, arrival + 40))
         poison = fail and draw(st.integers(0, 3)) == 0
-        reqs.append(Request(arrival, prompt, max_tokens, k, abort_at, poison))
+        seeded = adaptive and draw(st.integers(0, 3)) == 0
+        reqs.append(Request(arrival, prompt, max_tokens, k, abort_at, poison, seeded))
     return Workload(
         num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
         max_num_seqs=_mostly(draw, st.integers(2, num_slots + 1), st.integers(1, num_slots + 1)), budget=draw(st.integers(k_max + 1, k_max + 12)),
         max_model_len=max_model_len, microbatches=draw(st.integers(1, 3)), requests=tuple(reqs),
         seed=draw(st.integers(0, 2 ** 32 - 1)), p_eos=draw(st.sampled_from([0.0, 0.0, 0.05, 0.3])),
-        p_fail=draw(st.sampled_from([0.0, 0.1, 0.3])) if fail else 0.0)
+        p_fail=draw(st.sampled_from([0.0, 0.1, 0.3])) if fail else 0.0, adaptive=adaptive,
+        cost=(draw(st.sampled_from([0.0005, 0.01, 0.05])), draw(st.sampled_from([0.0, 0.0002, 0.002, 0.02])),
+              draw(st.sampled_from([0.0, 0.001, 0.01]))))
 
 
 @PROFILE
@@ -87,6 +94,19 @@ def test_a_failing_pass_fails_only_the_sequence_that_keeps_failing_alone(w):
     sim = Sim(w).run()
     event(f"failed passes: {min(sim.num_failures, 3)}")
     target(float(sim.num_failures), label="failed passes")
+
+
+@PROFILE
+@given(workloads(adaptive=True))
+def test_adaptive_drafting_finishes_every_request_and_leaks_no_block_or_slot(w):
+    sim = Sim(w).run()
+    event(f"drafts proposed per step: {sorted(sim.proposed)}")   # pytest --hypothesis-show-statistics
+
+
+@PROFILE
+@given(workloads(fail=True, adaptive=True))
+def test_adaptive_drafting_with_failing_passes_isolates_the_culprit(w):
+    Sim(w).run()
 
 
 @PROFILE
