@@ -255,6 +255,15 @@ def deploy(cfg) -> None:
         raise errors[0]
 
 
+def _ray_address() -> str:
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - only informative
+        return "?"
+
+
 def _progress(app_name: str) -> str:
     from ray import serve
 
@@ -363,6 +372,7 @@ def cmd_serve(args) -> int:
              if cfg.grpc_port else "")
           + f"  health      http://{host}:{cfg.port}/health, /ready, /metrics\n"
           f"  replicas    {cfg.min_replicas}..{cfg.max_replicas} (autoscaling)\n"
+          f"  ray         {_ray_address()}   (hybridserve drain --address ...)\n"
           f"Press Ctrl-C to stop.\n", flush=True)
     signum = wait_for_signal()
     print(f"\n{signal.Signals(signum).name} received", flush=True)

@@ -9,8 +9,10 @@ seconds, and whatever is left then is aborted in its engine, not left generating
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -38,6 +40,11 @@ def drain_app(app_name: str, timeout_s: float) -> int:
 
 
 def cmd_drain(args) -> int:
+    # A local cluster that `ray.init()` or `hybridserve serve` started uses token auth with the token in
+    # ~/.ray/auth_token by default; Ray reads it for "auto" but not for an explicit address. Set before
+    # Ray is imported: it reads the mode once.
+    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     try:

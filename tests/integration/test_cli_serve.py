@@ -61,7 +61,9 @@ def test_serve_command_answers_and_drains_from_outside_and_on_sigterm(preset_cac
             assert time.time() < deadline, "the long request never ran"
             time.sleep(0.05)
         # What a Kubernetes preStop hook runs: drain from outside, while the request still has tokens to go.
-        drainer = subprocess.Popen([sys.executable, "-m", "router.cli", "drain", "--timeout", "60"], env=env,
+        ray_address = next(ln.split()[1] for ln in lines if ln.strip().startswith("ray "))   # the banner's
+        drainer = subprocess.Popen([sys.executable, "-m", "router.cli", "drain", "--timeout", "60",
+                                    "--address", ray_address], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=proc_cwd)
         deadline = time.time() + 60
         while httpx.get(f"http://127.0.0.1:{port}/ready").status_code != 503:
