@@ -36,7 +36,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--model", default="default",
                    help="preset name, checkpoint folder (with config.json), or 'default' (checkpoints/hybrid-mini)")
     m.add_argument("--max-model-len", type=int, default=2048, help="context length (prompt + output) to plan for")
-    m.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP drafts per step (0: off)")
+    m.add_argument("--num-speculative-tokens", type=_drafts, default="auto",
+                   help="MTP drafts per step, as `hybridserve serve` takes it: auto (3 with an MTP block, else 0), "
+                        "or an integer (0: off)")
     m.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights and KV cache (auto: float32 on a CPU, as the engine computes; bfloat16 on "
                         "GPUs); Mamba states are float32 whatever this is")
@@ -177,6 +179,22 @@ def _scalar(v) -> str:
     return s if plain else json.dumps(s)
 
 
+def _drafts(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {text!r}") from None
+
+
+def _resolve_drafts(k: int | str, cfg) -> int:
+    """`auto` as the engine resolves it (router/engine_config.py): 3 drafts with an MTP block, else 0."""
+    from router.engine_config import EngineConfig
+
+    return EngineConfig(num_speculative_tokens=k).speculative_tokens_for(cfg.has_mtp)
+
+
 def values_yaml(values: dict, indent: int = 0) -> str:
     """A nested dict as block-style YAML (the values file's keys are fixed: no YAML library needed)."""
     out = []
@@ -202,7 +220,8 @@ def cmd_plan(args) -> int:
                       utilization=args.gpu_memory_utilization, dtype=args.dtype)
         plan = plan_deployment(cfg, hw, model=args.model, pp=args.pipeline_parallel_size,
                                ep=args.expert_parallel_size, max_model_len=args.max_model_len,
-                               num_speculative_tokens=args.num_speculative_tokens, draft_vocab=draft_vocab,
+                               num_speculative_tokens=_resolve_drafts(args.num_speculative_tokens, cfg),
+                               draft_vocab=draft_vocab,
                                min_batch=1 if hw.cpu else args.min_batch)
     except (PlanError, ValueError) as e:     # PlanError, ParallelConfigError, ConfigError are ValueErrors
         reason = str(e).replace("\n", "\n  ")

@@ -193,6 +193,8 @@ def test_every_serve_value_is_a_cli_option():
     from router.cli import serve_args_from_dict
 
     def sample(prop: dict):
+        if prop.get("oneOf"):
+            return sample(prop["oneOf"][0])
         if prop.get("enum"):
             return next(v for v in prop["enum"] if v is not None)
         types = [t for s in [prop, *prop.get("anyOf", [])] for t in ([s["type"]] if isinstance(s.get("type"), str)

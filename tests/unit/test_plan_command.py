@@ -9,6 +9,8 @@ import shlex
 
 import pytest
 
+from router.block_manager import kv_positions
+
 from cluster.parallel import ParallelConfig
 from cluster.plan_report import Hardware, plan_deployment
 from cluster.planner import PlanError, plan_replica
@@ -71,7 +73,8 @@ def test_super_on_8_h200_json_layout_fits(capsys):
     # Per-sequence figures: 9 attention layers (8 + MTP's) of 2 KV heads x 128 in bf16, 40 Mamba layers in fp32.
     seq = d["per_sequence"]
     assert seq["kv_block_bytes"] == 9 * 2 * 16 * 2 * 128 * 2
-    assert seq["kv_blocks"] == math.ceil((2048 - 1) / 16)
+    assert seq["kv_blocks"] == math.ceil(kv_positions(2048, 3) / 16)     # auto: 3 MTP drafting positions
+    assert d["num_speculative_tokens"] == 3
     assert seq["mamba_state_bytes"] == 40 * 4 * (10240 * 3 + 128 * 64 * 128)
 
 
