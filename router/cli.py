@@ -8,7 +8,6 @@ the option. Ctrl-C / SIGTERM drains: new requests get 503, in-flight ones finish
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -17,79 +16,15 @@ import sys
 import threading
 import time
 
+from .serve_options import add_serve_parser, serve_args_from_dict, serve_config_from_args  # noqa: F401
+
 log = logging.getLogger("hybridserve.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hybridserve", description="Serve hybrid Mamba/attention/MoE models.")
     sub = ap.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve a model over OpenAI-compatible HTTP and gRPC",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m = s.add_argument_group("model and engine")
-    m.add_argument("--model", default="default",
-                   help="checkpoint folder (HF layout) or preset name; 'default' is checkpoints/hybrid-mini "
-                        "(or the random-weight 'small' preset when that is absent)")
-    m.add_argument("--served-model-name", default=None, help="name clients use (default: the model's name)")
-    m.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    m.add_argument("--expert-parallel-size", "-ep", type=int, default=1)
-    m.add_argument("--num-speculative-tokens", type=_speculative_tokens, default="auto",
-                   help="MTP drafts per step at most (auto: 3 when the checkpoint has an MTP block, else 0; 0: off)")
-    m.add_argument("--speculative-policy", choices=("adaptive", "fixed"), default="adaptive",
-                   help="adaptive: each step drafts per sequence what pays on this deployment (router/spec_policy.py); "
-                        "fixed: k drafts every step")
-    m.add_argument("--draft-dtype", default="auto", choices=["auto", "model", "float32", "float16", "bfloat16"],
-                   help="dtype the MTP drafter computes in; auto: float16 on a CPU (verification keeps the "
-                        "model's dtype, so outputs do not change)")
-    m.add_argument("--no-draft-vocab", dest="draft_vocab", action="store_false",
-                   help="greedy requests draft from the whole vocabulary, not only the checkpoint's draft_vocab.json")
-    m.add_argument("--max-model-len", type=int, default=2048, help="context length (prompt + output)")
-    m.add_argument("--max-num-seqs", type=int, default=16, help="sequences running at once per replica")
-    m.add_argument("--model-process", action=argparse.BooleanOptionalAction, default=True,
-                   help="with -pp 1 -ep 1: compute in a child process of the replica, so the model and the "
-                        "replica's token streaming do not share one GIL (--no-model-process: a thread)")
-    m.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")
-    m.add_argument("--max-queued-requests", type=int, default=64,
-                   help="requests waiting per replica before new ones get 429 + Retry-After")
-    m.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
-    m.add_argument("--num-gpu-blocks-override", type=int, default=None,
-                   help="KV blocks per attention layer per replica, instead of what memory allows (vLLM's name; "
-                        "also on a CPU): makes cache pressure reproducible")
-    m.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="share of each device's memory (on a CPU: of the replica's memory budget) that weights "
-                        "and caches may take")
-    m.add_argument("--seed", type=int, default=0)
-    a = s.add_argument_group("replicas and autoscaling")
-    a.add_argument("--min-replicas", type=int, default=1)
-    a.add_argument("--max-replicas", type=int, default=1)
-    a.add_argument("--target-ongoing-requests", type=float, default=None,
-                   help="autoscaling target per replica (default: --max-num-seqs)")
-    a.add_argument("--autoscaling-policy", choices=("engine", "ongoing"), default="engine",
-                   help="engine: scale on the most loaded of ongoing requests, running + waiting sequences "
-                        "and KV-cache usage (router/autoscaling.py); ongoing: Ray Serve's default policy")
-    a.add_argument("--target-kv-cache-usage", type=float, default=0.8,
-                   help="engine policy: mean KV-cache usage per replica to aim for (0..1]")
-    a.add_argument("--autoscaling-config", type=json.loads, default={},
-                   help='JSON overrides of Ray Serve\'s autoscaling_config, e.g. \'{"downscale_delay_s": 60}\'')
-    a.add_argument("--num-cpus", type=float, default=None,
-                   help="logical CPUs of the local Ray cluster (default: max(cores, what the replicas need))")
-    a.add_argument("--torch-threads", type=int, default=None, help="torch threads per replica (default: cores / max)")
-    a.add_argument("--replica-num-gpus", type=float, default=None,
-                   help="GPUs a model replica asks Ray for (default: 1 at -pp 1 -ep 1 when the Ray cluster has "
-                        "GPUs, else 0; stage and expert actors take one GPU each)")
-    n = s.add_argument_group("network")
-    n.add_argument("--host", default="127.0.0.1", help="address for HTTP and gRPC (0.0.0.0: all interfaces)")
-    n.add_argument("--port", type=int, default=8000, help="HTTP port")
-    n.add_argument("--http-server", choices=("ingress", "proxy"), default="ingress",
-                   help="who listens for HTTP: the ingress replica itself (one process hop less per token), "
-                        "or Ray Serve's HTTP proxy")
-    n.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC)")
-    n.add_argument("--api-key", default=os.environ.get("HYBRIDSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer <key>' (env HYBRIDSERVE_API_KEY)")
-    n.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024, help="413 above this")
-    n.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on shutdown")
-    n.add_argument("--log-level", default=os.environ.get("HYBRIDSERVE_LOG_LEVEL", "INFO"),
-                   help="our log level (env HYBRIDSERVE_LOG_LEVEL); INFO shows one line per request")
-    n.add_argument("--app-name", default="hybridserve", help="Ray Serve application name")
+    add_serve_parser(sub)
     add_export_parser(sub)
     from .bench.command import add_parser as add_bench_parser
     add_bench_parser(sub)
@@ -98,81 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .drain_command import add_parser as add_drain_parser
     add_drain_parser(sub)
     return ap
-
-
-def _speculative_tokens(text: str):
-    """--num-speculative-tokens: 'auto' or an integer >= 0."""
-    if text == "auto":
-        return text
-    try:
-        k = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {text!r}") from None
-    if k < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {k}")
-    return k
-
-
-def serve_args_from_dict(options: dict) -> argparse.Namespace:
-    """`hybridserve serve` options given as a mapping (a Serve config file's `args`), parsed by the CLI's
-    own parser. Keys are long option names (dashes or underscores); True/False toggle flags."""
-    ap = build_parser()
-    serve_parser = next(a for a in ap._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve"))
-    known = {a.dest: a for a in serve_parser._actions if a.option_strings and a.dest != "help"}
-    flags = {s.lstrip("-").replace("-", "_"): a for a in serve_parser._actions for s in a.option_strings
-             if s.startswith("--") and a.dest != "help" and not s.startswith("--no-")}
-
-    def fail(message):
-        raise ValueError(f"invalid serve options: {message}")
-    serve_parser.error = fail
-    argv = []
-    for key, value in options.items():
-        name = str(key).replace("-", "_")
-        action = flags.get(name) or known.get(name)
-        if action is None:
-            raise ValueError(f"{key}: not a `hybridserve serve` option (known: {', '.join(sorted(known))})")
-        opt = next(s for s in action.option_strings if s.startswith("--"))
-        if isinstance(action, argparse.BooleanOptionalAction):
-            argv.append(opt if value else "--no-" + opt[2:])
-        elif isinstance(action, argparse._StoreFalseAction):      # --no-draft-vocab: draft_vocab=False
-            if value is False or value is None:
-                argv.append(opt)
-        elif isinstance(value, bool):
-            raise ValueError(f"{key}: expected a value, got {value}")
-        elif value is not None:
-            argv += [opt, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
-    return ap.parse_args(["serve", *argv])
-
-
-def serve_config_from_args(args):
-    from .engine_config import EngineConfig
-    from .serve_app import ServeConfig
-
-    pp, ep = args.pipeline_parallel_size, args.expert_parallel_size
-    engine = EngineConfig(model=args.model, pipeline_parallel_size=pp, expert_parallel_size=ep,
-                          num_speculative_tokens=args.num_speculative_tokens,
-                          speculative_policy=args.speculative_policy, draft_dtype=args.draft_dtype,
-                          draft_vocab=args.draft_vocab, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                          block_size=args.block_size, max_queued_requests=args.max_queued_requests,
-                          num_kv_blocks=args.num_gpu_blocks_override,
-                          gpu_memory_utilization=args.gpu_memory_utilization, use_ray=pp * ep > 1, seed=args.seed,
-                          model_process=args.model_process)
-    engine.validate()
-    if not 0.0 < args.target_kv_cache_usage <= 1.0:
-        raise ValueError(f"--target-kv-cache-usage: must be in (0, 1], got {args.target_kv_cache_usage}")
-    if not 1 <= args.min_replicas <= args.max_replicas:
-        raise ValueError(f"--min-replicas/--max-replicas: need 1 <= min ({args.min_replicas}) <= max "
-                         f"({args.max_replicas})")
-    return ServeConfig(engine=engine, app_name=args.app_name, served_model_name=args.served_model_name,
-                       api_key=args.api_key, host=args.host, port=args.port, grpc_port=args.grpc_port,
-                       min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                       target_ongoing_requests=args.target_ongoing_requests,
-                       autoscaling_policy=args.autoscaling_policy, target_kv_cache_usage=args.target_kv_cache_usage,
-                       autoscaling_overrides=args.autoscaling_config, max_body_bytes=args.max_request_body_bytes,
-                       torch_threads=args.torch_threads, log_level=args.log_level.upper(),
-                       replica_num_gpus=args.replica_num_gpus,
-                       http_server=args.http_server)
 
 
 def needed_cpus(cfg) -> float:

@@ -424,7 +424,7 @@ def app_builder(args: dict):
     `{"model": "/models/x", "pipeline_parallel_size": 2, "model_process": false}`; they are parsed by the
     very parser the CLI uses, so the two cannot drift and a bad value fails with the CLI's message.
     """
-    from .cli import serve_config_from_args, serve_args_from_dict
+    from .serve_options import serve_args_from_dict, serve_config_from_args
 
     cfg = serve_config_from_args(serve_args_from_dict(args or {}))
     setup_logging(cfg.log_level)
