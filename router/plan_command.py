@@ -14,6 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from .serve_options import _speculative_tokens
+
 GB = 10 ** 9
 
 
@@ -36,7 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--model", default="default",
                    help="preset name, checkpoint folder (with config.json), or 'default' (checkpoints/hybrid-mini)")
     m.add_argument("--max-model-len", type=int, default=2048, help="context length (prompt + output) to plan for")
-    m.add_argument("--num-speculative-tokens", type=_drafts, default="auto",
+    m.add_argument("--num-speculative-tokens", type=_speculative_tokens, default="auto",
                    help="MTP drafts per step, as `hybridserve serve` takes it: auto (3 with an MTP block, else 0), "
                         "or an integer (0: off)")
     m.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
@@ -177,15 +179,6 @@ def _scalar(v) -> str:
     plain = s and all(c.isalnum() or c in "-_./" for c in s) and not s[0].isdigit() and s not in (
         "true", "false", "null", "yes", "no", "on", "off", "~")
     return s if plain else json.dumps(s)
-
-
-def _drafts(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {text!r}") from None
 
 
 def _resolve_drafts(k: int | str, cfg) -> int:

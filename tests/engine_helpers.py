@@ -20,6 +20,16 @@ async def collect(engine, request_id, prompt, params, k=None):
     return tokens, reason
 
 
+def use_speculative_mode(engine, mode: str, policy) -> int:
+    """Switch `engine` to one drafting mode of a comparison (None: leave it; a name: the built-in policy;
+    an object: a policy of the test's); returns the k its requests ask for (0 for "off", else 3)."""
+    if isinstance(policy, str):
+        engine.set_speculative_policy(policy)
+    elif policy is not None:
+        engine.scheduler.policy = policy
+    return 0 if mode == "off" else 3
+
+
 async def staggered(engine, requests, late_after_tokens=3):
     """Start the first half of `requests`; start the rest once the first has produced some tokens,
     so new prompts arrive while others decode. requests: [(id, prompt, params, k)]."""

@@ -11,7 +11,7 @@ import ray
 from model_shards.sampling_params import SamplingParams
 from router.engine import AsyncEngine
 from router.engine_config import EngineConfig
-from tests.engine_helpers import RandomDrafts, collect, oracle, staggered
+from tests.engine_helpers import RandomDrafts, collect, oracle, staggered, use_speculative_mode
 
 pytestmark = pytest.mark.integration
 
@@ -73,11 +73,7 @@ def test_greedy_tokens_with_mtp_off_fixed_adaptive_and_random_drafts_at_pp2_ep2(
         results = {}
         try:
             for mode, policy in modes.items():
-                if isinstance(policy, str):
-                    engine.set_speculative_policy(policy)
-                elif policy is not None:
-                    engine.scheduler.policy = policy
-                k = 0 if mode == "off" else 3
+                k = use_speculative_mode(engine, mode, policy)
                 results[mode] = await staggered(engine, [(f"{mode}-{rid}", p, params, k) for rid, p, params in reqs])
             return results, engine.stats()
         finally:

@@ -20,7 +20,7 @@ from model_shards.sampling_params import SamplingParams
 from router.engine import AsyncEngine
 from router.engine_config import EngineConfig
 from router.spec_policy import AdaptivePolicy
-from tests.engine_helpers import RandomDrafts, oracle, staggered
+from tests.engine_helpers import RandomDrafts, oracle, staggered, use_speculative_mode
 
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 PROMPTS = [[1, 475, 285, 302, 14, 295, 32, 300], [1, 302, 14, 295, 32, 300, 475, 285, 302, 14, 295, 32, 300] * 3,
@@ -49,11 +49,7 @@ def test_greedy_tokens_are_the_oracles_with_mtp_off_fixed_adaptive_and_random_dr
         results, outs = {}, {}
         try:
             for mode, policy in modes.items():
-                if isinstance(policy, str):
-                    engine.set_speculative_policy(policy)
-                elif policy is not None:
-                    engine.scheduler.policy = policy
-                k = 0 if mode == "off" else 3
+                k = use_speculative_mode(engine, mode, policy)
                 results[mode] = await staggered(engine, [(f"{mode}{i}", p, GREEDY, k) for i, p in enumerate(PROMPTS)])
                 outs[mode] = engine.stats()
             return results, outs

@@ -121,7 +121,6 @@ def test_auto_with_min_batch_passes_over_replicas_that_hold_too_few_sequences(ca
     ([*H200, "-pp", "89", "--nodes", "12"], ["89 stages for the 88 layers"]),
     ([*H200, "-pp", "1", "-ep", "2"], ["weights do not fit pp=1 ep=2", "short by 7.6 GB"]),
     ([*H200, "-pp", "3", "-ep", "1"], ["3 GPUs per replica must divide the 8 GPUs of a node"]),
-    ([*H200, "--num-speculative-tokens", "-1"], ["num_speculative_tokens"]),
 ])
 def test_impossible_layouts_are_refused_with_the_reason(capsys, argv, reasons):
     rc, out, err = run(capsys, "--model", SUPER, *argv)
@@ -129,6 +128,12 @@ def test_impossible_layouts_are_refused_with_the_reason(capsys, argv, reasons):
     assert err.startswith("hybridserve plan: refused: ")
     for r in reasons:
         assert r in err, err
+
+
+def test_a_negative_draft_count_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--model", SUPER, *H200, "--num-speculative-tokens", "-1"])
+    assert e.value.code == 2 and "--num-speculative-tokens: must be >= 0" in capsys.readouterr().err
 
 
 def test_bad_model_is_refused(capsys):
