@@ -22,13 +22,15 @@ def _setup(threads: int) -> str:
 
 @ray.remote(max_restarts=0)
 class ExpertShardActor:
-    def __init__(self, folder: str, layers: tuple[int, int], expert_range: tuple[int, int], threads: int = 1):
+    def __init__(self, folder: str, layers: tuple[int, int], expert_range: tuple[int, int], threads: int = 1,
+                 dtype: str = "auto"):
         self.device = _setup(threads)
-        from model_shards.weights import read_config
+        from model_shards.weights import read_config, resolve_dtype
 
         from .expert_shard import ExpertShard
 
-        self.shard = ExpertShard.load(read_config(folder), folder, range(*layers), expert_range).to(self.device)
+        self.shard = ExpertShard.load(read_config(folder), folder, range(*layers), expert_range,
+                                      resolve_dtype(dtype, self.device, folder)).to(self.device)
 
     @ray.method(enable_task_events=False)    # hot path: one call per MoE layer per pass (see run)
     def compute(self, layer: int, x_lat, topk_weights, topk_ids):
@@ -44,7 +46,7 @@ class StageActor:
     def __init__(self, folder: str, layers: tuple[int, int], *, shards: list | None,
                  shard_ranges: list[tuple[int, int]] | None, num_blocks: int, block_size: int, num_slots: int,
                  max_verify_positions: int, draft_dtype: str = "auto", draft_vocab: bool = True,
-                 threads: int = 1):
+                 dtype: str = "auto", threads: int = 1):
         device = _setup(threads)
         from model_shards.config import MOE
         from model_shards.weights import load_checkpoint
@@ -54,7 +56,8 @@ class StageActor:
 
         rng = range(*layers)
         # With expert parallelism the stage itself holds rank 0's experts; shard actors hold the rest.
-        model = load_checkpoint(folder, layers=rng, expert_range=shard_ranges[0] if shards else None, device=device)
+        model = load_checkpoint(folder, layers=rng, expert_range=shard_ranges[0] if shards else None, device=device,
+                                dtype=dtype)
         if shards:
             for i, block in model.backbone.layers.items():
                 if block.kind == MOE:

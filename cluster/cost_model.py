@@ -125,6 +125,12 @@ def mamba_slot_bytes_per_layer(cfg: ModelConfig, max_positions: int) -> int:
     return 4 * (conv + H * P * N + max_positions * (conv + H + H * P + G * N))
 
 
+def router_bias_extra_bytes(cfg: ModelConfig, n_moe: int, weight_dtype_bytes: int) -> int:
+    """The router's correction bias (E per MoE layer) stays float32 whatever the weights' dtype, as on disk
+    (model_shards/weights.py load_checkpoint): what that adds to `n_moe` layers counted at `weight_dtype_bytes`."""
+    return n_moe * cfg.n_routed_experts * (4 - weight_dtype_bytes)
+
+
 # Bytes per element of the dtypes weights and KV may take (Mamba states are float32 whatever these are).
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

@@ -31,10 +31,12 @@ class ExpertShard(nn.Module):
         self.expert_range = expert_range
 
     @classmethod
-    def load(cls, cfg: ModelConfig, folder, layers: range, expert_range: tuple[int, int]) -> "ExpertShard":
+    def load(cls, cfg: ModelConfig, folder, layers: range, expert_range: tuple[int, int],
+             dtype: torch.dtype = torch.float32) -> "ExpertShard":
+        """The shard's experts in `dtype`: the stage model's (load_checkpoint's), as they compute on its activations."""
         with torch.device("meta"):
             shard = cls(cfg, layers, expert_range)
-        shard = shard.to_empty(device="cpu")
+        shard = shard.to(dtype=dtype).to_empty(device="cpu")
         load_into(shard, folder)
         return shard.eval()
 

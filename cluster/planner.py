@@ -31,7 +31,7 @@ from router.block_manager import kv_positions
 
 from .cost_model import (DTYPE_BYTES, LayerCost, PlanError, _embedding, _head, _mtp,  # noqa: F401
                          draft_dtype_bytes, drafter_bytes, kv_block_bytes_per_layer, layer_cost, layer_costs,
-                         mamba_slot_bytes_per_layer)
+                         mamba_slot_bytes_per_layer, router_bias_extra_bytes)
 from .parallel import ParallelConfig
 
 GiB = 1024 ** 3
@@ -259,9 +259,12 @@ def plan_replica(cfg: ModelConfig, parallel: ParallelConfig, devices: DeviceSpec
 
     draft = drafter_bytes(cfg, wb, draft_dtype_bytes(draft_dtype, wb, devices.kind == "cpu"), draft_vocab)
 
+    mtp_moe = cfg.mtp_hybrid_override_pattern.count(MOE) if cfg.has_mtp else 0
+
     def stage_bytes(i: int, j: int) -> int:  # the stage's device: stage actor + expert shard 0 (+ drafter)
         c = stage_cost(i, j)
-        return (c.params + c.expert_params // ep) * wb + (draft if j == n else 0)
+        bias = router_bias_extra_bytes(cfg, pattern.count(MOE, i, j) + (mtp_moe if j == n else 0), wb)
+        return (c.params + c.expert_params // ep) * wb + bias + (draft if j == n else 0)
 
     def work(c: LayerCost) -> int:  # ep x (non-expert + routed/ep): an exact integer, same order
         return c.flops * ep + c.expert_flops

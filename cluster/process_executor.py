@@ -34,7 +34,7 @@ class ChildDied(RuntimeError):
     """The model process is gone (its caches with it)."""
 
 
-def _child_main(conn, folder: str, torch_threads: int | None, worker_kw: dict) -> None:
+def _child_main(conn, folder: str, torch_threads: int | None, worker_kw: dict, dtype: str = "auto") -> None:
     """The child: load the checkpoint, say ready (or why not), then run plans until the pipe closes."""
     try:
         import torch
@@ -45,7 +45,7 @@ def _child_main(conn, folder: str, torch_threads: int | None, worker_kw: dict) -
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        worker = StageWorker(load_checkpoint(folder), **worker_kw)
+        worker = StageWorker(load_checkpoint(folder, dtype=dtype), **worker_kw)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
@@ -70,8 +70,8 @@ class ProcessExecutor:
 
     def __init__(self, folder, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int,
                  torch_threads: int | None = None, draft_dtype: str = "auto", draft_vocab: bool = True,
-                 startup_timeout_s: float = 600.0):
-        self.folder, self.torch_threads = str(folder), torch_threads
+                 dtype: str = "auto", startup_timeout_s: float = 600.0):
+        self.folder, self.torch_threads, self.dtype = str(folder), torch_threads, dtype
         self.worker_kw = dict(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                               max_verify_positions=max_verify_positions, draft_dtype=draft_dtype,
                               draft_vocab=draft_vocab)
@@ -87,7 +87,8 @@ class ProcessExecutor:
         Ray's and asyncio's threads, nor multiprocessing's spawn, which re-imports the parent's main
         module: Ray's worker script), talking over one end of a socket pair."""
         ours, theirs = socket.socketpair()
-        args = json.dumps({"folder": self.folder, "torch_threads": self.torch_threads, "worker": self.worker_kw})
+        args = json.dumps({"folder": self.folder, "torch_threads": self.torch_threads, "worker": self.worker_kw,
+                           "dtype": self.dtype})
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "cluster.process_executor", str(theirs.fileno()), args],
@@ -181,4 +182,5 @@ class ProcessExecutor:
 
 if __name__ == "__main__":                         # the child: FD JSON (see ProcessExecutor._start)
     _cfg = json.loads(sys.argv[2])
-    _child_main(Connection(int(sys.argv[1])), _cfg["folder"], _cfg["torch_threads"], _cfg["worker"])
+    _child_main(Connection(int(sys.argv[1])), _cfg["folder"], _cfg["torch_threads"], _cfg["worker"],
+                _cfg.get("dtype", "auto"))

@@ -25,7 +25,7 @@ log = logging.getLogger("hybridserve.cluster")
 class RayExecutor:
     def __init__(self, folder, plan, *, num_blocks: int, block_size: int, num_slots: int,
                  max_verify_positions: int, draft_dtype: str = "auto", draft_vocab: bool = True,
-                 actor_num_cpus: float = 0.25,
+                 dtype: str = "auto", actor_num_cpus: float = 0.25,
                  torch_threads: int = 1, placement_strategy: str = "PACK", stage_resources: list[dict] | None = None,
                  transport: str = "ray"):
         """transport: how hidden states move stage to stage: "ray" (object store, chained ObjectRefs),
@@ -41,7 +41,7 @@ class RayExecutor:
         self.shard_ranges = plan.parallel.expert_ranges(self.cfg.n_routed_experts) if self.ep > 1 else None
         self.cache_kw = dict(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                              max_verify_positions=max_verify_positions, draft_dtype=draft_dtype,
-                             draft_vocab=draft_vocab)
+                             draft_vocab=draft_vocab, dtype=dtype)
         self.actor_num_cpus, self.torch_threads = actor_num_cpus, torch_threads
         self.placement_strategy, self.stage_resources = placement_strategy, stage_resources
         self.num_stages = self.pp
@@ -72,7 +72,7 @@ class RayExecutor:
             shards = []
             for r in range(n_shards):
                 shards.append(ExpertShardActor.options(**self._opts(b)).remote(
-                    self.folder, (lo, hi), self.shard_ranges[r + 1], self.torch_threads))
+                    self.folder, (lo, hi), self.shard_ranges[r + 1], self.torch_threads, dtype=self.cache_kw["dtype"]))
                 b += 1
             self.shards.append(shards)
             self.stages.append(StageActor.options(**self._opts(stage_bundle)).remote(

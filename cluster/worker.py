@@ -30,8 +30,10 @@ class StageWorker:
             dtype, max_rows = resolve_draft_dtype(draft_dtype, model, device)
             model.configure_drafting(dtype=dtype, max_rows=max_rows,
                                      vocab=model.checkpoint_draft_vocab if draft_vocab else None)
+        # KV in the dtype the weights compute in (what the planner budgets per element); Mamba states float32.
         self.cache = model.make_cache(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
-                                      max_verify_positions=max_verify_positions, device=device)
+                                      max_verify_positions=max_verify_positions, device=device,
+                                      kv_dtype=model.dtype)
         self.store = DraftStore()
         self.device = device
         self._params: dict[int, SamplingParams] = {}   # per running sequence, parsed once

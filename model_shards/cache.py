@@ -13,7 +13,8 @@ from .config import ModelConfig
 
 
 class PagedKVCache:
-    """k, v: (num_blocks, block_size, H_kv, Dh)."""
+    """k, v: (num_blocks, block_size, H_kv, Dh) in `dtype`: the model's dtype (float32 on the CPU path,
+    bf16/fp16 for a model loaded so), as the attention layers write k and v in it."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype=torch.float32, device="cpu"):
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
@@ -23,6 +24,7 @@ class PagedKVCache:
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype_bytes: int = 4) -> int:
+        """k and v of one block (= cluster.cost_model.kv_block_bytes_per_layer)."""
         return 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
 
 
@@ -113,11 +115,17 @@ class MambaLayerCache:
 
 
 class HybridCache:
-    """The caches of the layers one process owns, keyed by layer index ("mtp" for the MTP attention)."""
+    """The caches of the layers one process owns, keyed by layer index ("mtp" for the MTP attention).
+
+    kv_dtype: the dtype of every paged KV cache; pass the model's dtype (HybridModel.make_cache does),
+    which is what the planner budgets per KV element (DeviceSpec.kv_dtype_bytes). No default: a KV cache
+    in another dtype than the model's either wastes memory the plan did not count or loses precision.
+    The Mamba states and their scratch are float32 whatever it is (the model card keeps SSM state in float32).
+    """
 
     def __init__(self, cfg: ModelConfig, layer_ids: list[int], *, num_blocks: int, block_size: int,
-                 num_slots: int, max_verify_positions: int = 1, with_mtp: bool = False,
-                 kv_dtype=torch.float32, device="cpu"):
+                 num_slots: int, kv_dtype: torch.dtype, max_verify_positions: int = 1, with_mtp: bool = False,
+                 device="cpu"):
         self.block_size = block_size
         self.kv: dict = {}
         mamba_ids = [i for i in layer_ids if cfg.layer_kind(i) == "M"]

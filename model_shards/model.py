@@ -51,8 +51,17 @@ class HybridModel(nn.Module):
         self.checkpoint_draft_vocab: torch.Tensor | None = None   # draft_vocab.json of the checkpoint, if any
 
     # ---- construction helpers --------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the layers compute in (load_checkpoint's `dtype`): that of the weight matrices.
+        Buffers (the router's float32 correction bias) and 1-d parameters do not decide it."""
+        return next(p.dtype for p in self.parameters() if p.dim() >= 2)
+
     def make_cache(self, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int = 1,
-                   device="cpu", kv_dtype=torch.float32) -> HybridCache:
+                   device="cpu", kv_dtype: torch.dtype | None = None) -> HybridCache:
+        """This slice's caches; the KV cache in `kv_dtype`, by default the model's dtype (`dtype`), so that
+        k and v are stored as computed and the planner's bytes per KV element hold (Mamba states: float32)."""
+        kv_dtype = self.dtype if kv_dtype is None else kv_dtype
         return HybridCache(self.cfg, self.layer_ids, num_blocks=num_blocks, block_size=block_size,
                            num_slots=num_slots, max_verify_positions=max_verify_positions,
                            with_mtp=self.mtp is not None, kv_dtype=kv_dtype, device=device)

@@ -223,11 +223,62 @@ def load_into(model: nn.Module, folder: str | os.PathLike, *, index: dict[str, s
     return read
 
 
+# ---- dtype ---------------------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # what we compute in
+
+
+def checkpoint_dtype(folder: str | os.PathLike, *, index: dict[str, str] | None = None) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's weight elements (bf16 for a Hub Super checkpoint,
+    float32 for our presets), read from the files' headers only. The router's correction bias, float32 in
+    every checkpoint, does not count."""
+    folder = Path(folder)
+    index = checkpoint_index(folder) if index is None else index
+    elements: dict[torch.dtype, int] = {}
+    by_file: dict[str, list[str]] = {}
+    for name, fname in index.items():
+        if not name.endswith("e_score_correction_bias"):
+            by_file.setdefault(fname, []).append(name)
+    for fname, names in by_file.items():
+        with safe_open(str(folder / fname), framework="pt") as f:
+            for name in names:
+                sl = f.get_slice(name)
+                dt = _SAFETENSORS_DTYPES.get(sl.get_dtype().upper())
+                if dt is not None:
+                    n = 1
+                    for d in sl.get_shape():
+                        n *= d
+                    elements[dt] = elements.get(dt, 0) + n
+    if not elements:
+        raise CheckpointError(f"no floating-point tensors in the checkpoint in {folder}")
+    return max(elements, key=elements.get)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device,
+                  folder: str | os.PathLike | None = None, *, index: dict[str, str] | None = None) -> torch.dtype:
+    """The dtype a model is loaded and computes in (EngineConfig.dtype). "auto": float32 on a CPU (what
+    the CPU path computes in, end to end), the checkpoint's own dtype (`checkpoint_dtype`) on a GPU;
+    else a name in DTYPES or a torch dtype. The KV cache is kept in it too (HybridModel.make_cache)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if torch.device(device).type == "cpu":
+            return torch.float32
+        if folder is None:
+            raise ValueError("dtype 'auto' on a GPU needs the checkpoint folder (its dtype)")
+        return checkpoint_dtype(folder, index=index)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
 def load_checkpoint(folder: str | os.PathLike, *, layers: range | None = None,
                     expert_range: tuple[int, int] | None = None, with_mtp: bool | None = None,
-                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> HybridModel:
+                    dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> HybridModel:
     """Build the slice (`layers`, `expert_range`, MTP) described by config.json and load its tensors.
 
+    `dtype` (resolve_dtype): "auto" is float32 on a CPU, the checkpoint's dtype on a GPU; the weights
+    are converted to it as they are read (the router's correction bias stays float32).
     A checkpoint without `mtp.*` tensors loads with MTP off (a warning; the returned model's config says
     so too, as `read_config` does) unless `with_mtp=True` asks for it, which is then an error.
     """
@@ -235,6 +286,7 @@ def load_checkpoint(folder: str | os.PathLike, *, layers: range | None = None,
     _require_config(folder)
     index = checkpoint_index(folder)
     cfg = read_config(folder, index=index)
+    dtype = resolve_dtype(dtype, device, folder, index=index)
     if with_mtp and not cfg.has_mtp:
         raise CheckpointError(f"with_mtp=True, but the checkpoint in {folder} has no MTP block "
                               f"(none in config.json, or no mtp.* tensors in the files)")

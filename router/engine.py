@@ -34,7 +34,7 @@ log = logging.getLogger("hybridserve.engine")
 def make_executor(config: EngineConfig, folder, plan, num_blocks: int, num_slots: int):
     kw = dict(num_blocks=num_blocks, block_size=config.block_size, num_slots=num_slots,
               max_verify_positions=config.num_speculative_tokens + 1, draft_dtype=config.draft_dtype,
-              draft_vocab=config.draft_vocab)
+              draft_vocab=config.draft_vocab, dtype=config.dtype)
     if not config.use_ray and config.model_process:
         from cluster.process_executor import ProcessExecutor
         return ProcessExecutor(folder, torch_threads=config.torch_threads, **kw)
@@ -70,9 +70,11 @@ class AsyncEngine:
         config.validate()
         self.folder = resolve_checkpoint(config.model, config.seed)
         self.model_config = read_config(self.folder)
-        # "auto" becomes the checkpoint's k here; from now on config.num_speculative_tokens is an int.
+        # "auto" becomes the checkpoint's k here; from now on config.num_speculative_tokens is an int, and
+        # config.dtype the one dtype the executors load in and the planner budgets.
         config = self.config = dataclasses.replace(
-            config, num_speculative_tokens=config.speculative_tokens_for(self.model_config.has_mtp))
+            config, num_speculative_tokens=config.speculative_tokens_for(self.model_config.has_mtp),
+            dtype=config.model_dtype(self.folder))
         if config.num_speculative_tokens and not self.model_config.has_mtp:
             raise ValueError(f"num_speculative_tokens: {self.model_config.name} has no MTP block; use 0")
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
@@ -114,12 +116,13 @@ class AsyncEngine:
         """The planner's replica plan: the stage split, and the slots and KV blocks memory allows
         (the engine uses the smaller of those and its own settings)."""
         from cluster.parallel import ParallelConfig
-        from cluster.planner import plan_replica
+        from cluster.planner import DTYPE_BYTES, plan_replica
 
         c = self.config
         parallel = ParallelConfig(pipeline_parallel_size=c.pipeline_parallel_size,
                                   expert_parallel_size=c.expert_parallel_size)
-        return plan_replica(self.model_config, parallel, c.device_spec(parallel.devices_per_replica),
+        devices = c.device_spec(parallel.devices_per_replica, DTYPE_BYTES[c.dtype])
+        return plan_replica(self.model_config, parallel, devices,
                             block_size=c.block_size, num_speculative_tokens=c.num_speculative_tokens,
                             context_len=self.max_model_len, max_num_seqs=c.max_num_seqs, draft_dtype=c.draft_dtype,
                             draft_vocab=c.draft_vocab and (self.folder / "draft_vocab.json").exists())

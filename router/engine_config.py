@@ -15,6 +15,7 @@ FALLBACK_PRESET = "small"
 
 
 DRAFT_DTYPES = ("auto", "model", "float32", "float16", "bfloat16")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SPECULATIVE_POLICIES = ("adaptive", "fixed")
 AUTO_SPECULATIVE_TOKENS = 3                # "auto": MTP drafts per step at most, when the checkpoint has MTP
 
@@ -28,6 +29,7 @@ class EngineConfig:
     speculative_policy: str = "adaptive"   # adaptive: drafts per sequence per step chosen as it runs; fixed: k always
     draft_dtype: str = "auto"              # the MTP drafter's dtype (model_shards/drafter.py); auto: float16 on CPU
     draft_vocab: bool = True               # greedy drafts only from the checkpoint's draft_vocab.json (if any)
+    dtype: str = "auto"                    # weights + KV cache (Mamba states: float32); auto: model_dtype()
     max_num_seqs: int = 16
     max_model_len: int = 2048
     max_num_batched_tokens: int = 512
@@ -47,18 +49,33 @@ class EngineConfig:
     stall_timeout_s: float = 60.0          # busy with no pass back for this long: not ready (/ready 503)
     device_memory_gib: float | None = None  # per device; None: the GPU's memory, or a share of host RAM
 
-    def device_spec(self, count: int):
-        """The devices the replica plans against: GPUs when the Ray cluster (or this process) has them."""
+    def device_spec(self, count: int, dtype_bytes: int | None = None):
+        """The devices the replica plans against: GPUs when the Ray cluster (or this process) has them.
+        dtype_bytes: per weight and KV element, of the dtype the model is loaded in (model_dtype), so that
+        the plan counts what is allocated; None: the DeviceSpec defaults (4 on a CPU, 2 on GPUs)."""
         from cluster.planner import DeviceSpec
 
         mem = int(self.device_memory_gib * 2**30) if self.device_memory_gib else None
+        kw = {} if dtype_bytes is None else dict(weight_dtype_bytes=dtype_bytes, kv_dtype_bytes=dtype_bytes)
         if _gpus_available():
             import torch
 
             if mem is None:
                 mem = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 2**30
-            return DeviceSpec("cuda", count, mem, name="gpu", reserve_fraction=1.0 - self.gpu_memory_utilization)
-        return DeviceSpec.cpu(count, mem, reserve_fraction=1.0 - self.gpu_memory_utilization)
+            return DeviceSpec("cuda", count, mem, name="gpu", reserve_fraction=1.0 - self.gpu_memory_utilization, **kw)
+        return DeviceSpec.cpu(count, mem, reserve_fraction=1.0 - self.gpu_memory_utilization, **kw)
+
+    def model_dtype(self, folder) -> str:
+        """`dtype` resolved for this deployment: what the executors load the weights (and keep the KV
+        cache) in and what the planner budgets. "auto" is float32 where the weights sit on a CPU (the
+        in-process and child-process executors always, Ray actors without GPUs: the CPU path computes in
+        float32 end to end) and the checkpoint's own dtype where Ray stage actors get GPUs."""
+        if self.dtype != "auto":
+            return self.dtype
+        from model_shards.weights import resolve_dtype
+
+        device = "cuda" if self.use_ray and _gpus_available() else "cpu"
+        return str(resolve_dtype("auto", device, folder)).removeprefix("torch.")
 
     def validate(self) -> None:
         def need(cond, field, msg):
@@ -72,6 +89,7 @@ class EngineConfig:
         need(self.speculative_policy in SPECULATIVE_POLICIES, "speculative_policy",
              f"must be one of {', '.join(SPECULATIVE_POLICIES)}, got {self.speculative_policy!r}")
         need(self.draft_dtype in DRAFT_DTYPES, "draft_dtype", f"must be one of {', '.join(DRAFT_DTYPES)}")
+        need(self.dtype in MODEL_DTYPES, "dtype", f"must be one of {', '.join(MODEL_DTYPES)}, got {self.dtype!r}")
         need(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         need(self.max_model_len >= 2, "max_model_len", "must be >= 2")
         need(self.max_num_batched_tokens > self.max_speculative_tokens, "max_num_batched_tokens",

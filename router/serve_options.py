@@ -29,6 +29,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--draft-dtype", default="auto", choices=["auto", "model", "float32", "float16", "bfloat16"],
                    help="dtype the MTP drafter computes in; auto: float16 on a CPU (verification keeps the "
                         "model's dtype, so outputs do not change)")
+    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV cache (Mamba states stay float32); auto: float32 on a CPU, the "
+                        "checkpoint's dtype on GPUs")
     m.add_argument("--no-draft-vocab", dest="draft_vocab", action="store_false",
                    help="greedy requests draft from the whole vocabulary, not only the checkpoint's draft_vocab.json")
     m.add_argument("--max-model-len", type=int, default=2048, help="context length (prompt + output)")
@@ -133,7 +136,7 @@ def serve_config_from_args(args):
     pp, ep = args.pipeline_parallel_size, args.expert_parallel_size
     engine = EngineConfig(model=args.model, pipeline_parallel_size=pp, expert_parallel_size=ep,
                           num_speculative_tokens=args.num_speculative_tokens,
-                          speculative_policy=args.speculative_policy, draft_dtype=args.draft_dtype,
+                          speculative_policy=args.speculative_policy, draft_dtype=args.draft_dtype, dtype=args.dtype,
                           draft_vocab=args.draft_vocab, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                           block_size=args.block_size, max_queued_requests=args.max_queued_requests,

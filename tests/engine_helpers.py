@@ -84,3 +84,19 @@ def _model(folder: str):
     if folder not in _MODELS:
         _MODELS[folder] = load_checkpoint(folder)
     return _MODELS[folder]
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views counted once): what is really allocated."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def weight_bytes(model) -> int:
+    """What a stage holds as weights: parameters, buffers, and the drafter's copies (model_shards/drafter.py)."""
+    ts = [*model.parameters(), *model.buffers()]
+    d = model.drafter
+    if d is not None:
+        ts.append(d.head)
+        if d.small is not None:
+            ts += [*d.small[0].parameters(), *d.small[0].buffers(), d.small[1]]
+    return storage_bytes(ts)

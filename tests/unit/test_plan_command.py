@@ -16,6 +16,7 @@ from cluster.plan_report import Hardware, plan_deployment
 from cluster.planner import PlanError, plan_replica
 from model_shards.presets import get_preset
 from router.cli import main
+from tests.engine_helpers import storage_bytes, weight_bytes
 
 SUPER = "nemotron-3-super-120b-a12b"
 H200 = ["--gpus", "8", "--gpu-memory-gb", "141"]
@@ -182,30 +183,10 @@ def test_cpu_plan_values(capsys):
 
 
 # ---- the plan's memory figures against a real engine's allocations ------------------------------------
-def _bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (views counted once)."""
-    seen = {}
-    for t in tensors:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
-def _weights(model) -> int:
-    """What a stage holds as weights: parameters, buffers, and the drafter's copies (model_shards/drafter.py)."""
-    ts = [*model.parameters(), *model.buffers()]
-    d = model.drafter
-    if d is not None:
-        ts.append(d.head)
-        if d.small is not None:
-            ts += [*d.small[0].parameters(), *d.small[0].buffers(), d.small[1]]
-    return _bytes(ts)
-
-
 def _caches(cache) -> tuple[int, int]:
     ms = cache.mamba_states
-    kv = _bytes([t for c in cache.kv.values() for t in (c.k, c.v)])
-    return kv, _bytes([ms.conv, ms.ssm, ms.scratch_conv, ms.scratch_cum, ms.scratch_dtx, ms.scratch_B])
+    kv = storage_bytes([t for c in cache.kv.values() for t in (c.k, c.v)])
+    return kv, storage_bytes([ms.conv, ms.ssm, ms.scratch_conv, ms.scratch_cum, ms.scratch_dtx, ms.scratch_B])
 
 
 @pytest.mark.parametrize("model,k", [("default", 0), ("default", 3), ("small", 2)])
@@ -219,7 +200,7 @@ def test_cpu_plan_matches_what_the_engine_allocates(capsys, preset_cache, model,
                                       max_model_len=512, max_num_seqs=4))
     try:
         worker = engine.executor.worker
-        weights = _weights(worker.model)
+        weights = weight_bytes(worker.model)
         kv, mamba = _caches(worker.cache)
         blocks, slots = engine.blocks.num_blocks, engine.blocks.num_slots
     finally:
@@ -253,12 +234,12 @@ def test_cpu_plan_per_device_weights_match_real_stages_and_expert_shards(capsys,
         if g["role"].startswith("stage actor"):
             model = load_checkpoint(folder, layers=range(lo, hi + 1), expert_range=tuple(g["expert_range"]))
             worker = StageWorker(model, num_blocks=4, block_size=16, num_slots=2, max_verify_positions=2)
-            real = _weights(worker.model)
+            real = weight_bytes(worker.model)
             kv, mamba = _caches(worker.cache)
             st = d["stages"][g["stage"]]
             assert st["kv_block_bytes"] == pytest.approx(kv / 4, rel=0.10)
             assert st["mamba_slot_bytes"] == pytest.approx(mamba / 2, rel=0.10)
         else:
             shard = ExpertShard.load(cfg, folder, range(lo, hi + 1), tuple(g["expert_range"]))
-            real = _bytes([*shard.parameters()])
+            real = storage_bytes([*shard.parameters()])
         assert g["weight_bytes"] == pytest.approx(real, rel=0.10), g
