@@ -7,25 +7,35 @@ Features we do not implement (logprobs, penalties, tools, n > 1) fail with a 400
 instead of being silently ignored: a client relying on them must know.
 
 Every field is range-checked here (`LIMITS`), so no value reaches the engine that a plan cannot carry
-(see model_shards/sampling_params.py); a 400 names the field and the limit. Types are strict, as in
-OpenAI's API: `"max_tokens": "5"` or `"seed": true` is a 400, not silently converted.
+(see model_shards/sampling_params.py); a 400 names the field and the limit. The limits are OpenAI's
+where OpenAI has one (at most 4 `stop` strings, `n` in [1, 128], `temperature` in [0, 2], `top_p` in
+[0, 1], penalties in [-2, 2], `logit_bias` values in [-100, 100], `seed` a signed 64-bit integer), and
+so are the chat message rules (roles, `tool_call_id`, content parts; `ChatMessages`). Types are strict,
+as in OpenAI's API: `"max_tokens": "5"` or `"seed": true` is a 400, not silently converted.
+
+Also the bodies of vLLM's `/tokenize` and `/detokenize`.
 
 Response bodies are plain dicts built in `responses.py`-style helpers of the front door, not models:
 they are on the hot path of every streamed chunk.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+import math
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model_shards.sampling_params import (INT32_MAX, MAX_STOP_TOKEN_IDS, SEED_MAX, SEED_MIN, SamplingParams,
-                                          bound_text, show_value)
+from model_shards.sampling_params import INT32_MAX, MAX_STOP_TOKEN_IDS, SamplingParams, bound_text, show_value
 
 from .errors import InvalidRequest, Unsupported
 
-MAX_STOP_STRINGS = 64                 # each is searched in every text delta
+MAX_STOP_STRINGS = 4                  # OpenAI's limit ("up to 4 sequences"); each is searched in every delta
 MAX_STOP_STRING_CHARS = 1024          # the stream holds back this many characters
+MAX_N = 128                           # OpenAI's `n` maximum (only 1 is served; 2..128 are "unsupported")
+API_SEED_MIN, API_SEED_MAX = -2**63, 2**63 - 1   # OpenAI's `seed`: a signed 64-bit integer
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# OpenAI's content part types; only "text" is served, the others are a 400 "unsupported" naming the part.
+PART_TYPES = ("text", "image_url", "input_audio", "file", "refusal")
 
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 StopString = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
@@ -33,16 +43,21 @@ StopString = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
 # What a field must be, for the 400 of a value out of range (pydantic's own says only one bound).
 _IN_INT32 = f"in [0, {bound_text(INT32_MAX)}]"
 LIMITS = {
-    "seed": f"in [{bound_text(SEED_MIN)}, {bound_text(SEED_MAX)}]",
+    "seed": "in [-2**63, 2**63-1]",
     "max_tokens": f"in [1, {bound_text(INT32_MAX)}]",
     "max_completion_tokens": f"in [1, {bound_text(INT32_MAX)}]",
     "min_tokens": _IN_INT32,
     "top_k": f"in [-1, {bound_text(INT32_MAX)}] (-1 and 0: off)",
     "temperature": "a finite number in [0, 2]",
-    "top_p": "a finite number in (0, 1]",
-    "n": "an integer >= 1",
+    "top_p": "a finite number in [0, 1]",
+    "n": f"an integer in [1, {MAX_N}]",
+    "presence_penalty": "a finite number in [-2, 2]",
+    "frequency_penalty": "a finite number in [-2, 2]",
+    "logit_bias": "a finite number in [-100, 100]",
+    "best_of": "an integer in [0, 20]",
     "stop_token_ids": f"a token id {_IN_INT32}",
     "prompt": f"a token id {_IN_INT32}",
+    "tokens": f"a token id {_IN_INT32}",
 }
 
 
@@ -55,28 +70,87 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = False
 
 
+def _when(condition: dict, then: dict) -> dict:
+    return {"if": {"properties": condition}, "then": then}
+
+
+def _text_parts_only(schema: dict) -> None:
+    schema["properties"]["type"]["enum"] = ["text"]        # what this server serves
+    schema["allOf"] = [_when({"type": {"const": "text"}}, {"required": ["text"],
+                                                            "properties": {"text": {"type": "string"}}})]
+
+
 class ContentPart(_Body):
+    # The published schema states the rules `ChatMessage.check` applies (clients and the fuzzer see them).
+    model_config = ConfigDict(json_schema_extra=_text_parts_only)         # merged with _Body's
+
     type: str
     text: str | None = None
 
 
 class ChatMessage(_Body):
-    role: str
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _when({"role": {"enum": [r for r in ROLES if r != "assistant"]}},
+              {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}),
+        _when({"role": {"const": "tool"}},
+              {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}})]})
+
+    role: Literal[ROLES]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_call_id: str | None = None
 
-    def text(self, index: int) -> str:
+    def check(self, i: int) -> None:
+        """OpenAI's rules for message i beyond the types: content (null only for an assistant), text parts
+        only (other known types are unsupported here, unknown ones invalid), a tool message's tool_call_id."""
+        if self.content is None and self.role != "assistant":
+            raise InvalidRequest(f"messages[{i}].content: required for a {self.role!r} message (only an "
+                                 f"assistant message may have null content)", param=f"messages[{i}].content")
+        for j, p in enumerate(self.content if isinstance(self.content, list) else ()):
+            where = f"messages[{i}].content[{j}]"
+            if p.type not in PART_TYPES:
+                raise InvalidRequest(f"{where}.type: must be one of {', '.join(map(repr, PART_TYPES))}, got "
+                                     f"{show_value(p.type)[:80]}", param=f"{where}.type")
+            if p.type != "text":
+                raise Unsupported(f"{where}.type: only 'text' content parts are supported by this server, "
+                                  f"got {p.type!r}", param=f"{where}.type")
+            if p.text is None:
+                raise InvalidRequest(f"{where}.text: field required in a 'text' part", param=f"{where}.text")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise InvalidRequest(f"messages[{i}].tool_call_id: field required in a 'tool' message",
+                                 param=f"messages[{i}].tool_call_id")
+
+    def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        parts = []
-        for j, p in enumerate(self.content):
-            if p.type != "text":
-                raise Unsupported(f"messages[{index}].content[{j}].type: only 'text' parts are supported, "
-                                  f"got {p.type!r}", param=f"messages[{index}].content[{j}].type")
-            parts.append(p.text or "")
-        return "".join(parts)
+        return "".join(p.text or "" for p in self.content)
+
+    def for_template(self) -> dict:
+        """`developer` is OpenAI's newer name for `system`: templates only know the latter."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.name:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class ChatMessages(_Body):
+    """`messages` and what follows from them, shared by chat completions and chat /tokenize."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _check_messages(self):
+        for i, m in enumerate(self.messages):
+            m.check(i)
+        return self
+
+    def chat_messages(self) -> list[dict]:
+        return [m.for_template() for m in self.messages]
 
 
 class _GenerationBody(_Body):
@@ -85,24 +159,24 @@ class _GenerationBody(_Body):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
-    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    seed: int | None = Field(default=None, ge=API_SEED_MIN, le=API_SEED_MAX)
     stop: Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)], None] = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     skip_special_tokens: bool = True
     return_token_ids: bool = False
-    # Accepted only at their neutral values (see check_supported).
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    # Accepted only at their neutral values (see check_supported); out of OpenAI's range, a 400 "invalid".
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    best_of: int | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
+    best_of: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
 
     _NEUTRAL = {"presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0),
@@ -133,6 +207,9 @@ class _GenerationBody(_Body):
         d = defaults or {}
         temperature = self.temperature if self.temperature is not None else d.get("temperature", 1.0)
         top_p = self.top_p if self.top_p is not None else d.get("top_p", 1.0)
+        # OpenAI accepts top_p 0: only the top token. The smallest positive float means exactly that here
+        # (the sampler always keeps the top token), and SamplingParams keeps (0, 1].
+        top_p = top_p if top_p > 0 else math.ulp(0.0)
         top_k = self.top_k if self.top_k is not None else d.get("top_k", 0)
         stop_ids = tuple(self.stop_token_ids or ())
         if not self.ignore_eos:
@@ -152,10 +229,8 @@ class _GenerationBody(_Body):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(_GenerationBody):
-    messages: list[ChatMessage] = Field(min_length=1)
+class ChatCompletionRequest(ChatMessages, _GenerationBody):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    add_generation_prompt: bool = True
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict] | None = None
@@ -172,10 +247,6 @@ class ChatCompletionRequest(_GenerationBody):
             raise Unsupported("tools: tool calling is not supported by this server", param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise Unsupported("response_format: only {'type': 'text'} is supported", param="response_format")
-
-    def chat_messages(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text(i), **({"name": m.name} if m.name else {})}
-                for i, m in enumerate(self.messages)]
 
 
 class CompletionRequest(_GenerationBody):
@@ -202,6 +273,36 @@ class CompletionRequest(_GenerationBody):
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             return p[0]
         return p
+
+
+class TokenizeCompletionRequest(_Body):
+    """vLLM's `POST /tokenize` with a prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(ChatMessages):
+    """vLLM's `POST /tokenize` with messages: the ids a chat completion of them would get as its prompt."""
+
+    model: str | None = None
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(_Body):
+    """vLLM's `POST /detokenize`."""
+
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+def parse_tokenize(body: Any) -> Union[TokenizeCompletionRequest, TokenizeChatRequest]:
+    """vLLM's union: a body with `messages` is the chat form, any other the prompt form."""
+    if isinstance(body, dict) and "messages" in body:
+        return parse_body(TokenizeChatRequest, body)
+    return parse_body(TokenizeCompletionRequest, body)
 
 
 def parse_body(model: type[_Body], body: Any) -> _Body:
@@ -243,11 +344,15 @@ def _lone_surrogate(body: dict) -> str | None:
 def validation_error(e: ValidationError) -> InvalidRequest:
     err = _most_telling(e.errors())
     loc = err.get("loc", ())
-    param = _loc_to_param(loc)
+    # logit_bias: OpenAI names the object, not the token key (which may look like anything)
+    param = "logit_bias" if loc[:1] == ("logit_bias",) else _loc_to_param(loc)
     kind, value = err.get("type", ""), err.get("input")
     if kind == "missing":
         return InvalidRequest(f"{param}: field required", param=param)
     field = next((p for p in loc if isinstance(p, str) and not _is_type_tag(p)), "")
+    if kind == "too_long" and param == "stop":
+        return InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} stop sequences, as in OpenAI's API "
+                              f"(got {len(value)})", param=param)
     if kind in _RANGE_ERRORS and field in LIMITS:
         return InvalidRequest(f"{param}: must be {LIMITS[field]}, got {show_value(value)}", param=param)
     msg = err.get("msg", "invalid value")

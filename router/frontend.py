@@ -17,7 +17,8 @@ from typing import AsyncIterator, Union
 
 from model_shards.sampling_params import SamplingParams
 
-from .api_schemas import ChatCompletionRequest, CompletionRequest
+from .api_schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
+                          TokenizeCompletionRequest)
 from .detokenizer import TextStream
 from .errors import (APIError, AuthenticationError, ContextLengthExceeded, InternalError, InvalidRequest,
                      ModelNotFound, Unavailable)
@@ -153,12 +154,7 @@ class Frontend:
         model = self.check_model(req.model)
         req.check_supported()
         self.check_accepting()
-        try:
-            ids = self.tokenizer.encode_chat(req.chat_messages(), req.add_generation_prompt)
-        except ChatTemplateError as e:
-            raise InvalidRequest(str(e) if str(e).startswith("messages") else f"messages: {e}",
-                                 param="messages") from None
-        return self._prepared("chat", model, req, ids, "messages")
+        return self._prepared("chat", model, req, self._encode_chat(req), "messages")
 
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
         model = self.check_model(req.model)
@@ -211,6 +207,40 @@ class Frontend:
             raise InvalidRequest(f"stop_token_ids: token id {bad[0]} is outside the vocabulary", param="stop_token_ids")
         params = req.sampling_params(max_tokens, tuple(self.info.eos_token_ids), self.info.generation_defaults)
         return Prepared(kind, model, ids, params, req.stop_list(), req.skip_special_tokens)
+
+    # ---- /tokenize, /detokenize (vLLM's): the tokenizer only, no engine ------------------------------
+    def tokenize(self, req: Union[TokenizeCompletionRequest, TokenizeChatRequest]) -> dict:
+        """The prompt's ids; for messages, exactly the prompt a chat completion of them would get."""
+        self.check_model(req.model)
+        self._check_tokenizer()
+        if isinstance(req, TokenizeChatRequest):
+            ids = self._encode_chat(req)
+        else:
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        out = {"count": len(ids), "max_model_len": self.info.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = self.tokenizer.token_strs(ids)
+        return out
+
+    def detokenize(self, req: DetokenizeRequest) -> dict:
+        self.check_model(req.model)
+        self._check_tokenizer()
+        vocab = self.info.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab] if vocab else []
+        if bad:
+            raise InvalidRequest(f"tokens: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    def _check_tokenizer(self) -> None:
+        if not self.loaded:
+            raise Unavailable("the model is still loading; retry shortly", retry_after_s=5)
+
+    def _encode_chat(self, req) -> list[int]:
+        try:
+            return self.tokenizer.encode_chat(req.chat_messages(), req.add_generation_prompt)
+        except ChatTemplateError as e:
+            raise InvalidRequest(str(e) if str(e).startswith("messages") else f"messages: {e}",
+                                 param="messages") from None
 
     # ---- running -------------------------------------------------------------------------------
     async def start(self, request_id: str, prep: Prepared, route: str, t_arrival: float | None = None

@@ -3,8 +3,8 @@
 `build_app(frontend)` is used as-is in tests and single-process serving (uvicorn) and as the
 `@serve.ingress` app of the Ray Serve ingress deployment. Two pieces sit outside FastAPI's routing,
 as a plain ASGI middleware, because they must act before a handler reads anything: the request-body
-size limit (413, also for chunked bodies without Content-Length) and the API key (401 on `/v1/*`;
-`/health`, `/ready` and `/metrics` stay open for probes and scrapers).
+size limit (413, also for chunked bodies without Content-Length) and the API key (401 on `/v1/*` and
+vLLM's `/tokenize`, `/detokenize`; `/health`, `/ready` and `/metrics` stay open for probes and scrapers).
 
 Client disconnects: a streaming response's generator is cancelled by Starlette (or by Ray Serve's
 proxy) and closing the Generation aborts the engine request; a non-streaming request races its
@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import responses as R
-from .api_schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from .api_schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, parse_body, parse_tokenize
 from .errors import APIError, InternalError, InvalidRequest, NotFound, RequestTooLarge, reason_phrase
 from .frontend import Frontend, Generation, new_request_id
 from .metrics import CONTENT_TYPE
@@ -152,6 +152,14 @@ def build_app(fe: Frontend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lifesp
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await _generate(fe, request, "completion")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return fe.tokenize(parse_tokenize(await _read_json(request)))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return fe.detokenize(parse_body(DetokenizeRequest, await _read_json(request)))
 
     return app
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
-from .api_schemas import ChatCompletionRequest, CompletionRequest
+from .api_schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
+                          TokenizeCompletionRequest)
 
 REF = "#/components/schemas/{model}"
 
@@ -80,6 +81,10 @@ RESPONSE_SCHEMAS = {
         "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                        "param": _nullable({"type": "string"}),
                        "code": {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]}}}}},
+    "TokenizeResponse": {"type": "object", "required": ["count", "max_model_len", "tokens"],
+                         "properties": {"count": _INT, "max_model_len": _INT, "tokens": _TOKEN_IDS,
+                                        "token_strs": {"type": "array", "items": {"type": "string"}}}},
+    "DetokenizeResponse": {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
     "Status": {"type": "object", "required": ["status"],
                "properties": {"status": {"type": "string"}, "model": {"type": "string"}}},
 }
@@ -92,6 +97,14 @@ _ERRORS = {
     "429": "queue full (see Retry-After)",
     "503": "loading, draining, or the engine is down (see Retry-After)",
 }
+
+
+def _tokenizer_op(request: dict, response: str, summary: str, secured: bool) -> dict:
+    """vLLM's /tokenize and /detokenize: the tokenizer alone (no engine, so no 429)."""
+    op = {"summary": summary,
+          "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+          "responses": {"200": _json(_ref(response), summary), **_errors("400", "401", "404", "413", "503")}}
+    return {"post": _secured(op, secured)}
 
 
 def _json(schema: dict, description: str) -> dict:
@@ -118,9 +131,10 @@ def _secured(op: dict, secured: bool) -> dict:
 
 
 def build_openapi(title: str, version: str, secured: bool) -> dict:
-    """The document; `secured`: /v1/* needs `Authorization: Bearer <key>` (the probes never do)."""
-    _, defs = models_json_schema([(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
-                                 ref_template=REF)
+    """The document; `secured`: /v1/*, /tokenize and /detokenize need `Authorization: Bearer <key>` (the probes never do)."""
+    _, defs = models_json_schema([(m, "validation") for m in (ChatCompletionRequest, CompletionRequest,
+                                                              TokenizeCompletionRequest, TokenizeChatRequest,
+                                                              DetokenizeRequest)], ref_template=REF)
     model_id = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
     paths = {
         "/v1/chat/completions": _generation("ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk",
@@ -131,6 +145,11 @@ def build_openapi(title: str, version: str, secured: bool) -> dict:
             "200": _json(_ref("ModelList"), "the served model"), **_errors("401")}}, secured)},
         "/v1/models/{model_id}": {"get": _secured({"summary": "One model", "parameters": [model_id], "responses": {
             "200": _json(_ref("Model"), "the model"), **_errors("401", "404")}}, secured)},
+        "/tokenize": _tokenizer_op({"anyOf": [_ref("TokenizeCompletionRequest"), _ref("TokenizeChatRequest")]},
+                                   "TokenizeResponse", "Token ids of a prompt, or of messages after the chat "
+                                   "template (vLLM's)", secured),
+        "/detokenize": _tokenizer_op(_ref("DetokenizeRequest"), "DetokenizeResponse", "Text of token ids (vLLM's)",
+                                     secured),
         "/health": {"get": {"summary": "The process is up", "responses": {"200": _json(_ref("Status"), "up")}}},
         "/ready": {"get": {"summary": "The model is loaded and an engine is stepping", "responses": {
             "200": _json(_ref("Status"), "ready"), "503": _json(_ref("Status"), "not ready (see Retry-After)")}}},

@@ -87,6 +87,10 @@ class BaseTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
 
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """Each id's own text (vLLM's `return_token_strs`); special tokens included."""
+        return [self.decode([t], skip_special_tokens=False) for t in ids]
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return render_chat_template(self.chat_template, messages, add_generation_prompt,
                                     bos_token=self.bos_token, eos_token=self.eos_token)
@@ -169,6 +173,10 @@ class HFTokenizer(BaseTokenizer):
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """The vocabulary's token strings (as transformers' convert_ids_to_tokens: byte-level BPE shows Ġ)."""
+        return [self._tok.id_to_token(t) or "" for t in ids]
 
 
 def _read_json(path: Path) -> dict:

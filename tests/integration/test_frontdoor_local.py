@@ -160,6 +160,15 @@ def post(server, path, body=None, **kw):
     ({"messages": MSGS, "max_tokens": 0}, "max_tokens"),
     ({"messages": "hi"}, "messages"),
     ({"messages": MSGS, "n": 2}, "n"),
+    # OpenAI's rules and OpenAI's names for them
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [*MSGS, {"role": "tool", "content": "42"}]}, "messages[2].tool_call_id"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/a.png"}}]}]},
+     "messages[0].content[0].type"),
+    ({"messages": MSGS, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": MSGS, "presence_penalty": 3}, "presence_penalty"),
+    ({"messages": MSGS, "logit_bias": {"5": 500}}, "logit_bias"),
+    ({"messages": MSGS, "seed": 2**63}, "seed"),
 ])
 def test_invalid_parameters_are_400_naming_the_field(server, body, field):
     r = post(server, "/v1/chat/completions", body)
@@ -175,6 +184,65 @@ def test_openai_sdk_sees_typed_errors(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=MSGS)
     assert e.value.body["code"] == "model_not_found" and "'gpt-4o'" in e.value.body["message"]
+
+
+def test_openai_roles_and_content_parts_through_the_sdk(server, client):
+    """developer (OpenAI's newer system), text parts, a null assistant turn and a tool answer are served; the
+    developer message is the system message for the template."""
+    convo = [{"role": "developer", "content": "You are terse."},
+             {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]},
+             {"role": "assistant", "content": None}, {"role": "tool", "content": "42", "tool_call_id": "call_1"}]
+    r = client.chat.completions.create(model="tiny", messages=convo, max_tokens=4, temperature=0)
+    as_system = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi"},
+                 {"role": "assistant", "content": ""}, {"role": "tool", "content": "42", "tool_call_id": "call_1"}]
+    assert r.usage.prompt_tokens == len(server.tokenizer.encode_chat(as_system))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/a.png"}}]}])
+    assert e.value.body["param"] == "messages[0].content[0].type" and "image_url" in e.value.message
+
+
+# ---- /tokenize, /detokenize (vLLM's) -------------------------------------------------------------------
+
+def test_tokenize_a_prompt_is_the_completions_prompt(server):
+    r = post(server, "/tokenize", {"model": "tiny", "prompt": "The quick brown fox"})
+    ids = server.tokenizer.encode("The quick brown fox")
+    assert r.status_code == 200 and r.json() == {"count": len(ids), "max_model_len": 1024, "tokens": ids}
+    done = post(server, "/v1/completions", {"prompt": "The quick brown fox", "max_tokens": 1}).json()
+    assert done["usage"]["prompt_tokens"] == len(ids)
+    r = post(server, "/tokenize", {"prompt": "ab", "add_special_tokens": False, "return_token_strs": True})
+    assert r.json()["tokens"] == server.tokenizer.encode("ab", add_special_tokens=False)
+    assert r.json()["token_strs"] == server.tokenizer.token_strs(r.json()["tokens"])
+
+
+def test_tokenize_messages_is_the_chat_completions_prompt(server):
+    r = post(server, "/tokenize", {"messages": MSGS})
+    done = post(server, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 1, "return_token_ids": True}).json()
+    assert r.status_code == 200 and r.json()["count"] == done["usage"]["prompt_tokens"]
+    assert r.json()["tokens"] == server.tokenizer.encode_chat(MSGS)
+    r = post(server, "/tokenize", {"messages": MSGS, "add_generation_prompt": False})
+    assert r.json()["tokens"] == server.tokenizer.encode_chat(MSGS, add_generation_prompt=False)
+
+
+def test_detokenize_round_trips_and_refuses_ids_outside_the_vocabulary(server):
+    ids = post(server, "/tokenize", {"prompt": "héllo ☃", "add_special_tokens": False}).json()["tokens"]
+    r = post(server, "/detokenize", {"model": "tiny", "tokens": ids})
+    assert r.status_code == 200 and r.json() == {"prompt": "héllo ☃"}
+    vocab = server.fe.info.vocab_size
+    r = post(server, "/detokenize", {"tokens": [5, vocab]})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "tokens" and str(vocab) in err["message"]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": ["a"]}, "prompt"),
+    ("/tokenize", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ("/detokenize", {"tokens": "abc"}, "tokens"), ("/detokenize", {}, "tokens"),
+])
+def test_tokenize_and_detokenize_errors_name_the_field(server, path, body, param):
+    r = post(server, path, body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert post(server, path, {**body, "model": "gpt-4o"}).status_code in (400, 404)
 
 
 def test_prompt_over_context_states_limit_and_counts(server):
@@ -214,6 +282,10 @@ def test_api_key_http_and_grpc(server):
         assert r.status_code == 401 and "invalid" in r.json()["error"]["message"]
         assert httpx.get(server.url + "/v1/models").status_code == 401
         assert httpx.get(server.url + "/health").status_code == 200        # probes stay open
+        assert post(server, "/tokenize", {"prompt": "x"}).status_code == 401      # vLLM's extras: like /v1/*
+        assert post(server, "/detokenize", {"tokens": [5]}).status_code == 401
+        bearer = {"Authorization": "Bearer sekret"}
+        assert post(server, "/tokenize", {"prompt": "x"}, headers=bearer).json()["count"] == 2
         ok = openai.OpenAI(base_url=server.url + "/v1", api_key="sekret", max_retries=0)
         assert ok.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens >= 1
         with pytest.raises(openai.AuthenticationError):

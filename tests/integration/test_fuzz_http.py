@@ -63,7 +63,8 @@ def test_the_app_publishes_the_fuzzed_schema(server):
     published = httpx.get(server.url + "/openapi.json", timeout=30).json()
     assert published == schema.raw_schema
     assert set(published["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models",
-                                       "/v1/models/{model_id}", "/health", "/ready", "/metrics"}
+                                       "/v1/models/{model_id}", "/tokenize", "/detokenize", "/health", "/ready",
+                                       "/metrics"}
 
 
 @schema.parametrize()
@@ -74,8 +75,9 @@ def test_the_api_answers_every_generated_request_as_documented(case, server):
 def test_after_fuzzing_the_server_answers_and_the_engine_holds_nothing(server):
     """Runs after the fuzz test (file order): nothing leaked, nothing hangs; and the fuzzer did reach the
     engine (valid requests answered 200), it was not all refused at the door."""
-    print({op: dict(STATUSES[op]) for op in ("POST /v1/chat/completions", "POST /v1/completions")})
-    for op in ("POST /v1/chat/completions", "POST /v1/completions"):
+    ops = ("POST /v1/chat/completions", "POST /v1/completions", "POST /tokenize", "POST /detokenize")
+    print({op: dict(STATUSES[op]) for op in ops})
+    for op in ops:
         assert STATUSES[op][200] > 0 and STATUSES[op][400] > 0, (op, STATUSES[op])
     with httpx.Client(base_url=server.url, timeout=60) as c:
         assert c.get("/health").json() == {"status": "ok"}

@@ -4,7 +4,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from router.api_schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from router.api_schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
+                                TokenizeCompletionRequest, parse_body, parse_tokenize)
 from router.errors import APIError, ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, Unsupported
 from router.frontend import Frontend, ModelInfo
 from router.tokenizer import ByteTokenizer
@@ -19,7 +20,7 @@ def frontend(**kw) -> Frontend:
 
 @pytest.mark.parametrize("body, field", [
     ({**CHAT, "temperature": 3}, "temperature"),
-    ({**CHAT, "top_p": 0}, "top_p"),
+    ({**CHAT, "top_p": 1.01}, "top_p"),                   # OpenAI's [0, 1]: 0 itself is accepted
     ({**CHAT, "max_tokens": 0}, "max_tokens"),
     ({**CHAT, "messages": []}, "messages"),
     ({**CHAT, "messages": [{"content": "x"}]}, "messages[0].role"),
@@ -125,3 +126,124 @@ def test_error_shapes_and_grpc_codes():
     assert e.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert InvalidRequest("x").grpc_code == grpc.StatusCode.INVALID_ARGUMENT
     assert ModelNotFound("x").grpc_code == grpc.StatusCode.NOT_FOUND
+
+
+# ---- OpenAI's rules, with OpenAI's names in `param` ---------------------------------------------------
+
+def msgs(*messages) -> dict:
+    return {**CHAT, "messages": list(messages)}
+
+
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize("body, param", [
+    (msgs({"role": "bot", "content": "x"}), "messages[0].role"),                 # not an OpenAI role
+    (msgs(USER, {"role": "function", "content": "x"}), "messages[1].role"),     # deprecated, not served
+    (msgs(USER, {"role": "tool", "content": "42"}), "messages[1].tool_call_id"),
+    (msgs({"role": "user", "content": None}), "messages[0].content"),            # only assistants may be null
+    (msgs({"role": "system"}), "messages[0].content"),
+    (msgs({"role": "user", "content": [{"type": "text"}]}), "messages[0].content[0].text"),
+    (msgs({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "video", "text": "b"}]}),
+     "messages[0].content[1].type"),
+    ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),                       # OpenAI: up to 4
+    ({**CHAT, "n": 129}, "n"),                                                   # OpenAI: [1, 128]
+    ({**CHAT, "n": 0}, "n"),
+    ({**CHAT, "temperature": -0.1}, "temperature"),                               # [0, 2]
+    ({**CHAT, "presence_penalty": 2.5}, "presence_penalty"),                      # [-2, 2]
+    ({**CHAT, "frequency_penalty": -3}, "frequency_penalty"),
+    ({**CHAT, "logit_bias": {"50": 101}}, "logit_bias"),                          # values in [-100, 100]
+    ({**CHAT, "logit_bias": {"-7": -1000}}, "logit_bias"),
+    ({**CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),              # >= 1
+    ({**CHAT, "seed": 2**63}, "seed"),                                            # a signed 64-bit integer
+    ({**CHAT, "seed": 1.5}, "seed"),
+    ({**CHAT, "user": 7}, "user"),                                                # a string
+])
+def test_what_openai_rejects_is_a_400_naming_openais_param(body, param):
+    with pytest.raises(InvalidRequest) as e:
+        frontend().prepare_chat(parse_body(ChatCompletionRequest, body))
+    assert e.value.status == 400 and e.value.param == param and e.value.message.startswith(param + ":"), e.value
+
+
+@pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+                                  {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}])
+def test_openai_content_parts_other_than_text_are_unsupported_naming_the_part(part):
+    with pytest.raises(Unsupported) as e:
+        parse_body(ChatCompletionRequest, msgs({"role": "user", "content": [{"type": "text", "text": "a"}, part]}))
+    assert e.value.param == "messages[0].content[1].type" and part["type"] in e.value.message
+
+
+@pytest.mark.parametrize("extra, param", [({"n": 128}, "n"), ({"presence_penalty": 2}, "presence_penalty"),
+                                          ({"frequency_penalty": -2}, "frequency_penalty"),
+                                          ({"logit_bias": {"50": 100}}, "logit_bias")])
+def test_in_openais_range_but_not_served_is_unsupported_not_invalid(extra, param):
+    with pytest.raises(Unsupported) as e:
+        frontend().prepare_chat(parse_body(ChatCompletionRequest, {**CHAT, **extra}))
+    assert e.value.param == param and e.value.code == "unsupported_parameter"
+
+
+def test_every_openai_role_is_accepted_and_developer_is_system_for_the_template():
+    req = parse_body(ChatCompletionRequest, msgs(
+        {"role": "developer", "content": "be brief"}, {"role": "system", "content": "s"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None}, {"role": "tool", "content": "42", "tool_call_id": "call_1"},
+        {"role": "user", "content": "ok", "name": "ann"}))
+    assert req.chat_messages() == [
+        {"role": "system", "content": "be brief"}, {"role": "system", "content": "s"},
+        {"role": "user", "content": "ab"}, {"role": "assistant", "content": ""},
+        {"role": "tool", "content": "42", "tool_call_id": "call_1"}, {"role": "user", "content": "ok", "name": "ann"}]
+    fe = frontend()
+    dev = fe.prepare_chat(parse_body(ChatCompletionRequest, msgs({"role": "developer", "content": "x"}, USER)))
+    sys = fe.prepare_chat(parse_body(ChatCompletionRequest, msgs({"role": "system", "content": "x"}, USER)))
+    assert dev.prompt_ids == sys.prompt_ids
+
+
+def test_four_stop_strings_and_openai_edge_values_pass():
+    prep = frontend().prepare_chat(parse_body(ChatCompletionRequest, {
+        **CHAT, "stop": ["a", "b", "c", "d"], "temperature": 2, "top_p": 1, "seed": -2**63, "presence_penalty": 0,
+        "logit_bias": {}, "max_completion_tokens": 1, "user": "u"}))
+    assert prep.stop == ["a", "b", "c", "d"] and prep.params.seed == -2**63 and prep.params.max_tokens == 1
+
+
+# ---- /tokenize and /detokenize (vLLM's), without the HTTP app -------------------------------------------
+
+def test_tokenize_a_prompt_with_and_without_special_tokens():
+    fe = frontend()
+    assert fe.tokenize(parse_tokenize({"prompt": "ab"})) == {"count": 3, "max_model_len": 64, "tokens": [1, 100, 101]}
+    out = fe.tokenize(parse_tokenize({"model": "m", "prompt": "ab", "add_special_tokens": False,
+                                      "return_token_strs": True}))
+    assert out == {"count": 2, "max_model_len": 64, "tokens": [100, 101], "token_strs": ["a", "b"]}
+
+
+def test_tokenize_messages_gives_the_prompt_a_chat_completion_gets():
+    fe = frontend()
+    body = msgs({"role": "developer", "content": "x"}, USER)
+    req = parse_tokenize(body)
+    assert isinstance(req, TokenizeChatRequest)
+    assert fe.tokenize(req)["tokens"] == fe.prepare_chat(parse_body(ChatCompletionRequest, body)).prompt_ids
+    without = fe.tokenize(parse_tokenize({**body, "add_generation_prompt": False}))["tokens"]
+    assert without == fe.tokenizer.encode_chat(req.chat_messages(), add_generation_prompt=False)
+
+
+@pytest.mark.parametrize("body, param", [({}, "prompt"), ({"prompt": 5}, "prompt"), ({"messages": []}, "messages"),
+                                         (msgs({"role": "tool", "content": "x"}), "messages[0].tool_call_id"),
+                                         ({"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens")])
+def test_tokenize_validates_like_the_completions(body, param):
+    with pytest.raises(InvalidRequest) as e:
+        parse_tokenize(body)
+    assert e.value.param == param
+
+
+def test_detokenize_and_its_errors():
+    fe = frontend()
+    assert fe.detokenize(parse_body(DetokenizeRequest, {"tokens": [1, 100, 101, 2]})) == {"prompt": "ab"}
+    assert fe.detokenize(parse_body(DetokenizeRequest, {"tokens": []})) == {"prompt": ""}
+    with pytest.raises(InvalidRequest) as e:
+        fe.detokenize(parse_body(DetokenizeRequest, {"tokens": [5, 300]}))          # the vocabulary is [0, 300)
+    assert e.value.param == "tokens" and "300" in e.value.message
+    with pytest.raises(InvalidRequest) as e:
+        parse_body(DetokenizeRequest, {"tokens": [-1]})
+    assert e.value.param == "tokens[0]"
+    with pytest.raises(ModelNotFound):
+        fe.detokenize(parse_body(DetokenizeRequest, {"model": "gpt-4", "tokens": [5]}))
+    assert isinstance(parse_tokenize({"prompt": "x"}), TokenizeCompletionRequest)

@@ -38,9 +38,9 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 # (field, value, what the message must say): the issue's poison requests, and their neighbours.
 POISON = [
-    ("seed", 2**70, "seed: must be in [-2**63, 2**64-1], got 1180591620717411303424"),
-    ("seed", -2**70, "seed: must be in [-2**63, 2**64-1]"),
-    ("seed", 2**64, "seed: must be in [-2**63, 2**64-1]"),
+    ("seed", 2**70, "seed: must be in [-2**63, 2**63-1], got 1180591620717411303424"),
+    ("seed", -2**70, "seed: must be in [-2**63, 2**63-1]"),
+    ("seed", 2**63, "seed: must be in [-2**63, 2**63-1]"),               # OpenAI's seed: a signed int64
     ("max_tokens", 2**63, "max_tokens: must be in [1, 2**31-1], got 9223372036854775808"),
     ("max_completion_tokens", 2**40, "max_completion_tokens: must be in [1, 2**31-1]"),
     ("top_k", 2**40, "top_k: must be in [-1, 2**31-1]"),
@@ -50,10 +50,10 @@ POISON = [
     ("stop_token_ids", [-1], "stop_token_ids[0]: must be a token id in [0, 2**31-1]"),
     ("temperature", 1e308, "temperature: must be a finite number in [0, 2], got 1e+308"),
     ("temperature", float("nan"), "temperature: must be a finite number in [0, 2], got nan"),
-    ("top_p", float("inf"), "top_p: must be a finite number in (0, 1], got inf"),
-    ("top_p", -5e-324, "top_p: must be a finite number in (0, 1]"),
+    ("top_p", float("inf"), "top_p: must be a finite number in [0, 1], got inf"),
+    ("top_p", -5e-324, "top_p: must be a finite number in [0, 1]"),
     ("stop_token_ids", list(range(1025)), "stop_token_ids: List should have at most 1024 items"),
-    ("stop", ["x"] * 65, "stop: List should have at most 64 items"),
+    ("stop", ["x"] * 5, "stop: at most 4 stop sequences, as in OpenAI's API (got 5)"),
     ("stop", "x" * 1025, "stop: String should have at most 1024 characters"),
     ("seed", True, "seed: Input should be a valid integer"),       # strict types: no silent bool -> 1
     ("max_tokens", "5", "max_tokens: Input should be a valid integer"),
@@ -95,6 +95,13 @@ def test_a_subnormal_top_p_has_a_meaning_and_gets_a_normal_answer():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     p = probs_from_logits(logits, 1.0, 0, 5e-324)
     assert torch.equal(p, torch.nn.functional.one_hot(logits.argmax(-1), 50).float())
+
+
+def test_top_p_0_is_accepted_as_openai_does_and_keeps_only_the_top_token():
+    """OpenAI accepts top_p 0 (the old (0, 1] refused it); the sampler gets the smallest positive top_p,
+    which keeps the top token alone (the tests around this one)."""
+    for body in ({**CHAT, "top_p": 0}, {**CHAT, "top_p": 0.0, "temperature": 1}):
+        assert frontend().prepare_chat(parse_body(ChatCompletionRequest, body)).params.top_p == 5e-324
 
 
 def test_a_subnormal_top_p_samples_the_greedy_tokens_with_and_without_mtp():
@@ -146,9 +153,9 @@ def test_seeds_at_the_limits_travel_in_a_plan_and_sample(preset_cache):
     ({"min_tokens": 2**32 - 1}, "min_tokens: must be in [0, 2**31-1]"),
     ({"top_k": -2**31}, "top_k: must be in [-1, 2**31-1]"),
     ({"temperature": float("nan")}, "temperature: must be a finite number in [0, 2]"),
-    ({"top_p": 0.0}, "top_p: must be a finite number in (0, 1]"),
+    ({"top_p": 1.5}, "top_p: must be a finite number in [0, 1]"),
     ({"stop_token_ids": [2**32 - 1]}, "stop_token_ids[0]: must be a token id in [0, 2**31-1]"),
-    ({"stop": ["x"] * 65}, "stop: List should have at most 64 items"),
+    ({"stop": ["x"] * 5}, "stop: at most 4 stop sequences"),
 ])
 def test_grpc_requests_go_through_the_same_validation(kw, says):
     req = build_request("hello", max_tokens=4, **kw)
@@ -207,7 +214,7 @@ def test_the_published_schema_carries_the_limits(http):
     assert doc == json.loads(json.dumps(build_openapi("hybridserve", "0.1.0", secured=False)))
     props = doc["components"]["schemas"]["CompletionRequest"]["properties"]
     seed = next(s for s in props["seed"]["anyOf"] if s.get("type") == "integer")
-    assert (seed["minimum"], seed["maximum"]) == (SEED_MIN, SEED_MAX)
+    assert (seed["minimum"], seed["maximum"]) == (-2**63, 2**63 - 1)             # OpenAI's: int64
     body = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/CompletionRequest"}
 

@@ -128,3 +128,16 @@ def test_stop_strings_wait_for_min_tokens():
         if hit:
             break
     assert hit and sent == ["a", "a", ""]    # the 3rd token is the first that may stop
+
+
+@pytest.mark.parametrize("kind", ["bytes", "hf"])
+def test_token_strs_are_one_string_per_id_special_tokens_included(kind, hf_folder):
+    """`/tokenize`'s `return_token_strs`: the vocabulary's strings (byte-level BPE shows a space as Ġ)."""
+    t = ByteTokenizer() if kind == "bytes" else load_tokenizer(hf_folder)
+    ids = t.encode("hello world")
+    strs = t.token_strs(ids)
+    assert len(strs) == len(ids) and strs[0] == "<s>"
+    if kind == "bytes":
+        assert "".join(strs[1:]) == "hello world"
+    else:
+        assert "".join(strs[1:]).replace("Ġ", " ") == "hello world"
