@@ -87,7 +87,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 msg = pb.GenerateResponse(request_id=gen.request_id, text=d.text, token_ids=d.token_ids,
                                           finish_reason=d.finish_reason or "")
                 if d.finish_reason:
-                    msg.usage.CopyFrom(_usage(d.prompt_tokens, d.completion_tokens))
+                    msg.usage.CopyFrom(_usage(d.prompt_tokens, d.completion_tokens, gen.prediction_tokens))
                 yield msg
         except APIError as e:
             await _abort(context, e)
@@ -107,7 +107,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         finally:
             await gen.aclose()
         return pb.CompleteResponse(request_id=gen.request_id, model=gen.prep.model, text="".join(text), token_ids=ids,
-                                   finish_reason=finish, usage=_usage(gen.prompt_tokens, gen.completion_tokens),
+                                   finish_reason=finish,
+                                   usage=_usage(gen.prompt_tokens, gen.completion_tokens, gen.prediction_tokens),
                                    prompt_token_ids=gen.prep.prompt_ids)
 
     async def ListModels(self, request, context):
@@ -118,8 +119,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.ListModelsResponse(models=[pb.Model(id=self.fe.model_name, max_model_len=self.fe.max_model_len or 0)])
 
 
-def _usage(p: int, c: int) -> pb.Usage:
-    return pb.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+def _usage(p: int, c: int, predictions: tuple[int, int] | None = None) -> pb.Usage:
+    """Token counts; `predictions` (accepted, rejected) MTP drafts when the request verified any."""
+    u = pb.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+    if predictions is not None:
+        u.accepted_prediction_tokens, u.rejected_prediction_tokens = predictions
+    return u
 
 
 def _api_key(context) -> str | None:

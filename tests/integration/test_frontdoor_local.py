@@ -461,7 +461,7 @@ def test_mtp_outputs_equal_greedy_and_metrics_count_drafts(preset_cache, caplog)
     cfg = EngineConfig(model="tiny", max_model_len=512, max_num_seqs=2, num_speculative_tokens=2,
                        speculative_policy="fixed")
     caplog.set_level(logging.INFO, logger="hybridserve.requests")
-    with LocalServer(cfg, grpc=False) as s:
+    with LocalServer(cfg, grpc=True) as s:
         ids, text = expected(s, s.tokenizer.encode_chat(MSGS), 30)
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
         before = httpx.get(s.url + "/metrics").text
@@ -485,6 +485,13 @@ def test_mtp_outputs_equal_greedy_and_metrics_count_drafts(preset_cache, caplog)
         assert _metric_sum(metrics, "hybridserve:spec_decode_drafts_per_seq_count") > 0
         r = c.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=0)
         assert r.usage.completion_tokens_details.accepted_prediction_tokens >= 0
+        # gRPC reports the same counts in Usage, streamed (last message) and unary.
+        with Client(f"127.0.0.1:{s.grpc_port}") as g:
+            for usage in (list(g.generate(messages=MSGS, max_tokens=30, temperature=0))[-1].usage,
+                          g.complete(messages=MSGS, max_tokens=30, temperature=0).usage):
+                assert usage.HasField("accepted_prediction_tokens") and usage.HasField("rejected_prediction_tokens")
+                assert (usage.accepted_prediction_tokens, usage.rejected_prediction_tokens) == \
+                    (details.accepted_prediction_tokens, details.rejected_prediction_tokens)   # greedy: same run
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "hybridserve.requests"]
     assert any("mtp_accept_len=" in ln and "mtp_accept_len=-" not in ln for ln in lines), lines
 
