@@ -8,12 +8,15 @@ carries integers in [-2**63, 2**64-1] only, and `torch.Generator.manual_seed` ta
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1   # msgpack's integers and torch.Generator.manual_seed's seeds
 INT32_MAX = 2**31 - 1                     # token ids, top_k, max_tokens, min_tokens (32-bit in the gRPC API)
 TEMPERATURE_MAX = 100.0                   # the engine's bound; the OpenAI front door allows [0, 2]
 MAX_STOP_TOKEN_IDS = 1024                 # checked against every sampled token (and masked under min_tokens)
+PENALTY_MAX = 2.0                         # presence / frequency penalties in [-2, 2] (OpenAI's range)
+LOGIT_BIAS_MAX = 100.0                    # logit_bias values in [-100, 100] (OpenAI's range)
 
 _BOUND_TEXT = {SEED_MIN: "-2**63", SEED_MAX: "2**64-1", INT32_MAX: "2**31-1"}
 
@@ -60,10 +63,27 @@ class SamplingParams:
     min_tokens: int = 0               # stop tokens (EOS too) cannot be sampled before this many tokens
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Logit adjustments as vLLM applies them (model_shards/penalties.py), before temperature; 0 / 1 / () is off.
+    presence_penalty: float = 0.0     # subtracted from the logit of every token present in the output so far
+    frequency_penalty: float = 0.0    # subtracted once per occurrence in the output so far
+    repetition_penalty: float = 1.0   # > 1 discourages tokens of prompt + output (divides / multiplies logits)
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias) pairs added to the logits
+    min_p: float = 0.0                # drop tokens whose probability < min_p * the top probability (0: off)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @functools.cached_property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or logit_bias change this request's logits (neutral values cost nothing)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
+
+    @functools.cached_property
+    def uses_history(self) -> bool:
+        """Whether the last stage must keep this request's tokens (every penalty needs their counts)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     def validate(self) -> None:
         """Raise ValueError naming the field and its limit (the engine answers 400 with it)."""
@@ -84,16 +104,31 @@ class SamplingParams:
             check_int("stop_token_ids", t, 0, INT32_MAX, what="token ids must be")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos: must be true or false, got {show_value(self.ignore_eos)}")
+        check_float("presence_penalty", self.presence_penalty, -PENALTY_MAX, PENALTY_MAX)
+        check_float("frequency_penalty", self.frequency_penalty, -PENALTY_MAX, PENALTY_MAX)
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not math.isfinite(rp) or rp <= 0:
+            raise ValueError(f"repetition_penalty: must be a finite number > 0, got {show_value(rp)}")
+        check_float("min_p", self.min_p, 0.0, 1.0)
+        if not isinstance(self.logit_bias, (tuple, list)):
+            raise ValueError(f"logit_bias: must be (token id, bias) pairs, got {show_value(self.logit_bias)}")
+        for pair in self.logit_bias:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"logit_bias: must be (token id, bias) pairs, got {show_value(pair)}")
+            check_int("logit_bias", pair[0], 0, INT32_MAX, what="token ids must be")
+            check_float("logit_bias", pair[1], -LOGIT_BIAS_MAX, LOGIT_BIAS_MAX)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["stop_token_ids"] = list(self.stop_token_ids)
+        d["logit_bias"] = [list(pair) for pair in self.logit_bias]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
         d = dict(d)
         d["stop_token_ids"] = tuple(d.get("stop_token_ids") or ())
+        d["logit_bias"] = tuple(tuple(pair) for pair in d.get("logit_bias") or ())
         return cls(**d)
 
 

@@ -19,7 +19,7 @@ def step_generator(seed: int, num_tokens: int, stream: int = 0) -> torch.Generat
 
 def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """(m, V) logits -> (m, V) float32 sampling distribution under p (temperature > 0)."""
-    return ops.probs_from_logits(logits, p.temperature, p.top_k, p.top_p)
+    return ops.probs_from_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> tuple[int, torch.Tensor | None]:

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from . import speculative
+from . import penalties, speculative
 from .batch import BatchLayout, SeqSlice
 from .cache import HybridCache
 from .model import HybridModel
@@ -52,10 +52,11 @@ class TailResult:
 
 class DraftStore:
     """What the last stage keeps per sequence between passes: draft distributions (random sampling
-    only) until verified."""
+    only) until verified, and the tokens of requests with penalties (penalties.History)."""
 
     def __init__(self):
         self._probs: dict[int, torch.Tensor] = {}
+        self.history = penalties.History()
 
     def put(self, seq_id: int, q: torch.Tensor | None) -> None:
         if q is None:
@@ -68,6 +69,7 @@ class DraftStore:
 
     def drop(self, seq_id: int) -> None:
         self._probs.pop(seq_id, None)
+        self.history.drop(seq_id)
 
     def __len__(self) -> int:
         return len(self._probs)
@@ -80,23 +82,33 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
     "draft_s": the seconds spent drafting (what the engine's speculation policy charges per draft step)."""
     results = [TailResult(r.seq_id, [], 0, []) for r in reqs]
     # 1. Verify drafts / sample one token, from logits of only the rows that need them.
-    rows, owners = [], []
+    rows, owners, adjust = [], [], False
     for j, (s, r) in enumerate(zip(batch.seqs, reqs)):
+        if r.params.uses_history:        # penalties count prompt + outputs: note this pass's settled inputs
+            store.history.note(r.seq_id, s.start_pos, r.input_ids[:len(r.input_ids) - len(r.drafts)])
         if r.sample:
             n = 1 + len(r.drafts)
             rows.extend(range(s.end - n, s.end))
             owners.append((j, n))
+            adjust = adjust or r.params.adjusts_logits
     logits = model.logits(h[rows]) if rows else None                    # (rows, V)
+    if adjust:
+        logits = logits.float()          # penalties in float32 (argmax and sampling use float32 anyway)
     at = 0
     for j, n in owners:
         r, s = reqs[j], batch.seqs[j]
         seed_pos = s.start_pos + s.num_tokens - len(r.drafts)          # tokens committed before this pass
         gen = None if r.params.greedy else speculative.step_generator(r.seed, seed_pos)
+        if r.params.adjusts_logits:      # logit_bias, then penalties, each verified row with its own counts
+            penalties.apply(logits[at:at + n], r.params, store.history.tokens(r.seq_id), r.prompt_len,
+                            r.drafts)
         if r.params.min_tokens:
             num_generated = seed_pos - r.prompt_len
             forbid_stops(logits[at:at + n], num_generated, r.params, model.cfg.eos_token_id)
         if r.drafts:
             toks, acc = speculative.verify(logits[at:at + n], r.drafts, store.take(r.seq_id), r.params, gen)
+            if acc and r.params.uses_history:    # accepted drafts sit at the positions after this pass's input
+                store.history.accept(r.seq_id, r.drafts[:acc])
         else:
             tok, _ = speculative.sample(logits[at], r.params, gen)
             toks, acc = [tok], 0

@@ -3,13 +3,14 @@
 Fields follow the OpenAI API plus vLLM's extensions that clients already send (`top_k`, `min_tokens`,
 `ignore_eos`, `stop_token_ids`, `skip_special_tokens`, `return_token_ids`). Unknown fields are
 ignored, as OpenAI-compatible servers do (SDKs send things like `user` or `parallel_tool_calls`).
-Features we do not implement (logprobs, penalties, tools, n > 1) fail with a 400 that names the field
+Features we do not implement (logprobs, tools, n > 1) fail with a 400 that names the field
 instead of being silently ignored: a client relying on them must know.
 
 Every field is range-checked here (`LIMITS`), so no value reaches the engine that a plan cannot carry
 (see model_shards/sampling_params.py); a 400 names the field and the limit. The limits are OpenAI's
 where OpenAI has one (at most 4 `stop` strings, `n` in [1, 128], `temperature` in [0, 2], `top_p` in
-[0, 1], penalties in [-2, 2], `logit_bias` values in [-100, 100], `seed` a signed 64-bit integer), and
+[0, 1], penalties in [-2, 2], `logit_bias` values in [-100, 100], `seed` a signed 64-bit integer), else
+vLLM's (`repetition_penalty` > 0, `min_p` in [0, 1]), and
 so are the chat message rules (roles, `tool_call_id`, content parts; `ChatMessages`). Types are strict,
 as in OpenAI's API: `"max_tokens": "5"` or `"seed": true` is a 400, not silently converted.
 
@@ -54,6 +55,8 @@ LIMITS = {
     "presence_penalty": "a finite number in [-2, 2]",
     "frequency_penalty": "a finite number in [-2, 2]",
     "logit_bias": "a finite number in [-100, 100]",
+    "repetition_penalty": "a finite number > 0",
+    "min_p": "a finite number in [0, 1]",
     "best_of": "an integer in [0, 20]",
     "stop_token_ids": f"a token id {_IN_INT32}",
     "prompt": f"a token id {_IN_INT32}",
@@ -171,16 +174,17 @@ class _GenerationBody(_Body):
     min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     skip_special_tokens: bool = True
     return_token_ids: bool = False
-    # Accepted only at their neutral values (see check_supported); out of OpenAI's range, a 400 "invalid".
+    # Penalties, logit_bias and min_p as vLLM applies them (model_shards/penalties.py), MTP included.
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
-    repetition_penalty: float | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    # Accepted only at its neutral values (see check_supported); out of range, a 400 "invalid".
     best_of: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
 
-    _NEUTRAL = {"presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0),
-                "repetition_penalty": (None, 1.0), "logit_bias": (None, {}), "best_of": (None, 1)}
+    _NEUTRAL = {"best_of": (None, 1)}
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -214,15 +218,31 @@ class _GenerationBody(_Body):
         stop_ids = tuple(self.stop_token_ids or ())
         if not self.ignore_eos:
             stop_ids += tuple(t for t in eos_ids if t not in stop_ids)
+        repetition = d.get("repetition_penalty", 1.0) if self.repetition_penalty is None else self.repetition_penalty
+        min_p = self.min_p if self.min_p is not None else d.get("min_p", 0.0)
         params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=max(int(top_k), 0),
                                 seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
-                                stop_token_ids=stop_ids, ignore_eos=self.ignore_eos)
+                                stop_token_ids=stop_ids, ignore_eos=self.ignore_eos,
+                                presence_penalty=float(self.presence_penalty or 0.0),
+                                frequency_penalty=float(self.frequency_penalty or 0.0),
+                                repetition_penalty=float(repetition), min_p=float(min_p),
+                                logit_bias=self._logit_bias_pairs())
         try:
             params.validate()
         except ValueError as e:
             field = str(e).split(":", 1)[0]
             raise InvalidRequest(str(e), param=field) from None
         return params
+
+    def _logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} as sorted (id, bias) pairs; a key that is not a token id is a 400."""
+        pairs = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) <= INT32_MAX):
+                raise InvalidRequest(f"logit_bias: keys must be token ids in [0, {bound_text(INT32_MAX)}], got "
+                                     f"{show_value(key)}", param="logit_bias")
+            pairs[int(key)] = float(bias)              # "7" and "007": the later one, as a dict would
+        return tuple(sorted((t, b) for t, b in pairs.items() if b))
 
     @property
     def include_usage(self) -> bool:

@@ -68,7 +68,8 @@ def model_info(engine) -> dict:
 def generation_defaults(gen: dict) -> dict:
     """Request defaults from generation_config.json (vLLM does the same): sampling settings, the default
     output length, and `do_sample: false` meaning greedy unless the request sets a temperature."""
-    out = {k: gen[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens") if k in gen}
+    out = {k: gen[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty", "min_p",
+                                      "max_new_tokens") if k in gen}
     if gen.get("do_sample") is False:
         out["temperature"] = 0.0
     return out

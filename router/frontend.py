@@ -206,6 +206,10 @@ class Frontend:
         if bad:
             raise InvalidRequest(f"stop_token_ids: token id {bad[0]} is outside the vocabulary", param="stop_token_ids")
         params = req.sampling_params(max_tokens, tuple(self.info.eos_token_ids), self.info.generation_defaults)
+        bad = [t for t, _ in params.logit_bias if self.info.vocab_size and t >= self.info.vocab_size]
+        if bad:         # vLLM refuses these too: a bias on no token is a client mistake
+            raise InvalidRequest(f"logit_bias: token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {self.info.vocab_size})", param="logit_bias")
         return Prepared(kind, model, ids, params, req.stop_list(), req.skip_special_tokens)
 
     # ---- /tokenize, /detokenize (vLLM's): the tokenizer only, no engine ------------------------------

@@ -9,9 +9,14 @@ from __future__ import annotations
 import torch
 
 
-def probs_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """logits (..., V) -> probabilities (..., V) float32 after temperature, top-k and top-p filtering."""
+def probs_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                      min_p: float = 0.0) -> torch.Tensor:
+    """logits (..., V) -> probabilities (..., V) float32 after temperature, then min-p, top-k and top-p
+    filtering (vLLM's order). min_p drops tokens whose probability is below min_p * the top probability."""
     logits = logits.float() / max(temperature, 1e-6)
+    if min_p > 0.0:
+        p = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(p < min_p * p.amax(dim=-1, keepdim=True), float("-inf"))
     if top_k and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -149,6 +149,39 @@ def test_models_health_ready_metrics(server, client):
         assert "hybridserve:" + name in text, name
 
 
+# ---- penalties, logit_bias, min_p: served as the engine applies them ---------------------------------
+
+def _engine_greedy(server, prompt_ids, params):
+    async def run():
+        out = []
+        async for o in server.engine.generate(f"ref-{time.monotonic_ns()}", prompt_ids, params):
+            out += o.new_token_ids
+        return out
+    return server.call(run())
+
+
+def test_chat_penalties_and_logit_bias_equal_the_engines_greedy_output(server, client):
+    from model_shards.sampling_params import SamplingParams
+    ids = _engine_greedy(server, server.tokenizer.encode_chat(MSGS), SamplingParams(
+        max_tokens=16, presence_penalty=0.5, frequency_penalty=1.2, repetition_penalty=1.3, min_p=0.1,
+        logit_bias=((65, 4.0), (66, -100.0))))
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=16, temperature=0,
+                                       presence_penalty=0.5, frequency_penalty=1.2, logit_bias={"65": 4, "66": -100},
+                                       extra_body={"return_token_ids": True, "repetition_penalty": 1.3, "min_p": 0.1})
+    assert r.choices[0].token_ids == ids and 66 not in ids
+    assert ids != server.greedy(server.tokenizer.encode_chat(MSGS), 16)     # the settings changed something
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_logit_bias_forces_a_token(server, client, stream):
+    kw = dict(model="tiny", prompt="The quick brown fox", max_tokens=6, temperature=0, logit_bias={"65": 100})
+    if stream:
+        text = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+    else:
+        text = client.completions.create(**kw).choices[0].text
+    assert text == server.tokenizer.decode([65] * 6)
+
+
 # ---- errors ------------------------------------------------------------------------------------------
 
 def post(server, path, body=None, **kw):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from model_shards.sampling_params import SamplingParams
 from router.api_schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
                                 TokenizeCompletionRequest, parse_body, parse_tokenize)
 from router.errors import APIError, ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, Unsupported
@@ -41,7 +42,7 @@ def test_body_must_be_an_object():
 
 
 @pytest.mark.parametrize("extra, field", [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"),
-                                          ({"presence_penalty": 0.5}, "presence_penalty"),
+                                          ({"best_of": 2}, "best_of"),
                                           ({"tools": [{"type": "function"}]}, "tools")])
 def test_unsupported_features_are_clear_400s(extra, field):
     with pytest.raises(Unsupported) as e:
@@ -154,6 +155,14 @@ USER = {"role": "user", "content": "hi"}
     ({**CHAT, "frequency_penalty": -3}, "frequency_penalty"),
     ({**CHAT, "logit_bias": {"50": 101}}, "logit_bias"),                          # values in [-100, 100]
     ({**CHAT, "logit_bias": {"-7": -1000}}, "logit_bias"),
+    ({**CHAT, "logit_bias": {"-7": 1}}, "logit_bias"),                            # keys are token ids
+    ({**CHAT, "logit_bias": {"x": 1}}, "logit_bias"),
+    ({**CHAT, "logit_bias": {"4294967296": 1}}, "logit_bias"),
+    ({**CHAT, "logit_bias": {"300": 1}}, "logit_bias"),                           # outside the vocabulary
+    ({**CHAT, "repetition_penalty": 0}, "repetition_penalty"),                    # vLLM: > 0
+    ({**CHAT, "repetition_penalty": -1.5}, "repetition_penalty"),
+    ({**CHAT, "min_p": 1.5}, "min_p"),                                            # vLLM: [0, 1]
+    ({**CHAT, "min_p": -0.1}, "min_p"),
     ({**CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),              # >= 1
     ({**CHAT, "seed": 2**63}, "seed"),                                            # a signed 64-bit integer
     ({**CHAT, "seed": 1.5}, "seed"),
@@ -173,9 +182,7 @@ def test_openai_content_parts_other_than_text_are_unsupported_naming_the_part(pa
     assert e.value.param == "messages[0].content[1].type" and part["type"] in e.value.message
 
 
-@pytest.mark.parametrize("extra, param", [({"n": 128}, "n"), ({"presence_penalty": 2}, "presence_penalty"),
-                                          ({"frequency_penalty": -2}, "frequency_penalty"),
-                                          ({"logit_bias": {"50": 100}}, "logit_bias")])
+@pytest.mark.parametrize("extra, param", [({"n": 128}, "n"), ({"best_of": 20}, "best_of")])
 def test_in_openais_range_but_not_served_is_unsupported_not_invalid(extra, param):
     with pytest.raises(Unsupported) as e:
         frontend().prepare_chat(parse_body(ChatCompletionRequest, {**CHAT, **extra}))
@@ -196,6 +203,27 @@ def test_every_openai_role_is_accepted_and_developer_is_system_for_the_template(
     dev = fe.prepare_chat(parse_body(ChatCompletionRequest, msgs({"role": "developer", "content": "x"}, USER)))
     sys = fe.prepare_chat(parse_body(ChatCompletionRequest, msgs({"role": "system", "content": "x"}, USER)))
     assert dev.prompt_ids == sys.prompt_ids
+
+
+def test_penalties_logit_bias_and_min_p_reach_the_sampling_params():
+    body = {**CHAT, "presence_penalty": 2, "frequency_penalty": -2, "repetition_penalty": 1.3, "min_p": 0.05,
+            "logit_bias": {"50": 100, "7": -100, "9": 0, "007": -5}}
+    params = frontend().prepare_chat(parse_body(ChatCompletionRequest, body)).params
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty, params.min_p) == \
+        (2.0, -2.0, 1.3, 0.05)
+    assert params.logit_bias == ((7, -5.0), (50, 100.0))          # by id; a zero bias is no bias
+    assert SamplingParams.from_dict(params.to_dict()) == params     # as plans carry them
+    comp = frontend().prepare_completion(parse_body(CompletionRequest, {"prompt": "hi", "min_p": 1,
+                                                                        "repetition_penalty": 0.5}))
+    assert comp.params.min_p == 1.0 and comp.params.repetition_penalty == 0.5
+
+
+def test_repetition_penalty_and_min_p_default_from_generation_config():
+    fe = frontend(generation_defaults={"repetition_penalty": 1.1, "min_p": 0.02})
+    params = fe.prepare_chat(parse_body(ChatCompletionRequest, CHAT)).params
+    assert params.repetition_penalty == 1.1 and params.min_p == 0.02
+    params = fe.prepare_chat(parse_body(ChatCompletionRequest, {**CHAT, "repetition_penalty": 1.0, "min_p": 0})).params
+    assert params.repetition_penalty == 1.0 and params.min_p == 0.0 and not params.adjusts_logits
 
 
 def test_four_stop_strings_and_openai_edge_values_pass():
