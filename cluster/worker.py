@@ -58,12 +58,12 @@ class StageWorker:
         out = h
         if self.model.last:
             reqs = [TailRequest(s.seq_id, s.input_ids, s.drafts, s.sample, s.next_token, self._params_of(s),
-                                s.seed, s.num_drafts, s.prompt_len, s.mtp_context) for s in plan.seqs]
+                                s.seed, s.num_drafts, s.prompt_len, s.mtp_context, s.mtp_stash) for s in plan.seqs]
             timings: dict = {}
             res = run_tail(self.model, self.cache, h, layout, reqs, self.store, timings)
             out = StepResult(plan.step_id, plan.microbatch,
                              [SeqOutput(r.seq_id, r.new_tokens, r.num_accepted, r.drafts) for r in res],
-                             draft_s=timings.get("draft_s", 0.0))
+                             draft_s=timings.get("draft_s", 0.0), draft_rows=timings.get("draft_rows", 0))
         self.busy_s += time.perf_counter() - t0
         self.num_steps += 1
         return out

@@ -26,8 +26,9 @@ class TailRequest:
     next_token: for a non-final prefill chunk, the prompt token after it (the MTP block needs it)
     num_drafts: how many drafts to propose after sampling (0: none this pass)
     prompt_len: the prompt's length, so position p holds output token p - prompt_len (min_tokens)
-    mtp_context: with num_drafts 0, still feed the MTP block this pass's settled pairs (its attention
-                cache then has no gap when the sequence drafts again)
+    mtp_context: with num_drafts 0, still feed the MTP block this pass's settled pairs
+    mtp_stash:  with num_drafts 0 and no mtp_context: keep this pass's settled pairs in the DraftStore; the
+                sequence's next MTP run feeds them first (its attention cache then has no gap)
     """
 
     seq_id: int
@@ -40,6 +41,7 @@ class TailRequest:
     num_drafts: int
     prompt_len: int = 0
     mtp_context: bool = False
+    mtp_stash: bool = False
 
 
 @dataclasses.dataclass
@@ -50,13 +52,56 @@ class TailResult:
     drafts: list[int]
 
 
+# At most this many stashed MTP pairs per sequence (older ones are dropped: a gap in the MTP block's
+# attention costs acceptance, never correctness). Bounds the store at MAX_STASHED x hidden per sequence.
+MAX_STASHED = 64
+
+
+@dataclasses.dataclass
+class Stash:
+    """Settled pairs the MTP block has not seen: positions start.. with their MTP input rows (n, d) and
+    the token after each."""
+
+    start: int
+    h: torch.Tensor
+    tokens: list[int]
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+
 class DraftStore:
     """What the last stage keeps per sequence between passes: draft distributions (random sampling
-    only) until verified, and the tokens of requests with penalties (penalties.History)."""
+    only) until verified, the tokens of requests with penalties (penalties.History), and the MTP pairs
+    of passes that did not run the MTP block (Stash)."""
 
     def __init__(self):
         self._probs: dict[int, torch.Tensor] = {}
+        self._stash: dict[int, Stash] = {}
         self.history = penalties.History()
+
+    def stash(self, seq_id: int, start: int, h: torch.Tensor, tokens: list[int]) -> None:
+        """Append pairs at positions start..; a stash that does not end at `start` (the sequence was
+        recomputed, or rolled back) is replaced."""
+        old = self._stash.get(seq_id)
+        if old is not None and old.end == start:
+            start, h, tokens = old.start, torch.cat([old.h, h]), old.tokens + tokens
+        drop = len(tokens) - MAX_STASHED
+        if drop > 0:
+            start, h, tokens = start + drop, h[drop:], tokens[drop:]
+        if h._base is not None:          # a view would keep the whole pass's rows alive
+            h = h.clone()
+        self._stash[seq_id] = Stash(start, h, tokens)
+
+    def unstash(self, seq_id: int, start: int) -> Stash | None:
+        """The pairs that end where a pass's settled positions begin (`start`), or None."""
+        st = self._stash.pop(seq_id, None)
+        return st if st is not None and st.end == start else None
+
+    def num_stashed(self, seq_id: int) -> int:
+        st = self._stash.get(seq_id)
+        return 0 if st is None else len(st.tokens)
 
     def put(self, seq_id: int, q: torch.Tensor | None) -> None:
         if q is None:
@@ -69,6 +114,7 @@ class DraftStore:
 
     def drop(self, seq_id: int) -> None:
         self._probs.pop(seq_id, None)
+        self._stash.pop(seq_id, None)
         self.history.drop(seq_id)
 
     def __len__(self) -> int:
@@ -79,7 +125,8 @@ class DraftStore:
 def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: BatchLayout,
              reqs: list[TailRequest], store: DraftStore, timings: dict | None = None) -> list[TailResult]:
     """h (T, d): the last layer's output for the whole batch (before norm_f). `timings`, if given, gets
-    "draft_s": the seconds spent drafting (what the engine's speculation policy charges per draft step)."""
+    "draft_s": the seconds spent drafting (what the engine's speculation policy charges per draft step)
+    and "draft_rows": the MTP rows run in them."""
     results = [TailResult(r.seq_id, [], 0, []) for r in reqs]
     # 1. Verify drafts / sample one token, from logits of only the rows that need them.
     rows, owners, adjust = [], [], False
@@ -116,9 +163,9 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
         at += n
     if model.mtp is not None:
         t0 = time.perf_counter()
-        _mtp_draft(model, cache, h, batch, reqs, results, store)
+        rows = _mtp_draft(model, cache, h, batch, reqs, results, store)
         if timings is not None:
-            timings["draft_s"] = time.perf_counter() - t0
+            timings["draft_s"], timings["draft_rows"] = time.perf_counter() - t0, rows
     return results
 
 
@@ -137,27 +184,51 @@ def forbid_stops(logits: torch.Tensor, num_generated: int, params: SamplingParam
         logits[:rows, ids] = float("-inf")
 
 
-def _mtp_draft(model, cache, h, batch, reqs, results, store) -> None:
-    """Feed the MTP block every newly settled (h_t, token_{t+1}) pair, then draft recursively."""
-    pair_rows, pair_tokens, seqs, drafting = [], [], [], []
+def _mtp_draft(model, cache, h, batch, reqs, results, store) -> int:
+    """Feed the MTP block every newly settled (h_t, token_{t+1}) pair (after the sequence's stashed ones),
+    then draft recursively; stash the pairs of sequences that skip the block this pass. Returns the MTP
+    rows run (pairs fed, then one per draft step)."""
+    fed, stashed = [], []                # (j, settled rows of h, their next tokens)
     for j, (s, r, res) in enumerate(zip(batch.seqs, reqs, results)):
-        if (r.num_drafts <= 0 and not r.mtp_context) or (not r.sample and r.next_token is None):
+        if not r.sample and r.next_token is None:
             continue
         m = res.num_accepted + 1 if r.drafts else s.num_tokens        # settled positions s.start_pos..+m-1
         extra = res.new_tokens[-1] if r.sample else r.next_token
-        seqs.append(SeqSlice(len(pair_rows), m, s.start_pos, s.mamba_slot, s.block_table))
-        pair_rows.extend(range(s.offset, s.offset + m))
-        pair_tokens.extend(r.input_ids[1:m] + [extra])
+        pairs = (j, range(s.offset, s.offset + m), r.input_ids[1:m] + [extra])
+        if r.num_drafts > 0 or r.mtp_context:
+            fed.append(pairs)
+        elif r.mtp_stash:
+            stashed.append(pairs)
+    if not fed and not stashed:
+        return 0
+    h_in = model.mtp_hidden_input(h[[i for p in fed + stashed for i in p[1]]])   # (fed + stashed rows, d)
+    at = sum(len(p[1]) for p in fed)
+    for j, rows, tokens in stashed:
+        store.stash(reqs[j].seq_id, batch.seqs[j].start_pos, h_in[at:at + len(rows)], tokens)
+        at += len(rows)
+    if not fed:
+        return 0
+    pieces, pair_tokens, seqs, drafting, at = [], [], [], [], 0
+    for j, rows, tokens in fed:
+        s, r = batch.seqs[j], reqs[j]
+        start, mine = s.start_pos, h_in[at:at + len(rows)]
+        old = store.unstash(r.seq_id, start)
+        if old is not None:                                           # its stashed pairs go first
+            start, tokens = old.start, old.tokens + tokens
+            pieces.append(old.h)
+        pieces.append(mine)
+        at += len(rows)
+        seqs.append(SeqSlice(len(pair_tokens), len(tokens), start, s.mamba_slot, s.block_table))
+        pair_tokens.extend(tokens)
         if r.sample and r.num_drafts > 0:
             drafting.append((j, len(seqs) - 1))
-    if not seqs:
-        return
-    h_prev = model.mtp_hidden_input(h[pair_rows])
+    h_prev = pieces[0] if len(pieces) == 1 else (h_in[:at] if len(pieces) == len(fed) else torch.cat(pieces))
+    num_rows = len(pair_tokens)
     newest = [seqs[i].end - 1 for _, i in drafting]                  # each drafting sequence's newest pair
     # Only those rows come back (the MoE after the MTP attention runs on them alone); all rows write KV.
     sampled = [n for n, (j, _) in enumerate(drafting) if not reqs[j].params.greedy]   # need every token's logit
-    cur_h, cur_logits = model.mtp_forward(torch.tensor(pair_tokens), h_prev, BatchLayout(seqs), cache,
-                                          logit_rows=newest, full_vocab_rows=sampled)
+    cur_h, cur_logits = model.mtp_forward(torch.tensor(pair_tokens, device=h.device), h_prev, BatchLayout(seqs),
+                                          cache, logit_rows=newest, full_vocab_rows=sampled)
     row = {j: n for n, (j, _) in enumerate(drafting)}               # sequence -> its row in cur_h, cur_logits
     # Recursive drafting: k steps, each one token per drafting sequence.
     pos = {j: seqs[i].start_pos + seqs[i].num_tokens for j, i in drafting}  # MTP position of the next draft step
@@ -180,7 +251,8 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> None:
         layout = BatchLayout([SeqSlice(n, 1, pos[j], batch.seqs[j].mamba_slot, batch.seqs[j].block_table)
                               for n, j in enumerate(active)])
         prev_h = cur_h[[row[j] for j in active]]
-        tok_t = torch.tensor([results[j].drafts[-1] for j in active])
+        tok_t = torch.tensor([results[j].drafts[-1] for j in active], device=h.device)
+        num_rows += len(active)
         sampled = [n for n, j in enumerate(active) if not reqs[j].params.greedy]
         cur_h, cur_logits = model.mtp_forward(tok_t, prev_h, layout, cache, full_vocab_rows=sampled)
         for n, j in enumerate(active):
@@ -188,3 +260,4 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> None:
             pos[j] += 1
     for j, _ in drafting:
         store.put(reqs[j].seq_id, None if reqs[j].params.greedy else torch.stack(qs[j]))
+    return num_rows

@@ -29,8 +29,11 @@ class SeqStep:
     seed:         the request's sampling seed
     num_drafts:   drafts to propose after this pass (0: none this step; the policy's choice, <= k)
     prompt_len:   the request's prompt length: output token i sits at position prompt_len + i (min_tokens)
-    mtp_context:  feed the MTP block this pass's settled tokens even when proposing none, so its attention
-                  has no gap when the sequence drafts again (set when the pass drafts for others anyway)
+    mtp_context:  feed the MTP block this pass's settled tokens (and what it stashed before) even when
+                  proposing none (seeded sampling; prompts while the policy drafts)
+    mtp_stash:    the MTP block does not run for this sequence now: the last stage keeps this pass's settled
+                  (hidden state, next token) pairs and feeds them with the sequence's next MTP run, so its
+                  attention has no gap when it drafts again, at no cost while it does not
     """
 
     seq_id: int
@@ -47,6 +50,7 @@ class SeqStep:
     num_drafts: int = 0
     prompt_len: int = 0
     mtp_context: bool = False
+    mtp_stash: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -77,13 +81,15 @@ class SeqOutput:
 
 @dataclasses.dataclass
 class StepResult:
-    """draft_s: seconds the last stage spent in MTP drafting (the speculation policy's drafting cost)."""
+    """draft_s: seconds the last stage spent in MTP drafting (the speculation policy's drafting cost);
+    draft_rows: the MTP rows it ran in them (stashed pairs fed, settled pairs, then drafts)."""
 
     step_id: int
     microbatch: int
     outputs: list[SeqOutput]
     error: str | None = None
     draft_s: float = 0.0
+    draft_rows: int = 0
 
 
 def _to_plain(obj):

@@ -7,7 +7,7 @@ draft token costs about what a whole decode token does, drafting runs the MTP bl
 sequence, and a fixed k loses to MTP off. No constant table can know where that turn is on a given
 deployment (CPU or GPU, model, pipeline layout), so `AdaptivePolicy` learns it as it runs
 (router/spec_costs.py): the seconds of a pass by token count per batch size, the seconds of drafting per
-MTP row (the last stage times its drafting; rows: each fed sequence's settled tokens, then each draft),
+MTP row (the last stage times its drafting; rows: each drafting sequence's settled tokens, then each draft),
 and each sequence's acceptance per draft position.
 
 Each step it maximises expected tokens per second of a decoding pass of the sequences it plans:
@@ -169,11 +169,12 @@ class AdaptivePolicy:
         gains = {c.seq_id: self._gains(c) for c in cands}
         pinned = [c for c in cands if c.pinned]
         drafts = {c.seq_id: len(gains[c.seq_id]) if c.pinned else 0 for c in cands}
-        fed = sum(1 for c in cands if c.cap > 0)         # MTP rows a drafting pass feeds, one per sequence
+        fed = sum(1 for c in cands if c.cap > 0)         # sequences that could draft
         w0 = sum(drafts.values())                        # drafts there whatever this chooses (pinned)
 
-        def rows(e: float, w: int) -> float:            # MTP rows of a pass with w drafts, e expected tokens
-            return fed + (e - len(cands)) + w if w else 0.0
+        def rows(e: float, w: int) -> float:            # MTP rows of a pass with w drafts, e expected tokens:
+            # only drafting sequences run the block (the others stash); at most one per draft
+            return min(w, fed) + (e - len(cands)) + w if w else 0.0
         # 1. Proposals, in the decoding pass that will verify them.
         n0, e0 = len(cands) + w0, len(cands) + sum(sum(gains[c.seq_id]) for c in pinned)
         incs = sorted((-g, j, c.seq_id) for c in cands if not c.pinned for j, g in enumerate(gains[c.seq_id]))
@@ -293,22 +294,25 @@ def candidates(seqs, limit: int, budget: int, max_model_len: int) -> tuple[list[
 
 
 def feed_mtp(steps, seqs, policy) -> None:
-    """Set SeqStep.mtp_context: MTP sequences feed the MTP block what they settle when it runs for drafts in
-    this pass anyway, and prompts while the policy drafts at all (no gap in its attention when they draft);
-    seeded random sampling always does, as with k every step. When nobody drafts, the block does not run."""
-    drafting = any(s.num_drafts for s in steps)
+    """Set SeqStep.mtp_context / mtp_stash. The MTP block runs for a sequence only in a pass that drafts
+    for it (then it first catches up on the pairs stashed since its last run), for seeded random sampling
+    (always: as with k every step), and for prompt chunks while the policy drafts at all. Every other
+    MTP sequence stashes its settled pairs on the last stage: the block costs nothing while a sequence
+    does not draft, and its attention has no gap when it drafts again."""
+    drafting = getattr(policy, "drafting", True)
     for s in steps:
         seq = seqs[s.seq_id]
         prompt = not s.sample or s.num_tokens > 1 + len(s.drafts)
-        s.mtp_context = seq.num_speculative > 0 and (
-            drafting or pinned(seq) or (prompt and getattr(policy, "drafting", True)))
+        mtp = seq.num_speculative > 0
+        s.mtp_context = mtp and (s.num_drafts > 0 or pinned(seq) or (prompt and drafting))
+        s.mtp_stash = mtp and not s.mtp_context
 
 
 def draft_rows(plan, result) -> int:
-    """MTP rows a pure decode pass drafted over (each fed sequence's settled tokens, then each draft), for
+    """MTP rows a pure decode pass drafted over (stashed and settled pairs fed, then each draft step), for
     the drafting cost; 0 if it drafted nothing or also read prompts (that MTP time counts as token cost)."""
-    drafts = sum(s.num_drafts for s in plan.seqs)
-    if not drafts or any(not s.sample or s.num_tokens != 1 + len(s.drafts) for s in plan.seqs):
+    if not any(s.num_drafts for s in plan.seqs):
         return 0
-    accepted = {o.seq_id: o.num_accepted for o in result.outputs}
-    return drafts + sum(1 + accepted.get(s.seq_id, 0) for s in plan.seqs if s.num_drafts or s.mtp_context)
+    if any(not s.sample or s.num_tokens != 1 + len(s.drafts) for s in plan.seqs):
+        return 0
+    return result.draft_rows
