@@ -31,6 +31,7 @@ from .reference import attention as _ref_attn
 from .reference import conv1d as _ref_conv
 from .reference import moe as _ref_moe
 from .reference import norm as _ref_norm
+from .reference import sampling as _ref_sampling
 from .reference import ssd as _ref_ssd
 from .reference.conv1d import causal_conv1d  # noqa: F401
 from .reference.moe import route  # noqa: F401
@@ -157,6 +158,26 @@ def grouped_experts(x, topk_weights, topk_ids, up, down, *, first_expert=0):
     return _pick("grouped_experts", x)(x, topk_weights, topk_ids, up, down, first_expert=first_expert)
 
 
+def prefill_attention(q, k_cache, v_cache, block_tables, start_positions, cu_seqlens, *, max_seqlen=None):
+    return _pick("prefill_attention", q)(q, k_cache, v_cache, block_tables, start_positions, cu_seqlens,
+                                         max_seqlen=max_seqlen)
+
+
+def verify_greedy(target, draft_tokens, num_drafts):
+    return _pick("verify_greedy", target)(target, draft_tokens, num_drafts)
+
+
+def verify_random(target_probs, draft_probs, draft_tokens, num_drafts, uniforms):
+    return _pick("verify_random", target_probs)(target_probs, draft_probs, draft_tokens, num_drafts, uniforms)
+
+
+def ssd_chunk_scan_varlen(x, dt, A, B, C, D, dt_bias, *, cu_seqlens, chunk_size, initial_states=None,
+                          dt_limit=(0.0, float("inf"))):
+    return _pick("ssd_chunk_scan_varlen", x)(x, dt, A, B, C, D, dt_bias, cu_seqlens=cu_seqlens,
+                                             chunk_size=chunk_size, initial_states=initial_states,
+                                             dt_limit=dt_limit)
+
+
 # ---- HYBRIDSERVE_KERNELS=reference: the references, looped over the sequences of a batched op ---------
 
 def _ref_decode_attention(q, k, v, k_cache, v_cache, block_tables, positions):
@@ -165,6 +186,11 @@ def _ref_decode_attention(q, k, v, k_cache, v_cache, block_tables, positions):
         _ref_attn.write_kv(k_cache, v_cache, k[i:i + 1], v[i:i + 1], table, pos)
         outs.append(_ref_attn.paged_attention(q[i:i + 1], k_cache, v_cache, table, start_pos=pos))
     return torch.cat(outs)
+
+
+def _fast_prefill_attention(q, k_cache, v_cache, block_tables, start_positions, cu_seqlens, *, max_seqlen=None):
+    return _ref_attn.varlen_loop(_fast_attn.paged_attention, q, k_cache, v_cache, block_tables, start_positions,
+                                 cu_seqlens)
 
 
 def _ref_conv_update(x, state, weight, bias, *, activation=True):
@@ -223,6 +249,10 @@ _FAST = {
     "paged_attention": _fast_attn.paged_attention,
     "decode_attention": _fast_attn.decode_attention,
     "grouped_experts": _fast_moe.grouped_experts,
+    "prefill_attention": _fast_prefill_attention,      # the fast per-sequence paged_attention, looped
+    "verify_greedy": _ref_sampling.verify_greedy,       # batched torch already: the reference
+    "verify_random": _ref_sampling.verify_random,
+    "ssd_chunk_scan_varlen": _ref_ssd.ssd_chunk_scan_varlen,  # prefill: no CPU fast path, the reference
 }
 _REFERENCE = {
     **_FAST,                                           # ssd_verify, ssd_state_at, ssd_advance_: the definition
@@ -237,4 +267,6 @@ _REFERENCE = {
     "paged_attention": _ref_attn.paged_attention,
     "decode_attention": _ref_decode_attention,
     "grouped_experts": _ref_moe.grouped_experts,
+    "prefill_attention": _ref_attn.prefill_attention,
+    "ssd_chunk_scan_varlen": _ref_ssd.ssd_chunk_scan_varlen,
 }

@@ -34,10 +34,30 @@ class Attention(nn.Module):
             out.index_copy_(0, rows, ops.decode_attention(
                 q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows), cache.k, cache.v,
                 [s.block_table for s in steps], [s.start_pos for s in steps]))
-        for s in batch.seqs:
-            if len(steps) > 1 and s.num_tokens == 1:
-                continue
+        if len(steps) == 1:                                # a lone decode step: as one sequence
+            s = steps[0]
             rows = slice(s.offset, s.end)
             ops.write_kv(cache.k, cache.v, k[rows], v[rows], s.block_table, s.start_pos)
             out[rows] = ops.paged_attention(q[rows], cache.k, cache.v, s.block_table, start_pos=s.start_pos)
+        multi = [s for s in batch.seqs if s.num_tokens > 1]
+        if multi:                                          # prefill chunks, verification passes: one call
+            for s in multi:
+                ops.write_kv(cache.k, cache.v, k[s.offset:s.end], v[s.offset:s.end], s.block_table, s.start_pos)
+            cu = [0]
+            for s in multi:
+                cu.append(cu[-1] + s.num_tokens)
+            first = multi[0].offset
+            packed = all(s.offset == first + c for s, c in zip(multi, cu))      # rows first..first+cu[-1]-1
+            if packed:
+                rows = slice(first, first + cu[-1])
+            else:
+                rows = torch.cat([torch.arange(s.offset, s.end, device=h.device) for s in multi])
+            tables = (multi[0].block_table[None] if len(multi) == 1 else
+                      torch.nn.utils.rnn.pad_sequence([s.block_table for s in multi], batch_first=True))
+            o = ops.prefill_attention(q[rows], cache.k, cache.v, tables, [s.start_pos for s in multi], cu,
+                                      max_seqlen=max(s.num_tokens for s in multi))
+            if packed:
+                out[rows] = o
+            else:
+                out.index_copy_(0, rows, o)
         return self.o_proj(out.reshape(T, self.H * self.Dh))

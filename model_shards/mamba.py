@@ -75,19 +75,34 @@ class Mamba2Mixer(nn.Module):
             per_call = max(1, SHORT_CHUNK_ELEMENTS // (self.H * group[0].num_tokens ** 2))
             for i in range(0, len(group), per_call):
                 self._prefill_short(group[i:i + per_call], xBC, dt, A, D, dt_bias, conv_w, cache, y)
-        for s in batch.seqs:                               # longer prefill chunks, one sequence at a time
-            if s.keep_states or s.num_tokens == 1 or s.num_tokens <= self.short_chunk:
-                continue
-            rows, slot = slice(s.offset, s.end), s.mamba_slot
-            fresh = s.start_pos == 0
-            xbc, conv_state = ops.causal_conv1d(xBC[rows], conv_w, self.conv1d.bias, None if fresh else cache.conv[slot])
-            x, B, C = self._split_xbc(xbc)
-            ys, ssm_state = ops.ssd_chunk_scan(x, dt[rows], A, B, C, D, dt_bias, chunk_size=cfg.chunk_size,
-                                               initial_state=None if fresh else cache.ssm[slot],
-                                               dt_limit=cfg.time_step_limit)
-            cache.conv[slot] = conv_state.float()
-            cache.ssm[slot] = ssm_state
-            y[rows] = ys.reshape(s.num_tokens, cfg.d_inner).to(h.dtype)
+        longs = [s for s in batch.seqs                     # longer prefill chunks: one chunked scan for all
+                 if not s.keep_states and s.num_tokens > 1 and s.num_tokens > self.short_chunk]
+        if longs:
+            dev, cu, xbcs = h.device, [0], []
+            for s in longs:                                # the conv per sequence (its own window)
+                xbc, conv_state = ops.causal_conv1d(xBC[s.offset:s.end], conv_w, self.conv1d.bias,
+                                                    None if s.start_pos == 0 else cache.conv[s.mamba_slot])
+                cache.conv[s.mamba_slot] = conv_state.float()
+                xbcs.append(xbc)
+                cu.append(cu[-1] + s.num_tokens)
+            one = len(longs) == 1
+            x, B, C = self._split_xbc(xbcs[0] if one else torch.cat(xbcs))
+            dts = dt[longs[0].offset:longs[0].end] if one else torch.cat([dt[s.offset:s.end] for s in longs])
+            slots = torch.tensor([s.mamba_slot for s in longs], device=dev)
+            fresh = [s.start_pos == 0 for s in longs]
+            ssm0 = None                                    # all fresh: zeros
+            if not all(fresh):
+                ssm0 = cache.ssm.index_select(0, slots)
+                if any(fresh):                             # a fresh sequence starts from zeros (no host sync)
+                    keep = torch.tensor([not f for f in fresh], device=dev)
+                    ssm0 = torch.where(keep[:, None, None, None], ssm0, 0.0)
+            ys, ssm_states = ops.ssd_chunk_scan_varlen(
+                x, dts, A, B, C, D, dt_bias, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
+                chunk_size=cfg.chunk_size, initial_states=ssm0, dt_limit=cfg.time_step_limit)
+            cache.ssm.index_copy_(0, slots, ssm_states.to(cache.ssm.dtype))
+            ys = ys.reshape(cu[-1], cfg.d_inner)
+            for s, lo in zip(longs, cu):
+                y[s.offset:s.end] = ys[lo:lo + s.num_tokens]
         return self.out_proj(self.norm(y, z))
 
     def _decode_steps(self, steps, xBC, dt, A, D, dt_bias, conv_w, cache: MambaLayerCache, y) -> None:

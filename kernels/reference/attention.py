@@ -47,3 +47,27 @@ def paged_attention(q, k_cache, v_cache, block_table: torch.Tensor, *, start_pos
     """Queries at positions start_pos.. attend to the cache (which already holds their own k, v)."""
     k, v = gather_kv(k_cache, v_cache, block_table, start_pos + q.shape[0])
     return attention_prefill(q, k, v, start_pos=start_pos)
+
+
+def _ints(x) -> list[int]:
+    return x.tolist() if isinstance(x, torch.Tensor) else [int(v) for v in x]
+
+
+def varlen_loop(attend, q, k_cache, v_cache, block_tables, start_positions, cu_seqlens):
+    """prefill_attention as a loop of a per-sequence paged_attention `attend` (this module's or the fast
+    path's) over the sequences' rows."""
+    out = torch.empty_like(q)
+    cu, starts = _ints(cu_seqlens), _ints(start_positions)
+    for s, start in enumerate(starts):
+        a, b = cu[s], cu[s + 1]
+        if b > a:
+            out[a:b] = attend(q[a:b], k_cache, v_cache, block_tables[s], start_pos=start)
+    return out
+
+
+def prefill_attention(q, k_cache, v_cache, block_tables, start_positions, cu_seqlens, *, max_seqlen=None):
+    """The queries of S sequences, flat: q (T_total, H, Dh); sequence s owns rows cu_seqlens[s]..
+    cu_seqlens[s+1]-1 (cu_seqlens[0] = 0, cu_seqlens[S] = T_total), at positions start_positions[s]..,
+    its k, v already in the cache; block_tables (S, n) int, padded. start_positions (S,), cu_seqlens
+    (S+1,): int tensors or lists. max_seqlen: a hint for the kernels, unused here. Returns (T_total, H, Dh)."""
+    return varlen_loop(paged_attention, q, k_cache, v_cache, block_tables, start_positions, cu_seqlens)

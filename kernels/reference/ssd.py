@@ -108,3 +108,35 @@ def ssd_state_update(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float(
               + decay0.t()[:, :, None, None] * state.float()[None])
     y = torch.einsum("thpn,thn->thp", states, Ch) + D.float()[None, :, None] * xf
     return y.to(x.dtype), states
+
+
+def ssd_chunk_scan_varlen(x, dt, A, B, C, D, dt_bias, *, cu_seqlens, chunk_size: int, initial_states=None,
+                          dt_limit=(0.0, float("inf"))):
+    """ssd_chunk_scan over S sequences packed in one flat batch: sequence s is rows
+    cu_seqlens[s]:cu_seqlens[s+1]; its chunks start at its own first row.
+
+    Shapes (T = T_total, the sum of the lengths):
+      x (T, H, P); dt (T, H); B, C (T, G, N); A, D, dt_bias (H,)
+      cu_seqlens (S+1,) int, cu_seqlens[0] = 0, cu_seqlens[S] = T, non-decreasing (empty sequences allowed)
+      initial_states (S, H, P, N) float32, or None (every sequence starts from zeros)
+    Returns y (T, H, P) in x's dtype and the final states (S, H, P, N) float32 (an empty sequence's:
+    its initial state). The definition: one ssd_chunk_scan per sequence.
+    """
+    T, H, P = x.shape
+    N = B.shape[2]
+    cu = [int(v) for v in cu_seqlens.tolist()]
+    S = len(cu) - 1
+    assert S >= 0 and cu[0] == 0 and cu[-1] == T and all(a <= b for a, b in zip(cu, cu[1:])), cu
+    y = torch.empty_like(x)
+    finals = torch.empty(S, H, P, N, dtype=torch.float32, device=x.device)
+    for s in range(S):
+        lo, hi = cu[s], cu[s + 1]
+        init = None if initial_states is None else initial_states[s]
+        if hi == lo:
+            finals[s] = 0.0 if init is None else init.float()
+            continue
+        ys, fin = ssd_chunk_scan(x[lo:hi], dt[lo:hi], A, B[lo:hi], C[lo:hi], D, dt_bias, chunk_size=chunk_size,
+                                 initial_state=init, dt_limit=dt_limit)
+        y[lo:hi] = ys
+        finals[s] = fin
+    return y, finals

@@ -6,8 +6,12 @@
     conv1d.py     causal depthwise conv1d: one-step update (conv_step, conv_step_), T positions
                   (causal_conv1d_update)
     norm.py       rms_norm, gated_rms_norm
-    attention.py  paged GQA attention: decode_attention, paged_attention; write_kv
+    attention.py  paged GQA attention: decode_attention, paged_attention, prefill_attention (varlen,
+                  S sequences' queries flat); write_kv
+    verify.py     speculative verification of S sequences: verify_greedy, verify_random
     moe.py        the latent MoE's routed experts: grouped_experts (grouped by expert, relu², weighted sum)
+    ssd_prefill.py  the prefill chunked scan over variable-length sequences in one flat batch
+                  (ssd_chunk_scan_varlen)
 
 kernels/ops.py picks these for CUDA tensors (HYBRIDSERVE_KERNELS forces a choice; docs/KERNELS.md).
 Importing this package decorates the kernels: with TRITON_INTERPRET=1 set before that, they run on CPU
@@ -16,6 +20,8 @@ tensors through Triton's interpreter (how tests/unit/kernels/test_triton_kernels
 from __future__ import annotations
 
 from . import attention, conv1d, moe, norm, ssd
+from . import ssd_prefill
+from . import verify
 from ._common import INTERPRET  # noqa: F401
 
 # The ops kernels/ops.py may bind to a Triton kernel, by name.
@@ -34,4 +40,8 @@ OPS = {
     "paged_attention": attention.paged_attention,
     "decode_attention": attention.decode_attention,
     "grouped_experts": moe.grouped_experts,
+    "prefill_attention": attention.prefill_attention,
+    "verify_greedy": verify.verify_greedy,
+    "verify_random": verify.verify_random,
+    "ssd_chunk_scan_varlen": ssd_prefill.ssd_chunk_scan_varlen,
 }

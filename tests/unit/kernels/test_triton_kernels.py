@@ -458,7 +458,8 @@ def test_tiny_model_forward_with_triton_kernels_equals_the_reference_path(monkey
     a Triton kernel fall back to the fast path), then a ragged batch of two decode steps (batched decode
     attention, in-place SSM update over a slot range with a hole: the live mask), a verification pass of
     4 tokens (conv/SSD over T positions, paged attention with 4 queries) and a short prompt chunk; the
-    commit of the verified sequence (ssd_advance_) and one more decode step.
+    commit of the verified sequence (ssd_advance_) and one more decode step; then two prompt chunks longer
+    than a short chunk, continuing from their states (ssd_chunk_scan_varlen, prefill_attention).
     HYBRIDSERVE_KERNELS=triton against =reference: logits of every pass, and every cache."""
     from model_shards.batch import BatchLayout, SeqSlice
     from model_shards.model import HybridModel
@@ -490,6 +491,9 @@ def test_tiny_model_forward_with_triton_kernels_equals_the_reference_path(monkey
             [ids[0][5:6], ids[3][7:8], ids[2][6:10], ids[1][:3]])
         cache.commit(2, 2)
         run([(0, 1, 9, 2, tables[2], False), (1, 1, 6, 0, tables[0], False)], [ids[2][9:10], ids[0][6:7]])
+        more = torch.randint(3, vocab, (19,), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+        run([(0, 10, 7, 0, tables[0], False), (10, 9, 8, 3, tables[3], False)],   # longer than a short chunk:
+            [more[:10], more[10:]])                                           # the varlen chunked scan, prefill attention
         return logits, cache
 
     ref_logits, ref_cache = plan("reference")
