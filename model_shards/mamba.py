@@ -99,9 +99,9 @@ class Mamba2Mixer(nn.Module):
             ys, ssm_states = ops.ssd_chunk_scan_varlen(
                 x, dts, A, B, C, D, dt_bias, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
                 chunk_size=cfg.chunk_size, initial_states=ssm0, dt_limit=cfg.time_step_limit)
-            cache.ssm.index_copy_(0, slots, ssm_states.to(cache.ssm.dtype))
             ys = ys.reshape(cu[-1], cfg.d_inner)
-            for s, lo in zip(longs, cu):
+            for i, (s, lo) in enumerate(zip(longs, cu)):   # per slot (training backpropagates through these)
+                cache.ssm[s.mamba_slot] = ssm_states[i]
                 y[s.offset:s.end] = ys[lo:lo + s.num_tokens]
         return self.out_proj(self.norm(y, z))
 
