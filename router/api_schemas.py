@@ -2,9 +2,9 @@
 
 Fields follow the OpenAI API plus vLLM's extensions that clients already send (`top_k`, `min_tokens`,
 `ignore_eos`, `stop_token_ids`, `skip_special_tokens`, `return_token_ids`). Unknown fields are
-ignored, as OpenAI-compatible servers do (SDKs send things like `user` or `parallel_tool_calls`).
-Features we do not implement (logprobs, tools, n > 1) fail with a 400 that names the field
-instead of being silently ignored: a client relying on them must know.
+ignored, as OpenAI-compatible servers do (SDKs send things like `user`). Tools, tool_choice and
+chat_template_kwargs are in `tool_schemas.py`. Features we do not implement (logprobs, n > 1) fail with a
+400 that names the field instead of being silently ignored: a client relying on them must know.
 
 Every field is range-checked here (`LIMITS`), so no value reaches the engine that a plan cannot carry
 (see model_shards/sampling_params.py); a 400 names the field and the limit. The limits are OpenAI's
@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from model_shards.sampling_params import INT32_MAX, MAX_STOP_TOKEN_IDS, SamplingParams, bound_text, show_value
 
 from .errors import InvalidRequest, Unsupported
+from .tool_schemas import TemplateInputs, ToolCall, ToolChoice, template_tool_calls
 
 MAX_STOP_STRINGS = 4                  # OpenAI's limit ("up to 4 sequences"); each is searched in every delta
 MAX_STOP_STRING_CHARS = 1024          # the stream holds back this many characters
@@ -102,6 +103,7 @@ class ChatMessage(_Body):
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None        # an assistant's earlier calls
 
     def check(self, i: int) -> None:
         """OpenAI's rules for message i beyond the types: content (null only for an assistant), text parts
@@ -122,6 +124,7 @@ class ChatMessage(_Body):
         if self.role == "tool" and self.tool_call_id is None:
             raise InvalidRequest(f"messages[{i}].tool_call_id: field required in a 'tool' message",
                                  param=f"messages[{i}].tool_call_id")
+        template_tool_calls(self.role, self.tool_calls, i)        # only an assistant's; arguments JSON objects
 
     def text(self) -> str:
         if self.content is None:
@@ -130,9 +133,11 @@ class ChatMessage(_Body):
             return self.content
         return "".join(p.text or "" for p in self.content)
 
-    def for_template(self) -> dict:
+    def for_template(self, i: int = 0) -> dict:
         """`developer` is OpenAI's newer name for `system`: templates only know the latter."""
         out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = template_tool_calls(self.role, self.tool_calls, i)
         if self.name:
             out["name"] = self.name
         if self.tool_call_id is not None:
@@ -140,8 +145,8 @@ class ChatMessage(_Body):
         return out
 
 
-class ChatMessages(_Body):
-    """`messages` and what follows from them, shared by chat completions and chat /tokenize."""
+class ChatMessages(TemplateInputs, _Body):
+    """`messages` and what the template gets with them, shared by chat completions and chat /tokenize."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
@@ -153,7 +158,7 @@ class ChatMessages(_Body):
         return self
 
     def chat_messages(self) -> list[dict]:
-        return [m.for_template() for m in self.messages]
+        return [m.for_template(i) for i, m in enumerate(self.messages)]
 
 
 class _GenerationBody(_Body):
@@ -253,7 +258,8 @@ class ChatCompletionRequest(ChatMessages, _GenerationBody):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[dict] | None = None
+    tool_choice: ToolChoice = None                  # checked in tool_schemas.check_tool_use
+    parallel_tool_calls: bool | None = None
     response_format: dict | None = None
 
     def requested_max_tokens(self) -> int | None:
@@ -263,8 +269,6 @@ class ChatCompletionRequest(ChatMessages, _GenerationBody):
         super().check_supported()
         if self.logprobs:
             raise Unsupported("logprobs: not supported by this server", param="logprobs")
-        if self.tools:
-            raise Unsupported("tools: tool calling is not supported by this server", param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise Unsupported("response_format: only {'type': 'text'} is supported", param="response_format")
 

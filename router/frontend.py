@@ -19,12 +19,14 @@ from model_shards.sampling_params import SamplingParams
 
 from .api_schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
                           TokenizeCompletionRequest)
+from .chat_output import ChatParsing, chat_parsing, check_parser_names
 from .detokenizer import TextStream
 from .errors import (APIError, AuthenticationError, ContextLengthExceeded, InternalError, InvalidRequest,
                      ModelNotFound, Unavailable)
 from .metrics import Metrics
 from .request_stream import RequestStream
 from .tokenizer import BaseTokenizer, ChatTemplateError
+from .tool_schemas import check_tool_use
 
 log = logging.getLogger("hybridserve.requests")
 
@@ -61,6 +63,7 @@ class Prepared:
     stop: list[str]
     skip_special_tokens: bool = True
     echo_text: str = ""             # completions with echo=True
+    parsing: ChatParsing | None = None   # chat: reasoning / tool-call parsing of the output (HTTP responses)
 
 
 @dataclasses.dataclass
@@ -78,13 +81,17 @@ def new_request_id(kind: str) -> str:
 
 class Frontend:
     """`tokenizer` and `info` may arrive later (`set_model`): the Ray Serve ingress answers /health
-    while model replicas still load weights; until then generation requests get 503 + Retry-After."""
+    while model replicas still load weights; until then generation requests get 503 + Retry-After.
+    `reasoning_parser` / `tool_call_parser`: `--reasoning-parser` / `--tool-call-parser` (chat_output.py)."""
 
     def __init__(self, backend, tokenizer: BaseTokenizer | None, info: ModelInfo | None, *,
                  served_model_name: str | None = None, aliases: tuple[str, ...] = (), api_key: str | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, reasoning_parser: str | None = None,
+                 tool_call_parser: str | None = None):
         if served_model_name is None and info is None:
             raise ValueError("served_model_name is needed when the model info comes later")
+        check_parser_names(reasoning_parser, tool_call_parser)
+        self.reasoning_parser, self.tool_call_parser = reasoning_parser, tool_call_parser
         self.backend = backend
         self.tokenizer = tokenizer
         self.info = info
@@ -153,8 +160,12 @@ class Frontend:
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         model = self.check_model(req.model)
         req.check_supported()
+        check_tool_use(req, self.tool_call_parser)
         self.check_accepting()
-        return self._prepared("chat", model, req, self._encode_chat(req), "messages")
+        ids, text = self._encode_chat(req)
+        prep = self._prepared("chat", model, req, ids, "messages")
+        prep.parsing = chat_parsing(req, text, self.reasoning_parser, self.tool_call_parser)
+        return prep
 
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
         model = self.check_model(req.model)
@@ -218,7 +229,7 @@ class Frontend:
         self.check_model(req.model)
         self._check_tokenizer()
         if isinstance(req, TokenizeChatRequest):
-            ids = self._encode_chat(req)
+            ids, _ = self._encode_chat(req)
         else:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         out = {"count": len(ids), "max_model_len": self.info.max_model_len, "tokens": ids}
@@ -239,12 +250,15 @@ class Frontend:
         if not self.loaded:
             raise Unavailable("the model is still loading; retry shortly", retry_after_s=5)
 
-    def _encode_chat(self, req) -> list[int]:
+    def _encode_chat(self, req) -> tuple[list[int], str]:
+        """The prompt ids of a chat request and the rendered template they are the tokens of."""
         try:
-            return self.tokenizer.encode_chat(req.chat_messages(), req.add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(req.chat_messages(), req.add_generation_prompt,
+                                                      **req.template_kwargs())
         except ChatTemplateError as e:
             raise InvalidRequest(str(e) if str(e).startswith("messages") else f"messages: {e}",
                                  param="messages") from None
+        return self.tokenizer.encode_rendered(text), text
 
     # ---- running -------------------------------------------------------------------------------
     async def start(self, request_id: str, prep: Prepared, route: str, t_arrival: float | None = None

@@ -250,8 +250,11 @@ async def _collect(fe: Frontend, gen: Generation, req, kind: str) -> dict:
     tok = ids if req.return_token_ids else None
     ptok = gen.prep.prompt_ids if req.return_token_ids else None
     if kind == "chat":
+        message = None
+        if gen.prep.parsing is not None:          # reasoning_content / tool_calls (chat_output.py)
+            message, finish = gen.prep.parsing.new().message(out, finish)
         return R.chat_response(gen.request_id, int(time.time()), gen.prep.model, out, finish, gen.prompt_tokens,
-                               gen.completion_tokens, tok, ptok, gen.prediction_tokens)
+                               gen.completion_tokens, tok, ptok, gen.prediction_tokens, message)
     return R.completion_response(gen.request_id, int(time.time()), gen.prep.model, gen.prep.echo_text + out, finish,
                                  gen.prompt_tokens, gen.completion_tokens, tok, ptok, gen.prediction_tokens)
 
@@ -261,12 +264,16 @@ async def _stream(fe: Frontend, gen: Generation, req, kind: str):
     include_usage = req.include_usage
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     want_ids = req.return_token_ids
+    parser = gen.prep.parsing.new() if kind == "chat" and gen.prep.parsing is not None else None
 
-    def chunk(text: str, finish: str | None, ids: list[int] | None, role: bool = False) -> bytes:
+    def chunk(text: str, finish: str | None, ids: list[int] | None, role: bool = False,
+              delta: dict | None = None) -> bytes:
         u = R.usage(gen.prompt_tokens, gen.completion_tokens) if continuous else None
         tok = ids if want_ids else None
         if kind == "chat":
-            delta = {"role": "assistant", "content": text} if role else ({"content": text} if text or not finish else {})
+            if delta is None:
+                delta = {"role": "assistant", "content": text} if role else \
+                    ({"content": text} if text or not finish else {})
             return R.sse(R.chat_chunk(rid, created, model, delta, finish, tok, u, include_usage))
         return R.sse(R.completion_chunk(rid, created, model, text, finish, tok, u, include_usage))
 
@@ -276,7 +283,14 @@ async def _stream(fe: Frontend, gen: Generation, req, kind: str):
         elif gen.prep.echo_text:
             yield chunk(gen.prep.echo_text, None, [] if want_ids else None)
         async for d in gen:
-            if d.text or d.finish_reason or (want_ids and d.token_ids):
+            if parser is not None:          # reasoning / tool-call deltas: maybe several, maybe none yet
+                deltas, finish = parser.step(d.text, d.finish_reason)
+                if not deltas and (finish or (want_ids and d.token_ids)):
+                    deltas = [{}]
+                for i, delta in enumerate(deltas):
+                    last = i == len(deltas) - 1
+                    yield chunk("", finish if last else None, d.token_ids if i == 0 else [], delta=delta)
+            elif d.text or d.finish_reason or (want_ids and d.token_ids):
                 yield chunk(d.text, d.finish_reason, d.token_ids)
         if include_usage:
             obj = "chat.completion.chunk" if kind == "chat" else "text_completion"

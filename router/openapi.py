@@ -61,14 +61,25 @@ def _choice(required: dict, optional: dict | None = None) -> dict:
     return {"type": "object", "required": ["index", *required, "logprobs", "finish_reason"], "properties": props}
 
 
+# --reasoning-parser / --tool-call-parser (chat_output.py): content null beside reasoning or tool calls.
+_STR = {"type": "string"}
+_FUNCTION = {"type": "object", "required": ["name", "arguments"], "properties": {"name": _STR, "arguments": _STR}}
+_TOOL_CALL = {"type": "object", "required": ["id", "type", "function"],
+              "properties": {"id": _STR, "type": {"const": "function"}, "function": _FUNCTION}}
+_TOOL_CALL_DELTA = {"type": "object", "required": ["index"],
+                    "properties": {"index": _INT, "id": _STR, "type": {"const": "function"},
+                                   "function": {"type": "object", "properties": {"name": _STR, "arguments": _STR}}}}
+
 RESPONSE_SCHEMAS = {
     "ChatCompletion": _envelope("chat.completion", _choice({"message": {
         "type": "object", "required": ["role", "content"],
-        "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}})),
+        "properties": {"role": {"const": "assistant"}, "content": _nullable(_STR),
+                       "reasoning_content": _nullable(_STR), "tool_calls": {"type": "array", "items": _TOOL_CALL}}}})),
     "Completion": _envelope("text_completion", _choice({"text": {"type": "string"}},
                                                        {"prompt_token_ids": _TOKEN_IDS})),
     "ChatCompletionChunk": _envelope("chat.completion.chunk", _choice({"delta": {
-        "type": "object", "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}), chunk=True),
+        "type": "object", "properties": {"role": {"const": "assistant"}, "content": _STR, "reasoning_content": _STR,
+                                         "tool_calls": {"type": "array", "items": _TOOL_CALL_DELTA}}}}), chunk=True),
     "CompletionChunk": _envelope("text_completion", _choice({"text": {"type": "string"}}), chunk=True),
     "Model": {"type": "object", "required": ["id", "object", "created", "owned_by"],
               "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},

@@ -48,8 +48,11 @@ def _chunk(rid: str, created: int, model: str, obj: str, choice: dict, usage_: d
 
 def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
                   completion_tokens: int, token_ids: list[int] | None = None,
-                  prompt_token_ids: list[int] | None = None, predictions: tuple[int, int] | None = None) -> dict:
-    choice = _with_token_ids({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  prompt_token_ids: list[int] | None = None, predictions: tuple[int, int] | None = None,
+                  message: dict | None = None) -> dict:
+    """`message`: instead of `{"role": "assistant", "content": text}` (with reasoning_content / tool_calls)."""
+    message = message if message is not None else {"role": "assistant", "content": text}
+    choice = _with_token_ids({"index": 0, "message": message, "logprobs": None,
                               "finish_reason": finish_reason}, token_ids)
     body = _envelope(rid, created, model, "chat.completion", [choice])
     body["usage"] = usage(prompt_tokens, completion_tokens, predictions)

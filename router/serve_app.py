@@ -72,6 +72,8 @@ class ServeConfig:
     replica_num_gpus: float | None = None  # GPUs a model replica itself asks for; None: 1 at pp*ep == 1 on a GPU cluster
     torch_threads: int | None = None     # per model replica; None: cores / max_replicas
     log_level: str = "INFO"
+    reasoning_parser: str | None = None  # --reasoning-parser / --tool-call-parser: chat output (chat_output.py)
+    tool_call_parser: str | None = None
 
     def autoscaling_config(self) -> dict:
         cfg = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
@@ -307,7 +309,8 @@ class Ingress:
             from .engine_config import DEFAULT_CHECKPOINT
             aliases += (DEFAULT_CHECKPOINT.name,)
         self.fe = Frontend(ServeBackend(model_handle, self.hub), None, None, served_model_name=name, aliases=aliases,
-                           api_key=cfg.api_key)
+                           api_key=cfg.api_key, reasoning_parser=cfg.reasoning_parser,
+                           tool_call_parser=cfg.tool_call_parser)
         self.grpc = self.http = None
         if cfg.http_server == "ingress":
             from .http_app import build_app

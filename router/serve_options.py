@@ -10,6 +10,9 @@ import argparse
 import json
 import os
 
+from .reasoning_parser import REASONING_PARSERS
+from .tool_call_parser import TOOL_CALL_PARSERS
+
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a model over OpenAI-compatible HTTP and gRPC",
@@ -82,6 +85,15 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     n.add_argument("--log-level", default=os.environ.get("HYBRIDSERVE_LOG_LEVEL", "INFO"),
                    help="our log level (env HYBRIDSERVE_LOG_LEVEL); INFO shows one line per request")
     n.add_argument("--app-name", default="hybridserve", help="Ray Serve application name")
+    c = s.add_argument_group("chat output (vLLM's parsers; docs/SERVING.md)")
+    c.add_argument("--reasoning-parser", choices=tuple(REASONING_PARSERS), default=None,
+                   help="return <think>...</think> text of chat completions as reasoning_content (default: none, "
+                        "all text is content)")
+    c.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                   help="enable `tools` with tool_choice auto: Qwen3-Coder / Nemotron 3 XML tool calls in the "
+                        "output become tool_calls (default: none, a request with tools is a 400)")
+    c.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM command lines: auto tool choice is on whenever --tool-call-parser is set")
     return s
 
 
@@ -122,6 +134,9 @@ def serve_args_from_dict(options: dict) -> argparse.Namespace:
         elif isinstance(action, argparse._StoreFalseAction):      # --no-draft-vocab: draft_vocab=False
             if value is False or value is None:
                 argv.append(opt)
+        elif isinstance(action, argparse._StoreTrueAction):       # --enable-auto-tool-choice
+            if value:
+                argv.append(opt)
         elif isinstance(value, bool):
             raise ValueError(f"{key}: expected a value, got {value}")
         elif value is not None:
@@ -146,6 +161,8 @@ def serve_config_from_args(args):
     engine.validate()
     if not 0.0 < args.target_kv_cache_usage <= 1.0:
         raise ValueError(f"--target-kv-cache-usage: must be in (0, 1], got {args.target_kv_cache_usage}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice: needs --tool-call-parser")
     if not 1 <= args.min_replicas <= args.max_replicas:
         raise ValueError(f"--min-replicas/--max-replicas: need 1 <= min ({args.min_replicas}) <= max "
                          f"({args.max_replicas})")
@@ -156,5 +173,5 @@ def serve_config_from_args(args):
                        autoscaling_policy=args.autoscaling_policy, target_kv_cache_usage=args.target_kv_cache_usage,
                        autoscaling_overrides=args.autoscaling_config, max_body_bytes=args.max_request_body_bytes,
                        torch_threads=args.torch_threads, log_level=args.log_level.upper(),
-                       replica_num_gpus=args.replica_num_gpus,
-                       http_server=args.http_server)
+                       replica_num_gpus=args.replica_num_gpus, http_server=args.http_server,
+                       reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser)

@@ -68,8 +68,9 @@ def render_chat_template(source: str, messages: list[dict], add_generation_promp
                                                 **extra)
     except ChatTemplateError:
         raise
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"messages: the chat template failed: {e}") from e
+    except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
+        # what a request's messages, tools or chat_template_kwargs can make a template do: a 400, not a 500
+        raise ChatTemplateError(f"messages: the chat template failed: {type(e).__name__}: {e}") from e
 
 
 class BaseTokenizer:
@@ -91,13 +92,18 @@ class BaseTokenizer:
         """Each id's own text (vLLM's `return_token_strs`); special tokens included."""
         return [self.decode([t], skip_special_tokens=False) for t in ids]
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """`kwargs`: more template variables (`tools`, a request's `chat_template_kwargs` such as
+        `enable_thinking`); they cannot replace `bos_token` / `eos_token`."""
         return render_chat_template(self.chat_template, messages, add_generation_prompt,
-                                    bos_token=self.bos_token, eos_token=self.eos_token)
+                                    **{**kwargs, "bos_token": self.bos_token, "eos_token": self.eos_token})
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         """Render the template and tokenize; BOS added only when the template does not write it."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        return self.encode_rendered(self.apply_chat_template(messages, add_generation_prompt, **kwargs))
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Ids of a rendered chat template."""
         add_bos = not (self.bos_token and text.startswith(self.bos_token))
         return self.encode(text, add_special_tokens=add_bos)
 

@@ -43,7 +43,8 @@ def test_body_must_be_an_object():
 
 @pytest.mark.parametrize("extra, field", [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"),
                                           ({"best_of": 2}, "best_of"),
-                                          ({"tools": [{"type": "function"}]}, "tools")])
+                                          # without --tool-call-parser (tool definitions: test_tool_call_parser.py)
+                                          ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")])
 def test_unsupported_features_are_clear_400s(extra, field):
     with pytest.raises(Unsupported) as e:
         frontend().prepare_chat(parse_body(ChatCompletionRequest, {**CHAT, **extra}))
