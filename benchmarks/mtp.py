@@ -73,6 +73,7 @@ async def speed(engine, prompts, max_tokens: int, rounds: dict[int, int]):
             await run_batch(engine, prompts[:n], SamplingParams(max_tokens=16, ignore_eos=True), _mode(engine, mode),
                             f"warm{n}-{mode}-")
         tokens, seconds = dict.fromkeys(MODES, 0), dict.fromkeys(MODES, 0.0)
+        per_round: dict[str, list[float]] = {m: [] for m in MODES}
         a_steps = a_drafts = a_passes = a_accepted = 0
         for r in range(rounds[n]):
             # Each round another batch of n prompts; the modes run back to back on it, in reverse order
@@ -85,6 +86,7 @@ async def speed(engine, prompts, max_tokens: int, rounds: dict[int, int]):
                 toks, secs, outs[mode] = await run_batch(engine, batch, greedy, k, f"n{n}-r{r}-{mode}-")
                 tokens[mode] += toks
                 seconds[mode] += secs
+                per_round[mode].append(toks / secs)
                 if mode == "adaptive":
                     after = engine.stats()
                     hist = [b - a for a, b in zip(before.drafts_per_seq, after.drafts_per_seq)]
@@ -94,9 +96,18 @@ async def speed(engine, prompts, max_tokens: int, rounds: dict[int, int]):
                     a_accepted += sum(after.accepted_per_position) - sum(before.accepted_per_position)
             identical &= all(outs[m] == outs["off"] for m in MODES)
         rate = {m: tokens[m] / seconds[m] for m in MODES}
+        ratios = [a / o for a, o in zip(per_round["adaptive"], per_round["off"])]
         rows.append([n, rate["off"]] + [rate[m] / rate["off"] for m in MODES[1:]]
-                    + [a_drafts / max(a_steps, 1), 1.0 + a_accepted / max(a_passes, 1)])
+                    + [f"{min(ratios):.3f}-{max(ratios):.3f}", noise(per_round["off"]),
+                       a_drafts / max(a_steps, 1), 1.0 + a_accepted / max(a_passes, 1)])
     return rows, identical
+
+
+def noise(rates: list[float]) -> str:
+    """The run's own noise: MTP off's per-round tok/s spread, (max - min) / mean, as a +-half-width."""
+    if len(rates) < 2:
+        return "n/a (1 round)"
+    return f"+-{(max(rates) - min(rates)) / 2 / (sum(rates) / len(rates)):.1%}"
 
 
 async def run(args):
@@ -144,7 +155,8 @@ async def run(args):
 
 
 SPEED_HEADERS = ["concurrent sequences", "tok/s MTP off", "k=1", "k=2", "k=3", "k=4", "adaptive",
-                 "adaptive: drafts per seq per step", "adaptive: acceptance length"]
+                 "adaptive / off, per round (min-max)", "noise: MTP off per round", "adaptive: drafts per seq per step",
+                 "adaptive: acceptance length"]
 
 
 def main() -> None:
@@ -182,6 +194,8 @@ def main() -> None:
             "every step (`--speculative-policy fixed`), and the adaptive policy with at most 3 drafts (the default "
             "`--num-speculative-tokens auto --speculative-policy adaptive`; router/spec_policy.py), with the drafts it "
             "chose per sequence per step and its acceptance length (1 + accepted / passes that verified drafts). "
+            "The noise columns: adaptive over MTP off in each round (the two run back to back on the same prompts), "
+            "and MTP off's own round-to-round spread (half the range, over the mean). "
             "All modes in one engine, back to back on the same batch of prompts each round (reversed every other "
             "round); before the timed rounds at each concurrency every mode runs once, untimed, on 16 tokens.\n\n"
             f"Single process ({rounds_text(r)}):\n\n" + table(SPEED_HEADERS, local_rows)
