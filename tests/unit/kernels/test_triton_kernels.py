@@ -17,11 +17,10 @@ several blocks along each tiled axis, block sizes below and at the key tile.
 from __future__ import annotations
 
 import math
-import os
-import random
 
 import pytest
 import torch
+from tests.kernel_inputs import nonzero
 
 pytest.importorskip("triton", reason="triton is not installed (pyproject installs it on Linux only)")
 
@@ -34,7 +33,6 @@ from kernels.reference import conv1d as ref_conv  # noqa: E402
 from kernels.reference import moe as ref_moe  # noqa: E402
 from kernels.reference import norm as ref_norm  # noqa: E402
 from kernels.reference import ssd as ref_ssd  # noqa: E402
-from kernels.triton import _common  # noqa: E402
 from kernels.triton import attention as tri_attn  # noqa: E402
 from kernels.triton import conv1d as tri_conv  # noqa: E402
 from kernels.triton import moe as tri_moe  # noqa: E402
@@ -55,20 +53,12 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 STATE_TOL = dict(atol=1e-4, rtol=1e-4)     # float32 states, summed in another order
 
 
-@pytest.fixture
-def seed(request):
-    s = int(os.environ.get("HYBRIDSERVE_TEST_SEED") or random.SystemRandom().randrange(2 ** 31))
-    print(f"{request.node.nodeid}: seed {s} (replay: HYBRIDSERVE_TEST_SEED={s})")
-    return s
-
-
 @pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(_common, "POISON", True)
+def poisoned_outputs(poison_triton_outputs):
+    """Every test here runs with the wrappers' outputs NaN-filled first (conftest.py)."""
 
 
-def _nonzero(t: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
-    return torch.where(t >= 0, t.clamp_min(floor), t.clamp_max(-floor))
+_nonzero = nonzero
 
 
 def _rand(g, *shape, scale=1.0, dtype=torch.float32):

@@ -13,11 +13,10 @@ several query tiles and key tiles.
 from __future__ import annotations
 
 import math
-import os
-import random
 
 import pytest
 import torch
+from tests.kernel_inputs import nonzero
 
 pytest.importorskip("triton", reason="triton is not installed (pyproject installs it on Linux only)")
 
@@ -25,7 +24,6 @@ from kernels import ops  # noqa: E402
 from kernels import triton as tk  # noqa: E402
 from kernels.fast import attention as fast_attn  # noqa: E402
 from kernels.reference import attention as ref_attn  # noqa: E402
-from kernels.triton import _common  # noqa: E402
 from kernels.triton import attention as tri_attn  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not tk.INTERPRET
@@ -49,20 +47,12 @@ shape_ids = lambda s: "H{}-Hkv{}-Dh{}-bs{}".format(*s)  # noqa: E731
 SEQS = [(0, 19), (7, 1), (30, 5), (2, 11), (5, 0), (13, 7)]
 
 
-@pytest.fixture
-def seed(request):
-    s = int(os.environ.get("HYBRIDSERVE_TEST_SEED") or random.SystemRandom().randrange(2 ** 31))
-    print(f"{request.node.nodeid}: seed {s} (replay: HYBRIDSERVE_TEST_SEED={s})")
-    return s
-
-
 @pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(_common, "POISON", True)
+def poisoned_outputs(poison_triton_outputs):
+    """Every test here runs with the wrappers' outputs NaN-filled first (conftest.py)."""
 
 
-def _nonzero(t: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
-    return torch.where(t >= 0, t.clamp_min(floor), t.clamp_max(-floor))
+_nonzero = nonzero
 
 
 def _close(actual, expected, dtype, what=""):

@@ -12,18 +12,16 @@ a power of two of the kernel's 16-wide tile; initial states for all, some (other
 """
 from __future__ import annotations
 
-import os
-import random
 
 import pytest
 import torch
+from tests.kernel_inputs import nonzero
 
 pytest.importorskip("triton", reason="triton is not installed (pyproject installs it on Linux only)")
 
 from kernels import ops  # noqa: E402
 from kernels import triton as tk  # noqa: E402
 from kernels.reference import ssd as ref_ssd  # noqa: E402
-from kernels.triton import _common  # noqa: E402
 from kernels.triton import ssd_prefill as tri  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not tk.INTERPRET
@@ -51,20 +49,12 @@ def lengths(cs: int) -> list[int]:
     return [1, cs - 3, 0, cs, 3 * cs + 3, 2]
 
 
-@pytest.fixture
-def seed(request):
-    s = int(os.environ.get("HYBRIDSERVE_TEST_SEED") or random.SystemRandom().randrange(2 ** 31))
-    print(f"{request.node.nodeid}: seed {s} (replay: HYBRIDSERVE_TEST_SEED={s})")
-    return s
-
-
 @pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(_common, "POISON", True)
+def poisoned_outputs(poison_triton_outputs):
+    """Every test here runs with the wrappers' outputs NaN-filled first (conftest.py)."""
 
 
-def _nonzero(t: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
-    return torch.where(t >= 0, t.clamp_min(floor), t.clamp_max(-floor))
+_nonzero = nonzero
 
 
 def _rand(g, *shape, scale=1.0, dtype=torch.float32):

@@ -11,8 +11,6 @@ vocabularies read in blocks of 4 (several blocks, a ragged last one), and one de
 """
 from __future__ import annotations
 
-import os
-import random
 
 import pytest
 import torch
@@ -22,7 +20,6 @@ pytest.importorskip("triton", reason="triton is not installed (pyproject install
 from kernels import ops  # noqa: E402
 from kernels import triton as tk  # noqa: E402
 from kernels.reference import sampling as ref  # noqa: E402
-from kernels.triton import _common  # noqa: E402
 from kernels.triton import verify as tri  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not tk.INTERPRET
@@ -38,16 +35,9 @@ CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7:
 TV_MAX = 0.02
 
 
-@pytest.fixture
-def seed(request):
-    s = int(os.environ.get("HYBRIDSERVE_TEST_SEED") or random.SystemRandom().randrange(2 ** 31))
-    print(f"{request.node.nodeid}: seed {s} (replay: HYBRIDSERVE_TEST_SEED={s})")
-    return s
-
-
 @pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(_common, "POISON", True)
+def poisoned_outputs(poison_triton_outputs):
+    """Every test here runs with the wrappers' outputs NaN-filled first (conftest.py)."""
 
 
 def _dists(g, *shape, sharp=2.0, dtype=torch.float32):
