@@ -87,7 +87,7 @@ class StageActor:
         keeps up to 100k of them for the dashboard, and a pass per few milliseconds made the GCS
         process grow by ~30 MiB a minute under load (benchmarks/soak.py).
         """
-        from router.contracts import decode_plan, encode
+        from cluster.contracts import decode_plan, encode
 
         plan = decode_plan(plan_bytes)
         if self.transport is not None and not self.worker.model.first:

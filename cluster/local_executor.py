@@ -7,7 +7,7 @@ import concurrent.futures
 import torch
 
 from model_shards.weights import load_checkpoint
-from router.contracts import StepPlan, StepResult
+from cluster.contracts import StepPlan, StepResult
 
 from .worker import StageWorker
 

@@ -27,7 +27,7 @@ import math
 from typing import Callable
 
 from model_shards.config import ATTENTION, MAMBA, MLP, MOE, ModelConfig
-from router.block_manager import kv_positions
+from cluster.contracts import kv_positions
 
 from .cost_model import (DTYPE_BYTES, LayerCost, PlanError, _embedding, _head, _mtp,  # noqa: F401
                          draft_dtype_bytes, drafter_bytes, kv_block_bytes_per_layer, layer_cost, layer_costs,

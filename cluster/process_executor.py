@@ -24,7 +24,7 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from router.contracts import StepPlan, StepResult, decode_plan, decode_result, encode
+from cluster.contracts import StepPlan, StepResult, decode_plan, decode_result, encode
 
 log = logging.getLogger("hybridserve.worker")
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from model_shards.weights import read_config
-from router.contracts import StepPlan, StepResult, decode_result, encode
+from cluster.contracts import StepPlan, StepResult, decode_result, encode
 
 from .actors import ExpertShardActor, StageActor
 from .planner import format_plan

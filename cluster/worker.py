@@ -16,7 +16,7 @@ from model_shards.drafter import resolve_draft_dtype
 from model_shards.model import HybridModel
 from model_shards.sampling_params import SamplingParams
 from model_shards.tail import DraftStore, TailRequest, run_tail
-from router.contracts import SeqOutput, StepPlan, StepResult
+from cluster.contracts import SeqOutput, StepPlan, StepResult
 
 log = logging.getLogger("hybridserve.worker")
 

@@ -2,7 +2,7 @@
 
 The limits below are the ones every front door checks and `SamplingParams.validate()` enforces again at
 the engine: one request with a value a plan cannot carry must be a 400 for that request, not a failed
-pass for every request in flight. Plans cross processes as msgpack (`router/contracts.py`), which
+pass for every request in flight. Plans cross processes as msgpack (`cluster/contracts.py`), which
 carries integers in [-2**63, 2**64-1] only, and `torch.Generator.manual_seed` takes the same range.
 """
 from __future__ import annotations

@@ -17,6 +17,7 @@ import random
 import time
 from typing import AsyncIterator
 
+from cluster.executor import Executor
 from model_shards.sampling_params import SamplingParams
 from model_shards.weights import read_config
 
@@ -31,7 +32,7 @@ from .spec_policy import AdaptivePolicy, FixedPolicy, draft_rows
 log = logging.getLogger("hybridserve.engine")
 
 
-def make_executor(config: EngineConfig, folder, plan, num_blocks: int, num_slots: int):
+def make_executor(config: EngineConfig, folder, plan, num_blocks: int, num_slots: int) -> Executor:
     kw = dict(num_blocks=num_blocks, block_size=config.block_size, num_slots=num_slots,
               max_verify_positions=config.num_speculative_tokens + 1, draft_dtype=config.draft_dtype,
               draft_vocab=config.draft_vocab, dtype=config.dtype)
@@ -47,7 +48,7 @@ def make_executor(config: EngineConfig, folder, plan, num_blocks: int, num_slots
                        stage_resources=config.stage_resources, transport=config.transport, **kw)
 
 
-def _pass(executor, plan):
+def _pass(executor: Executor, plan):
     """The pass's awaitable, its work started now: executors send the plan (to a thread, a child process,
     the stage actors) when called, so the model computes while this loop streams the last pass's
     tokens. A synchronous failure to send is that pass's failure, like any other."""
@@ -66,7 +67,7 @@ def _pass(executor, plan):
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, executor=None):
+    def __init__(self, config: EngineConfig, executor: Executor | None = None):
         config.validate()
         self.folder = resolve_checkpoint(config.model, config.seed)
         self.model_config = read_config(self.folder)

@@ -121,10 +121,10 @@ class EngineConfig:
 
     def kv_blocks(self) -> int:
         """The override, else room for max_num_seqs sequences of max_model_len tokens each, counted as
-        the scheduler counts them (MTP drafting positions included: router.block_manager.kv_positions)."""
+        the scheduler counts them (MTP drafting positions included: cluster.contracts.kv_positions)."""
         if self.num_kv_blocks:
             return self.num_kv_blocks
-        from .block_manager import kv_positions
+        from cluster.contracts import kv_positions
 
         per_seq = math.ceil(kv_positions(self.max_model_len, self.max_speculative_tokens) / self.block_size)
         return self.max_num_seqs * per_seq

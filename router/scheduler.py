@@ -28,10 +28,10 @@ import dataclasses
 import logging
 from typing import Iterable
 
+from cluster.contracts import SeqOutput, SeqStep, StepPlan, StepResult, kv_positions
 from model_shards.sampling_params import check_stop, drafts_to_verify
 
-from .block_manager import BlockManager, kv_positions
-from .contracts import SeqOutput, SeqStep, StepPlan, StepResult
+from .block_manager import BlockManager
 from .outputs import RequestOutput
 from .sequence import InFlight, SeqStatus, Sequence
 from .spec_policy import Choice, FixedPolicy, candidates, feed_mtp, pinned

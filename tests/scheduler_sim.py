@@ -18,7 +18,7 @@ import random
 
 from model_shards.sampling_params import SamplingParams
 from router.block_manager import BlockManager
-from router.contracts import SeqOutput, StepPlan, StepResult
+from cluster.contracts import SeqOutput, StepPlan, StepResult
 from router.scheduler import Scheduler, SchedulerConfig
 from router.sequence import Sequence, SeqStatus
 from router.spec_policy import AdaptivePolicy, draft_rows

@@ -13,7 +13,7 @@ from cluster.worker import StageWorker
 from model_shards.sampling_params import SamplingParams
 from model_shards.tail import MAX_STASHED, DraftStore
 from model_shards.weights import load_checkpoint
-from router.contracts import SeqStep, StepPlan
+from cluster.contracts import SeqStep, StepPlan
 from router.engine_config import resolve_checkpoint
 
 BLOCK = 16

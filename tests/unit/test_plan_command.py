@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from router.block_manager import kv_positions
+from cluster.contracts import kv_positions
 
 from cluster.parallel import ParallelConfig
 from cluster.plan_report import Hardware, plan_deployment

@@ -23,7 +23,7 @@ from model_shards.presets import get_preset
 from model_shards.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
 from router.api_schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from router.backend import admit
-from router.contracts import SeqStep, StepPlan, decode_plan, encode
+from cluster.contracts import SeqStep, StepPlan, decode_plan, encode
 from router.engine import AsyncEngine
 from router.engine_config import EngineConfig
 from router.errors import InvalidRequest

@@ -7,7 +7,7 @@ import pytest
 
 from model_shards.sampling_params import SamplingParams
 from router.block_manager import BlockManager
-from router.contracts import SeqOutput, StepResult
+from cluster.contracts import SeqOutput, StepResult
 from router.scheduler import Scheduler, SchedulerConfig
 from router.sequence import Sequence, SeqStatus
 

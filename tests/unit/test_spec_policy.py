@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from model_shards.sampling_params import SamplingParams
 from router.block_manager import BlockManager
-from router.contracts import SeqOutput, StepResult
+from cluster.contracts import SeqOutput, StepResult
 from router.scheduler import Scheduler, SchedulerConfig
 from router.sequence import Sequence
 from router.spec_policy import AdaptivePolicy, Candidate, FixedPolicy, PassCost

@@ -12,6 +12,14 @@ import dataclasses
 import msgpack
 
 
+def kv_positions(num_tokens: int, k: int) -> int:
+    """KV positions a sequence that ends at `num_tokens` tokens (prompt + output) may need, with k MTP
+    drafts: no pass of it covers more than num_tokens - 1 positions (its last token is never fed
+    back; drafts are trimmed to that limit), and MTP drafting writes up to k past a pass. The
+    scheduler admits by this bound; the planner and EngineConfig.kv_blocks() size the cache by it."""
+    return num_tokens - 1 + k
+
+
 @dataclasses.dataclass
 class SeqStep:
     """One sequence's work in a step.
