@@ -17,13 +17,14 @@ class LocalExecutor:
 
     def __init__(self, folder, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int,
                  torch_threads: int | None = None, draft_dtype: str = "auto",
-                 draft_vocab: bool = True, dtype: str = "auto"):
-        """dtype: the weights' and KV cache's (model_shards.weights.resolve_dtype; on this CPU path "auto"
-        is float32); the engine passes the one its plan budgeted."""
+                 draft_vocab: bool = True, dtype: str = "auto", device: str = "cpu"):
+        """dtype: the weights' and KV cache's (model_shards.weights.resolve_dtype: "auto" is float32 on a
+        CPU, the checkpoint's dtype on a GPU); the engine passes the one its plan budgeted."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.worker = StageWorker(load_checkpoint(folder, dtype=dtype), num_blocks=num_blocks, block_size=block_size,
-                                  num_slots=num_slots, max_verify_positions=max_verify_positions,
+        self.worker = StageWorker(load_checkpoint(folder, dtype=dtype, device=device), num_blocks=num_blocks,
+                                  block_size=block_size, num_slots=num_slots,
+                                  max_verify_positions=max_verify_positions, device=device,
                                   draft_dtype=draft_dtype, draft_vocab=draft_vocab)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hybridserve-worker")
 

@@ -45,7 +45,7 @@ def _child_main(conn, folder: str, torch_threads: int | None, worker_kw: dict, d
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        worker = StageWorker(load_checkpoint(folder, dtype=dtype), **worker_kw)
+        worker = StageWorker(load_checkpoint(folder, dtype=dtype, device=worker_kw.get("device", "cpu")), **worker_kw)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
@@ -70,11 +70,11 @@ class ProcessExecutor:
 
     def __init__(self, folder, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int,
                  torch_threads: int | None = None, draft_dtype: str = "auto", draft_vocab: bool = True,
-                 dtype: str = "auto", startup_timeout_s: float = 600.0):
+                 dtype: str = "auto", device: str = "cpu", startup_timeout_s: float = 600.0):
         self.folder, self.torch_threads, self.dtype = str(folder), torch_threads, dtype
         self.worker_kw = dict(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                               max_verify_positions=max_verify_positions, draft_dtype=draft_dtype,
-                              draft_vocab=draft_vocab)
+                              draft_vocab=draft_vocab, device=device)
         self.startup_timeout_s = startup_timeout_s
         self.busy_s = 0.0                              # the child's compute time, as of the last result
         self._pending: collections.deque[asyncio.Future] = collections.deque()

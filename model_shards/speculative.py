@@ -12,9 +12,12 @@ from kernels import ops
 from .sampling_params import SamplingParams
 
 
-def step_generator(seed: int, num_tokens: int, stream: int = 0) -> torch.Generator:
-    """The generator for one sampling event of a request. `stream` separates drafting from verifying."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + num_tokens * 7919 + stream) % (2**63 - 1))
+def step_generator(seed: int, num_tokens: int, stream: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator for one sampling event of a request, on the device its logits live on (a CUDA
+    generator draws on the GPU: no copy of the distribution to the host). `stream` separates drafting
+    from verifying. The same seeds on another device type give other (equally distributed) draws."""
+    gen = torch.Generator(device=device)
+    return gen.manual_seed((seed * 1_000_003 + num_tokens * 7919 + stream) % (2**63 - 1))
 
 
 def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -37,7 +40,7 @@ def verify(target_logits: torch.Tensor, drafts: list[int], draft_probs: torch.Te
     Returns (new tokens = accepted drafts + one corrected/bonus token, number accepted). Lossless:
     greedy gives the target's argmax chain, random gives exactly the target distribution.
     """
-    d = torch.tensor(drafts, dtype=torch.long)
+    d = torch.tensor(drafts, dtype=torch.long, device=target_logits.device)
     if p.greedy:
         return ops.rejection_sample(target_logits, d, None)
     return ops.rejection_sample(probs(target_logits, p), d, draft_probs, generator=gen)

@@ -145,7 +145,7 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
     for j, n in owners:
         r, s = reqs[j], batch.seqs[j]
         seed_pos = s.start_pos + s.num_tokens - len(r.drafts)          # tokens committed before this pass
-        gen = None if r.params.greedy else speculative.step_generator(r.seed, seed_pos)
+        gen = None if r.params.greedy else speculative.step_generator(r.seed, seed_pos, device=logits.device)
         if r.params.adjusts_logits:      # logit_bias, then penalties, each verified row with its own counts
             penalties.apply(logits[at:at + n], r.params, store.history.tokens(r.seq_id), r.prompt_len,
                             r.drafts)
@@ -239,7 +239,8 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> int:
         for j in active:
             r, s = reqs[j], batch.seqs[j]
             committed = s.start_pos + s.num_tokens - len(r.drafts) + len(results[j].new_tokens)
-            gen = None if r.params.greedy else speculative.step_generator(r.seed, committed, stream=1 + step)
+            gen = None if r.params.greedy else speculative.step_generator(r.seed, committed, stream=1 + step,
+                                                                            device=cur_logits.device)
             tok, q = speculative.sample(cur_logits[row[j]], r.params, gen)
             results[j].drafts.append(tok)
             qs[j].append(q)

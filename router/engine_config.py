@@ -16,6 +16,7 @@ FALLBACK_PRESET = "small"
 
 DRAFT_DTYPES = ("auto", "model", "float32", "float16", "bfloat16")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
 SPECULATIVE_POLICIES = ("adaptive", "fixed")
 AUTO_SPECULATIVE_TOKENS = 3                # "auto": MTP drafts per step at most, when the checkpoint has MTP
 
@@ -48,6 +49,7 @@ class EngineConfig:
     seed: int = 0                          # weights of a preset, and default sampling seeds
     stall_timeout_s: float = 60.0          # busy with no pass back for this long: not ready (/ready 503)
     device_memory_gib: float | None = None  # per device; None: the GPU's memory, or a share of host RAM
+    device: str = "auto"                   # without Ray: cpu, cuda, or auto (cuda when torch sees a GPU)
 
     def device_spec(self, count: int, dtype_bytes: int | None = None):
         """The devices the replica plans against: GPUs when the Ray cluster (or this process) has them.
@@ -57,7 +59,7 @@ class EngineConfig:
 
         mem = int(self.device_memory_gib * 2**30) if self.device_memory_gib else None
         kw = {} if dtype_bytes is None else dict(weight_dtype_bytes=dtype_bytes, kv_dtype_bytes=dtype_bytes)
-        if _gpus_available():
+        if (_gpus_available() if self.use_ray else self.local_device() == "cuda"):
             import torch
 
             if mem is None:
@@ -74,8 +76,16 @@ class EngineConfig:
             return self.dtype
         from model_shards.weights import resolve_dtype
 
-        device = "cuda" if self.use_ray and _gpus_available() else "cpu"
+        device = ("cuda" if _gpus_available() else "cpu") if self.use_ray else self.local_device()
         return str(resolve_dtype("auto", device, folder)).removeprefix("torch.")
+
+    def local_device(self) -> str:
+        """The device of the in-process and child-process executors (Ray actors pick their own)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def validate(self) -> None:
         def need(cond, field, msg):
@@ -90,6 +100,11 @@ class EngineConfig:
              f"must be one of {', '.join(SPECULATIVE_POLICIES)}, got {self.speculative_policy!r}")
         need(self.draft_dtype in DRAFT_DTYPES, "draft_dtype", f"must be one of {', '.join(DRAFT_DTYPES)}")
         need(self.dtype in MODEL_DTYPES, "dtype", f"must be one of {', '.join(MODEL_DTYPES)}, got {self.dtype!r}")
+        need(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.device == "cuda" and not self.use_ray:
+            import torch
+
+            need(torch.cuda.is_available(), "device", "cuda: torch sees no GPU on this machine (use auto or cpu)")
         need(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         need(self.max_model_len >= 2, "max_model_len", "must be >= 2")
         need(self.max_num_batched_tokens > self.max_speculative_tokens, "max_num_batched_tokens",

@@ -35,6 +35,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV cache (Mamba states stay float32); auto: float32 on a CPU, the "
                         "checkpoint's dtype on GPUs")
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where a single-process replica (-pp 1 -ep 1) runs the model; auto: cuda when torch sees "
+                        "a GPU (Ray stage actors use the GPU Ray gives them)")
     m.add_argument("--no-draft-vocab", dest="draft_vocab", action="store_false",
                    help="greedy requests draft from the whole vocabulary, not only the checkpoint's draft_vocab.json")
     m.add_argument("--max-model-len", type=int, default=2048, help="context length (prompt + output)")
@@ -157,7 +160,7 @@ def serve_config_from_args(args):
                           block_size=args.block_size, max_queued_requests=args.max_queued_requests,
                           num_kv_blocks=args.num_gpu_blocks_override,
                           gpu_memory_utilization=args.gpu_memory_utilization, use_ray=pp * ep > 1, seed=args.seed,
-                          model_process=args.model_process)
+                          model_process=args.model_process, device=args.device)
     engine.validate()
     if not 0.0 < args.target_kv_cache_usage <= 1.0:
         raise ValueError(f"--target-kv-cache-usage: must be in (0, 1], got {args.target_kv_cache_usage}")
