@@ -29,6 +29,7 @@ class ExpertShard(nn.Module):
             block.mixer.experts = RoutedExperts(cfg, first, last - first)
             self.backbone.layers[str(i)] = block
         self.expert_range = expert_range
+        self.moe_layers = moe_layers               # in the order a pass runs them
 
     @classmethod
     def load(cls, cfg: ModelConfig, folder, layers: range, expert_range: tuple[int, int],

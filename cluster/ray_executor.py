@@ -1,6 +1,10 @@
 """A model replica on Ray: one placement group, a stage actor per pipeline stage (holding expert-parallel
-rank 0 of its MoE layers), an expert-shard actor per further expert-parallel rank of each stage, and
-passes chained stage to stage through ObjectRefs.
+rank 0 of its MoE layers), an expert-shard actor per further expert-parallel rank of each stage.
+
+Over a collective carrier (gloo, NCCL, nccl4py: cluster/replica_comm.py) a pass is one `run` call per
+stage, all started at once (each stage starts its expert shards' `serve_pass` itself, off the engine's
+process); the actors hand hidden states and expert tokens to each other directly. With transport "ray"
+the stages' ObjectRefs are chained instead and each shard gets a Ray call per MoE layer.
 
 Micro-batches pipeline for free: each actor runs its calls in order, so while stage k works on one
 micro-batch, stage k-1 already works on the next one the engine submitted.
@@ -27,12 +31,15 @@ class RayExecutor:
                  max_verify_positions: int, draft_dtype: str = "auto", draft_vocab: bool = True,
                  dtype: str = "auto", actor_num_cpus: float = 0.25,
                  torch_threads: int = 1, placement_strategy: str = "PACK", stage_resources: list[dict] | None = None,
-                 transport: str = "ray"):
-        """transport: how hidden states move stage to stage: "ray" (object store, chained ObjectRefs),
-        "gloo" (torch.distributed on CPU) or "nccl" (torch.distributed on GPU)."""
-        if transport not in ("ray", "gloo", "nccl"):
-            raise ValueError(f"transport: expected ray, gloo or nccl, got {transport!r}")
-        self.transport = transport
+                 transport: str = "auto", comm_timeout_s: float = 60.0):
+        """transport: how hidden states and expert tokens move (cluster/replica_comm.py): "auto", "ray"
+        (object store and a Ray call per MoE layer), "gloo", "nccl" or "nccl4py" (collectives).
+        comm_timeout_s: how long a collective waits for a peer before it raises (a dead actor)."""
+        from .replica_comm import transport_here
+
+        self.transport = transport_here(transport, gpus=ray.cluster_resources().get("GPU", 0) > 0,
+                                        pp=plan.parallel.pp, ep=plan.parallel.ep)
+        self.comm_timeout_s = comm_timeout_s
         self.folder = str(folder)
         self.cfg = read_config(folder)
         self.plan = plan                                      # cluster.planner.ReplicaPlan
@@ -77,15 +84,25 @@ class RayExecutor:
             self.shards.append(shards)
             self.stages.append(StageActor.options(**self._opts(stage_bundle)).remote(
                 self.folder, (lo, hi), shards=shards or None, shard_ranges=self.shard_ranges,
-                threads=self.torch_threads, **self.cache_kw))
+                threads=self.torch_threads, per_layer_calls=self.transport == "ray", **self.cache_kw))
         ray.get([a.stats.remote() for a in self.stages])   # wait for weights to load; surfaces load errors
-        if self.transport != "ray" and self.pp > 1:
+        if self.collective:
             from .transport import free_port
 
             addr = ray.get(self.stages[0].node_ip.remote())
             port = free_port("127.0.0.1") if addr.startswith("127.") else free_port("0.0.0.0")
-            ray.get([a.init_transport.remote(self.transport, i, self.pp, addr, port)
-                     for i, a in enumerate(self.stages)], timeout=180)
+            from .replica_comm import ReplicaLayout
+
+            layout, args = ReplicaLayout(self.pp, self.ep), (self.pp, self.ep, addr, port, self.comm_timeout_s)
+            joins = [a.init_comm.remote(self.transport, s, *args) for s, a in enumerate(self.stages)]
+            joins += [x.init_comm.remote(self.transport, layout.shard_rank(s, r + 1), *args)
+                      for s, group in enumerate(self.shards) for r, x in enumerate(group)]
+            ray.get(joins, timeout=180)
+
+    @property
+    def collective(self) -> bool:
+        """Whether the actors talk over a collective carrier (they then start every pass together)."""
+        return self.transport != "ray" and self.pp * self.ep > 1
 
     def _opts(self, bundle: int) -> dict:
         res = {"num_cpus": self.actor_num_cpus}
@@ -113,8 +130,8 @@ class RayExecutor:
         data = encode(plan)
         ref = None
         for stage in self.stages:
-            # Object store: each stage's output ref is the next stage's input. torch.distributed: all
-            # stages start at once and hand hidden states over directly.
+            # Object store: each stage's output ref is the next stage's input. Collectives: all stages
+            # start at once and hand hidden states over directly (each starts its own expert shards).
             ref = stage.run.remote(data, ref if self.transport == "ray" else None)
         return ref
 
@@ -129,8 +146,8 @@ class RayExecutor:
     def is_fatal(self, err: BaseException) -> bool:
         """An actor (or an object it owned) is gone: the replica must be rebuilt. A Python error inside
         a stage's pass (RayTaskError) leaves the actors alive; only that plan's requests are affected."""
-        if self.transport != "ray" and self.pp > 1:
-            return True              # later stages already wait to receive this pass: only a rebuild frees them
+        if self.collective:
+            return True              # peers already wait in this pass's collectives: only a rebuild frees them
         fatal = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError,
                  ray.exceptions.ActorUnavailableError, ray.exceptions.WorkerCrashedError,
                  ray.exceptions.NodeDiedError)
@@ -144,3 +161,7 @@ class RayExecutor:
 
     def stats(self) -> list[dict]:
         return ray.get([a.stats.remote() for a in self.stages])
+
+    def shard_stats(self) -> list[list[dict]]:
+        """Per stage, its expert shards' counters (layers served over the expert group)."""
+        return [ray.get([x.stats.remote() for x in group]) for group in self.shards]

@@ -1,30 +1,25 @@
-"""Moving tensors between the actors of a replica: hidden states stage to stage, latent token vectors
-to and from expert shards, and the partial sums back.
+"""Moving tensors between the actors of a replica: hidden states stage to stage (this module) and latent
+token vectors to and from expert shards (cluster/expert_dispatch.py, over the same groups).
 
-One interface, three carriers (pick per deployment; the engine code is the same):
+One interface, two carriers (cluster/replica_comm.py picks them per `--transport`):
 
-    transport.send(tensor, dst, step_id) -> message | None
-    transport.recv(src, step_id, message=None) -> tensor
+    transport.send(tensor, dst, step_id)
+    transport.recv(src, step_id) -> tensor
 
-  ObjectStoreTransport  Ray's object store, the default on CPU. `send` returns a TensorMessage that the
-        actor method returns; the engine passes the resulting ObjectRef *as a top-level argument* of the
-        receiving actor's method (`b.run.remote(plan, a.run.remote(plan))`), so Ray moves the bytes
-        actor to actor without a round trip through the driver, and `recv` unwraps it there. Payloads
-        are numpy uint8 buffers, which Ray stores out of band and maps zero-copy on the reader.
   TorchDistTransport    torch.distributed point-to-point: backend "gloo" between CPU actors (a
         rendezvous on 127.0.0.1 stays on loopback), "nccl" between GPU actors. Each message is a fixed
-        int64 header (magic, step id, dtype, shape) and the payload as bytes; `send` returns None and
-        the engine must run the sender's and the receiver's methods concurrently (they rendezvous).
+        int64 header (magic, step id, dtype, shape) and the payload as bytes. Sender and receiver must
+        run concurrently (they rendezvous): the engine starts every stage's pass at once.
   Nccl4pyTransport      the same wire format over an nccl4py communicator (guarded import: present
         only where `nccl.core` imports and CUDA works), with the unique id exchanged via a TCPStore.
 
+("ray", the object-store path, is no carrier here: the engine chains the stages' ObjectRefs itself.)
 The step id travels with every message and `recv` checks it: a schedule bug (two micro-batches
 crossing) fails loudly instead of mixing hidden states of different steps.
 """
 from __future__ import annotations
 
 import abc
-import dataclasses
 import datetime
 import ipaddress
 import os
@@ -32,7 +27,6 @@ import socket
 import sys
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -106,12 +100,12 @@ class Transport(abc.ABC):
     world_size: int
 
     @abc.abstractmethod
-    def send(self, tensor: torch.Tensor, dst: int, step_id: int) -> "TensorMessage | None":
-        """Send `tensor` to rank `dst`. Returns what the calling actor method must return (or None)."""
+    def send(self, tensor: torch.Tensor, dst: int, step_id: int) -> None:
+        """Send `tensor` to rank `dst` (returns once the receiver has it or the carrier buffered it)."""
 
     @abc.abstractmethod
-    def recv(self, src: int, step_id: int, message: Any = None) -> torch.Tensor:
-        """The tensor rank `src` sent for `step_id`; `message` is what the engine handed over, if any."""
+    def recv(self, src: int, step_id: int) -> torch.Tensor:
+        """The tensor rank `src` sent for `step_id`."""
 
     def close(self) -> None:
         """Release the carrier's resources (process groups, communicators)."""
@@ -119,52 +113,6 @@ class Transport(abc.ABC):
     def _check_peer(self, peer: int, what: str) -> None:
         if not 0 <= peer < self.world_size or peer == self.rank:
             raise TransportError(f"{what}: rank {peer} is not a peer of rank {self.rank} in a world of {self.world_size}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorMessage:
-    """A tensor in flight through Ray's object store: addressing, step, and the bytes as numpy uint8."""
-
-    step_id: int
-    src: int
-    dst: int
-    dtype: str                 # torch dtype name, e.g. "bfloat16"
-    shape: tuple[int, ...]
-    payload: np.ndarray        # uint8 (nbytes,)
-
-    @classmethod
-    def from_tensor(cls, tensor: torch.Tensor, src: int, dst: int, step_id: int) -> "TensorMessage":
-        """GPU tensors are copied to host memory (the object store lives there)."""
-        if tensor.dtype not in _CODE:
-            raise TransportError(f"dtype {tensor.dtype} is not supported; supported: {list(_DTYPES)}")
-        data = to_bytes(tensor.cpu()).numpy()
-        return cls(step_id, src, dst, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), data)
-
-    def to_tensor(self) -> torch.Tensor:
-        """A fresh, writable CPU tensor (the object store's mapping is read-only)."""
-        return from_bytes(torch.from_numpy(self.payload.copy()), getattr(torch, self.dtype), self.shape)
-
-
-class ObjectStoreTransport(Transport):
-    """Ray object store: the actor returns the message; Ray delivers it as the next call's argument."""
-
-    def __init__(self, rank: int, world_size: int):
-        self.rank, self.world_size = rank, world_size
-
-    def send(self, tensor: torch.Tensor, dst: int, step_id: int) -> TensorMessage:
-        self._check_peer(dst, "send")
-        return TensorMessage.from_tensor(tensor, self.rank, dst, step_id)
-
-    def recv(self, src: int, step_id: int, message: Any = None) -> torch.Tensor:
-        if type(message).__name__ == "ObjectRef":
-            raise TransportError("recv got an unresolved ObjectRef: pass the ref as a top-level argument of the "
-                                 "actor method (Ray resolves only those), not inside a list or dataclass")
-        if not isinstance(message, TensorMessage):
-            raise TransportError(f"recv expected a TensorMessage from rank {src}, got {type(message).__name__}")
-        if (message.src, message.dst, message.step_id) != (src, self.rank, step_id):
-            raise TransportError(f"rank {self.rank} expected step {step_id} from rank {src}, got step "
-                                 f"{message.step_id} from rank {message.src} to rank {message.dst}")
-        return message.to_tensor()
 
 
 # ---- torch.distributed: gloo on CPU, nccl on GPU ----------------------------------------------------------
@@ -182,33 +130,48 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class TorchDistTransport(Transport):
-    """torch.distributed send/recv in this process's default process group (one per process).
+def init_torch_dist(backend: str, rank: int, world_size: int, *, master_port: int, master_addr: str = "127.0.0.1",
+                    device: torch.device | str | None = None, timeout_s: float = 120.0) -> torch.device:
+    """Join this process's default process group; -> the device its tensors must be on.
 
-    All `world_size` ranks must construct it at about the same time (the rendezvous is collective).
-    With a loopback rendezvous and gloo, gloo is pinned to the loopback interface too (GLOO_SOCKET_IFNAME),
-    so a local cluster never opens a socket on an external address.
+    All `world_size` ranks must call it at about the same time (the rendezvous is collective). With a
+    loopback rendezvous and gloo, gloo is pinned to the loopback interface too (GLOO_SOCKET_IFNAME), so a
+    local cluster never opens a socket on an external address. `timeout_s` bounds every collective: a
+    peer that died mid-exchange makes the others raise instead of waiting forever.
     """
+    if backend not in ("gloo", "nccl"):
+        raise TransportError(f"backend: expected 'gloo' or 'nccl', found {backend!r}")
+    if dist.is_initialized():
+        raise TransportError("a torch.distributed default process group already exists in this process")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise TransportError("backend 'nccl' needs CUDA; torch.cuda.is_available() is False")
+        dev = torch.device(device if device is not None else f"cuda:{torch.cuda.current_device()}")
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+        if (_is_loopback(master_addr) and "GLOO_SOCKET_IFNAME" not in os.environ
+                and sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo")):
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    return dev
 
-    def __init__(self, rank: int, world_size: int, *, master_port: int, master_addr: str = "127.0.0.1",
-                 backend: str = "gloo", device: torch.device | str | None = None, timeout_s: float = 120.0):
-        if backend not in ("gloo", "nccl"):
-            raise TransportError(f"backend: expected 'gloo' or 'nccl', found {backend!r}")
-        if dist.is_initialized():
-            raise TransportError("a torch.distributed default process group already exists in this process")
-        if backend == "nccl":
-            if not torch.cuda.is_available():
-                raise TransportError("backend 'nccl' needs CUDA; torch.cuda.is_available() is False")
-            self.device = torch.device(device if device is not None else f"cuda:{torch.cuda.current_device()}")
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-            if (_is_loopback(master_addr) and "GLOO_SOCKET_IFNAME" not in os.environ
-                    and sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo")):
-                os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-        self.rank, self.world_size, self.backend = rank, world_size, backend
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+
+class TorchDistTransport(Transport):
+    """torch.distributed send/recv in this process's default process group (one per process), which the
+    caller joined (init_torch_dist; `connect` does both)."""
+
+    def __init__(self, rank: int, world_size: int, *, device: torch.device, backend: str = "gloo"):
+        self.rank, self.world_size, self.backend, self.device = rank, world_size, backend, torch.device(device)
+
+    @classmethod
+    def connect(cls, rank: int, world_size: int, *, master_port: int, master_addr: str = "127.0.0.1",
+                backend: str = "gloo", device: torch.device | str | None = None,
+                timeout_s: float = 120.0) -> "TorchDistTransport":
+        dev = init_torch_dist(backend, rank, world_size, master_port=master_port, master_addr=master_addr,
+                              device=device, timeout_s=timeout_s)
+        return cls(rank, world_size, device=dev, backend=backend)
 
     def send(self, tensor: torch.Tensor, dst: int, step_id: int) -> None:
         self._check_peer(dst, "send")
@@ -217,7 +180,7 @@ class TorchDistTransport(Transport):
             dist.send(to_bytes(tensor.to(self.device)), dst)
         return None
 
-    def recv(self, src: int, step_id: int, message: Any = None) -> torch.Tensor:
+    def recv(self, src: int, step_id: int) -> torch.Tensor:
         self._check_peer(src, "recv")
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         dist.recv(header, src)
@@ -235,34 +198,57 @@ class TorchDistTransport(Transport):
 
 
 # ---- nccl4py ----------------------------------------------------------------------------------------------------
+def require_nccl4py() -> None:
+    """Raise a TransportError saying what is missing when nccl4py cannot run here."""
+    if not NCCL4PY_AVAILABLE:
+        raise TransportError(f"nccl4py is not importable here ({NCCL4PY_IMPORT_ERROR}); install the 'gpu' extra")
+    if not torch.cuda.is_available():
+        raise TransportError("nccl4py needs CUDA; torch.cuda.is_available() is False")
+
+
+def nccl4py_store(rank: int, world_size: int, *, master_port: int, master_addr: str = "127.0.0.1",
+                  timeout_s: float = 120.0) -> "dist.TCPStore":
+    """The key-value store the NCCL unique ids travel through (hosted by rank 0)."""
+    return dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def nccl4py_communicator(store: "dist.TCPStore", key: str, rank: int, size: int, device: torch.device):
+    """An nccl4py Communicator of `size` ranks: rank 0 publishes a fresh unique id under `key`."""
+    require_nccl4py()
+    key = f"hybridserve/nccl_unique_id/{key}"
+    if rank == 0:
+        uid = _nccl_get_unique_id()
+        raw = uid.as_bytes                               # a property in nccl4py 0.6; a method elsewhere
+        store.set(key, bytes(raw() if callable(raw) else raw))
+    else:
+        store.wait([key])
+        uid = _NcclUniqueId.from_bytes(store.get(key))
+    with torch.cuda.device(device):
+        return _NcclCommunicator.init(nranks=size, rank=rank, unique_id=uid)
+
+
+def cuda_device(device: torch.device | str | None = None) -> torch.device:
+    return torch.device(device if device is not None else f"cuda:{torch.cuda.current_device()}")
+
+
 class Nccl4pyTransport(Transport):
-    """The same wire format over an nccl4py Communicator (one GPU per rank).
+    """The same wire format over an nccl4py Communicator (one GPU per rank). Sends and receives are
+    enqueued on the current CUDA stream of `device`."""
 
-    Rank 0 creates the NCCL unique id and publishes it in a TCPStore at master_addr:master_port; the
-    others read it there. Sends and receives are enqueued on the current CUDA stream of `device`.
-    """
+    def __init__(self, rank: int, world_size: int, *, comm, device: torch.device):
+        self.rank, self.world_size, self.comm, self.device = rank, world_size, comm, torch.device(device)
 
-    _KEY = "hybridserve/nccl_unique_id"
-
-    def __init__(self, rank: int, world_size: int, *, master_port: int, master_addr: str = "127.0.0.1",
-                 device: torch.device | str | None = None, timeout_s: float = 120.0):
-        if not NCCL4PY_AVAILABLE:
-            raise TransportError(f"nccl4py is not importable here ({NCCL4PY_IMPORT_ERROR}); install the 'gpu' extra")
-        if not torch.cuda.is_available():
-            raise TransportError("nccl4py needs CUDA; torch.cuda.is_available() is False")
-        self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device if device is not None else f"cuda:{torch.cuda.current_device()}")
-        self._store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
-        if rank == 0:
-            uid = _nccl_get_unique_id()
-            raw = uid.as_bytes                               # a property in nccl4py 0.6; a method elsewhere
-            self._store.set(self._KEY, bytes(raw() if callable(raw) else raw))
-        else:
-            self._store.wait([self._KEY])
-            uid = _NcclUniqueId.from_bytes(self._store.get(self._KEY))
-        with torch.cuda.device(self.device):
-            self.comm = _NcclCommunicator.init(nranks=world_size, rank=rank, unique_id=uid)
+    @classmethod
+    def connect(cls, rank: int, world_size: int, *, master_port: int, master_addr: str = "127.0.0.1",
+                device: torch.device | str | None = None, timeout_s: float = 120.0) -> "Nccl4pyTransport":
+        """A communicator of its own; rank 0 hosts the TCPStore at master_addr:master_port."""
+        require_nccl4py()
+        dev = cuda_device(device)
+        store = nccl4py_store(rank, world_size, master_port=master_port, master_addr=master_addr, timeout_s=timeout_s)
+        out = cls(rank, world_size, comm=nccl4py_communicator(store, "link", rank, world_size, dev), device=dev)
+        out._store = store                               # rank 0 hosts it: keep it alive
+        return out
 
     def _stream(self) -> int:
         return int(torch.cuda.current_stream(self.device).cuda_stream)
@@ -275,7 +261,7 @@ class Nccl4pyTransport(Transport):
             self.comm.send(to_bytes(tensor.to(self.device)), dst, stream=self._stream())
         return None
 
-    def recv(self, src: int, step_id: int, message: Any = None) -> torch.Tensor:
+    def recv(self, src: int, step_id: int) -> torch.Tensor:
         self._check_peer(src, "recv")
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         self.comm.recv(header, src, stream=self._stream())
@@ -294,11 +280,9 @@ class Nccl4pyTransport(Transport):
 
 
 def make_transport(kind: str, rank: int, world_size: int, **kw: Any) -> Transport:
-    """kind: "ray" (object store), "gloo", "nccl" (torch.distributed) or "nccl4py"."""
-    if kind == "ray":
-        return ObjectStoreTransport(rank, world_size)
+    """A two-party (or more) stage link of its own: kind "gloo", "nccl" (torch.distributed) or "nccl4py"."""
     if kind in ("gloo", "nccl"):
-        return TorchDistTransport(rank, world_size, backend=kind, **kw)
+        return TorchDistTransport.connect(rank, world_size, backend=kind, **kw)
     if kind == "nccl4py":
-        return Nccl4pyTransport(rank, world_size, **kw)
-    raise TransportError(f"transport: unknown kind {kind!r}; expected ray, gloo, nccl or nccl4py")
+        return Nccl4pyTransport.connect(rank, world_size, **kw)
+    raise TransportError(f"transport: unknown kind {kind!r}; expected gloo, nccl or nccl4py")

@@ -213,6 +213,18 @@ def cmd_serve(args) -> int:
         return 2
     setup_logging(args.log_level.upper())
     started = start_ray(cfg, args.num_cpus)
+    if cfg.engine.use_ray:                   # a carrier these machines cannot run: say so now, not in a replica
+        from cluster.replica_comm import transport_here
+        from .engine_config import _gpus_available
+        e = cfg.engine
+        try:
+            transport_here(e.transport, gpus=_gpus_available(), pp=e.pipeline_parallel_size, ep=e.expert_parallel_size)
+        except ValueError as err:
+            print(f"hybridserve serve: error: {err}", file=sys.stderr)
+            if started:
+                import ray
+                ray.shutdown()
+            return 2
     try:
         deploy(cfg)
     except BaseException as e:  # noqa: BLE001

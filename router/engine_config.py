@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from cluster.replica_comm import TRANSPORTS   # torch-free; resolves "auto" per deployment
+
 log = logging.getLogger("hybridserve.engine")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +44,7 @@ class EngineConfig:
     model_process: bool = False            # without Ray: the model in a child process (its own GIL), not a thread
     num_microbatches: int | None = None    # None: pipeline_parallel_size micro-batches in flight
     placement_strategy: str = "PACK"       # Ray placement group strategy for the replica's actors
-    transport: str = "ray"                 # stage-to-stage hidden states: ray (object store), gloo, nccl
+    transport: str = "auto"                # hidden states + expert tokens: auto, ray, gloo, nccl, nccl4py
     stage_resources: list[dict] | None = None   # extra Ray resources per stage (pins stages to nodes)
     actor_num_cpus: float = 0.25           # Ray CPU label per actor (threads are capped separately)
     torch_threads: int = 1                 # torch threads per worker (1 beat 2 at every batch size on CPU)
@@ -100,6 +102,8 @@ class EngineConfig:
              f"must be one of {', '.join(SPECULATIVE_POLICIES)}, got {self.speculative_policy!r}")
         need(self.draft_dtype in DRAFT_DTYPES, "draft_dtype", f"must be one of {', '.join(DRAFT_DTYPES)}")
         need(self.dtype in MODEL_DTYPES, "dtype", f"must be one of {', '.join(MODEL_DTYPES)}, got {self.dtype!r}")
+        need(self.transport in TRANSPORTS, "transport",
+             f"must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         need(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.device == "cuda" and not self.use_ray:
             import torch

@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 
+from cluster.replica_comm import TRANSPORTS
+
 from .reasoning_parser import REASONING_PARSERS
 from .tool_call_parser import TOOL_CALL_PARSERS
 
@@ -40,6 +42,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                         "a GPU (Ray stage actors use the GPU Ray gives them)")
     m.add_argument("--no-draft-vocab", dest="draft_vocab", action="store_false",
                    help="greedy requests draft from the whole vocabulary, not only the checkpoint's draft_vocab.json")
+    m.add_argument("--transport", choices=TRANSPORTS, default="auto",
+                   help="how a Ray replica's actors move hidden states and expert tokens: auto (NCCL on GPUs, "
+                        "nccl4py where torch lacks NCCL; ray on CPUs), ray (object store, a Ray call per MoE "
+                        "layer), or gloo / nccl / nccl4py collectives (docs/SERVING.md)")
     m.add_argument("--max-model-len", type=int, default=2048, help="context length (prompt + output)")
     m.add_argument("--max-num-seqs", type=int, default=16, help="sequences running at once per replica")
     m.add_argument("--model-process", action=argparse.BooleanOptionalAction, default=True,
@@ -160,7 +166,7 @@ def serve_config_from_args(args):
                           block_size=args.block_size, max_queued_requests=args.max_queued_requests,
                           num_kv_blocks=args.num_gpu_blocks_override,
                           gpu_memory_utilization=args.gpu_memory_utilization, use_ray=pp * ep > 1, seed=args.seed,
-                          model_process=args.model_process, device=args.device)
+                          model_process=args.model_process, device=args.device, transport=args.transport)
     engine.validate()
     if not 0.0 < args.target_kv_cache_usage <= 1.0:
         raise ValueError(f"--target-kv-cache-usage: must be in (0, 1], got {args.target_kv_cache_usage}")

@@ -137,26 +137,94 @@ def test_cancelled_request_frees_its_cache(ray_local, preset_cache):
     assert free and stats.running == 0 and stats.waiting == 0
 
 
-def _assert_transport_gives_oracle_tokens(transport, seed, n):
-    engine = _engine(2, 1, k=3, transport=transport)
+def _transport_scenario(transport, seed, n, pp=2, ep=2):
+    """-pp 2 -ep 2, MTP on (k=3) for half the requests: the oracle's greedy tokens, and the counters of
+    how the expert tokens moved."""
+    engine = _engine(pp, ep, k=3, transport=transport)
     reqs = _requests(seed=seed)[:n]
 
     async def scenario():
         await engine.start()
         try:
-            return await staggered(engine, reqs)
+            results = await staggered(engine, reqs)
+            ex = engine.executor
+            pattern = engine.model_config.hybrid_override_pattern
+            moe = [sum(pattern[i] == "E" for i in range(lo, hi)) for lo, hi in ex.stages_layers]
+            stages = [dict(st, moe_layers=m) for st, m in zip(ex.stats(), moe)]
+            return results, ex.transport, stages, ex.shard_stats()
         finally:
             await engine.shutdown()
 
-    results = asyncio.run(scenario())
-    for rid, prompt, params, _ in reqs:
-        assert results[rid][0] == oracle(engine.folder, prompt, params)
+    results, resolved, stages, shards = asyncio.run(scenario())
+    for rid, prompt, params, k in reqs:
+        assert results[rid][0] == oracle(engine.folder, prompt, params), f"{rid} (MTP k={k}) over {resolved}"
+    return resolved, stages, shards
 
 
-def test_gloo_transport_between_stages_gives_the_oracle_tokens(ray_local, preset_cache):
-    _assert_transport_gives_oracle_tokens("gloo", seed=5, n=4)
+@pytest.mark.parametrize("transport", ["gloo", "auto"])
+def test_expert_tokens_move_by_collectives_over_gloo_and_by_ray_calls_on_cpus_by_default(ray_local, preset_cache,
+                                                                                          transport):
+    """gloo (the NCCL protocol on CPUs): per MoE layer one dispatch and one combine all-to-all, every shard
+    following every layer of every pass of its stage (no Ray call per layer). auto on CPUs is ray: the
+    per-layer Ray calls."""
+    resolved, stages, shards = _transport_scenario(transport, seed=5, n=4)
+    if transport == "gloo":
+        assert resolved == "gloo"
+        for stage, group in zip(stages, shards):
+            assert stage["expert_exchanges"] == stage["steps"] * stage["moe_layers"], stage
+            assert [x["layers_served"] for x in group] == [stage["expert_exchanges"]], (stage, group)
+        assert sum(st["expert_exchanges"] for st in stages) > 0
+    else:
+        assert resolved == "ray"
+        assert all(st["expert_exchanges"] == 0 for st in stages)
+        assert all(x["layers_served"] == 0 for group in shards for x in group)
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the NCCL transport needs CUDA GPUs")
-def test_nccl_transport_between_stages_gives_the_oracle_tokens(ray_local, preset_cache):
-    _assert_transport_gives_oracle_tokens("nccl", seed=6, n=2)
+NO_GPU = "the NCCL carriers need CUDA GPUs (one per actor); this machine has none"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason=NO_GPU)
+@pytest.mark.parametrize("transport", ["nccl", "nccl4py"])
+def test_nccl_transports_give_the_oracle_tokens(ray_local, preset_cache, transport):
+    from cluster.transport import NCCL4PY_AVAILABLE, NCCL4PY_IMPORT_ERROR
+
+    if transport == "nccl4py" and not NCCL4PY_AVAILABLE:
+        pytest.skip(f"nccl4py is not importable: {NCCL4PY_IMPORT_ERROR}")
+    gpus = __import__("torch").cuda.device_count()
+    pp, ep = (2, 2) if gpus >= 4 else (1, 2) if gpus >= 2 else (0, 0)
+    if not pp:
+        pytest.skip(f"needs 2 GPUs (one per actor), found {gpus}")
+    resolved, stages, shards = _transport_scenario(transport, seed=6, n=2, pp=pp, ep=ep)
+    assert resolved == transport and all(st["expert_exchanges"] > 0 for st in stages)
+
+
+def test_killed_expert_shard_fails_in_flight_requests_fast_and_replica_recovers(ray_local, preset_cache):
+    """A shard dying mid-collective: the stage's exchange raises (gloo sees the closed connection, or the
+    group's timeout), the pass fails, the executor rebuilds every actor, and new requests are served."""
+    engine = _engine(1, 2, k=0, transport="gloo")
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+
+    async def scenario():
+        await engine.start()
+        try:
+            gen = engine.generate("victim", [5, 6, 7, 8], long)
+            first = await gen.__anext__()
+            assert first.new_token_ids
+            ray.kill(engine.executor.shards[0][0], no_restart=True)
+            t0 = time.monotonic()
+            last = first
+            async for out in gen:
+                last = out
+            elapsed = time.monotonic() - t0
+            after = await collect(engine, "after", [9, 10, 11], GREEDY)
+            return last, elapsed, after, engine.executor.shard_stats()
+        finally:
+            await engine.shutdown()
+
+    last, elapsed, after, shards = asyncio.run(scenario())
+    assert last.finish_reason == "error" and "engine failure" in last.error
+    assert elapsed < 10, f"the failure took {elapsed:.1f}s to surface"
+    assert after[0] == oracle(engine.folder, [9, 10, 11], GREEDY)
+    assert shards[0][0]["layers_served"] > 0, "the rebuilt replica's new shard serves the expert exchanges"
+    assert engine.blocks.all_free()

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from cluster.transport import NCCL4PY_AVAILABLE, NCCL4PY_IMPORT_ERROR, ObjectStoreTransport, free_port, make_transport
+from cluster.transport import NCCL4PY_AVAILABLE, NCCL4PY_IMPORT_ERROR, free_port, make_transport
 from tests import transport_helpers
 from tests.transport_helpers import random_tensor, same_bits
 
@@ -36,12 +36,11 @@ def make(dtype: str, shape, seed: int) -> torch.Tensor:
 
 
 class Peer:
-    """One rank of a two-rank world: an object-store transport always, a socket carrier on request."""
+    """One rank of a two-rank world: tensors returned through Ray (transport "ray"), a carrier on request."""
 
     def __init__(self, rank: int):
         torch.set_num_threads(1)
         self.rank, self.other = rank, 1 - rank
-        self.store = ObjectStoreTransport(rank, 2)
         self.p2p = None
 
     def init_p2p(self, kind: str, port: int) -> str:
@@ -49,14 +48,15 @@ class Peer:
         return os.environ.get("GLOO_SOCKET_IFNAME", "")
 
     # object store: the driver hands each returned ObjectRef to the other actor as a top-level argument
+    # (what RayExecutor does with transport "ray": a stage's output ref is the next stage's input)
     def produce(self, dtype, shape, seed, step):
-        return self.store.send(make(dtype, shape, seed), self.other, step)
+        return make(dtype, shape, seed)
 
-    def check(self, msg, dtype, shape, seed, step) -> bool:
-        return same_bits(self.store.recv(self.other, step, msg), make(dtype, shape, seed))
+    def check(self, tensor, dtype, shape, seed, step) -> bool:
+        return same_bits(tensor, make(dtype, shape, seed))
 
-    def echo(self, msg, step):
-        return self.store.send(self.store.recv(self.other, step, msg), self.other, step + 1)
+    def echo(self, tensor, step):
+        return tensor.clone()
 
     # point to point: both ranks run their side concurrently
     def p2p_send(self, cases, step0) -> None:

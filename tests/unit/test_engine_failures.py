@@ -257,5 +257,18 @@ def test_the_ray_executor_rebuilds_only_when_actors_or_their_objects_are_lost(ma
     from cluster.ray_executor import RayExecutor
 
     ex = RayExecutor.__new__(RayExecutor)
-    ex.transport, ex.pp = transport, 2
+    ex.transport, ex.pp, ex.ep = transport, 2, 1
     assert ex.is_fatal(make_error(E)) is fatal
+
+
+def test_any_failed_pass_over_expert_collectives_rebuilds_the_replica():
+    """-pp 1 -ep 2 over gloo: the shards wait in the failed pass's exchange; only a rebuild frees them."""
+    import ray.exceptions as E
+
+    from cluster.ray_executor import RayExecutor
+
+    ex = RayExecutor.__new__(RayExecutor)
+    ex.transport, ex.pp, ex.ep = "gloo", 1, 2
+    assert ex.is_fatal(E.RayTaskError("run", "tb", ValueError("bad seed")))
+    ex.transport = "ray"                       # a Ray call per layer: a Python error leaves the actors usable
+    assert not ex.is_fatal(E.RayTaskError("run", "tb", ValueError("bad seed")))
