@@ -10,11 +10,19 @@ $(BIN)/hybridserve: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
-.PHONY: install serve test
+.PHONY: install serve test js-deps
 install: $(BIN)/hybridserve
+
+# The AI SDK's packages for tests/integration/test_structured_outputs.py (skipped without node or them).
+JS := tests/js
+js-deps:
+	@if command -v npm >/dev/null; then \
+		[ $(JS)/node_modules/.package-lock.json -nt $(JS)/package-lock.json ] || \
+		(cd $(JS) && npm ci --no-audit --no-fund --loglevel=error); \
+	else echo "npm not found: the AI SDK test will be skipped"; fi
 
 serve: install
 	$(BIN)/hybridserve serve $(ARGS)
 
-test: install
+test: install js-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -42,6 +42,10 @@ class SeqStep:
     mtp_stash:    the MTP block does not run for this sequence now: the last stage keeps this pass's settled
                   (hidden state, next token) pairs and feeds them with the sequence's next MTP run, so its
                   attention has no gap when it drafts again, at no cost while it does not
+    fork_of:      (n > 1, router/fork.py) the first pass of a choice forked from this parent sequence: the last
+                  stage copies the parent's token history (penalties) before the pass
+    fork_slot:    ... and every stage copies this Mamba slot's state into mamba_slot (-1: none, choice 0 keeps it)
+    copy_blocks:  ... and these [source, destination] KV blocks (the prompt's partly filled last block)
     """
 
     seq_id: int
@@ -59,6 +63,9 @@ class SeqStep:
     prompt_len: int = 0
     mtp_context: bool = False
     mtp_stash: bool = False
+    fork_of: int = -1
+    fork_slot: int = -1
+    copy_blocks: list[list[int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -81,10 +88,15 @@ class StepPlan:
 
 @dataclasses.dataclass
 class SeqOutput:
+    """logprobs: per new token [logprob, [top ids], [top logprobs]] (model_shards/logprobs.py) when the
+    request asks; prompt_logprobs: the same for the prompt tokens at positions start_pos + 1.. of the pass."""
+
     seq_id: int
     new_tokens: list[int]
     num_accepted: int
     drafts: list[int]
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
 
 @dataclasses.dataclass

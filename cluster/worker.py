@@ -44,6 +44,7 @@ class StageWorker:
     def execute(self, plan: StepPlan, hidden: torch.Tensor | None = None):
         """plan -> hidden states (T, d) for the next stage, or a StepResult on the last stage."""
         t0 = time.perf_counter()
+        self._fork(plan)                       # before `released`: a forked parent is released in the same plan
         for seq_id in plan.released:
             self.store.drop(seq_id)
             self._params.pop(seq_id, None)
@@ -62,11 +63,24 @@ class StageWorker:
             timings: dict = {}
             res = run_tail(self.model, self.cache, h, layout, reqs, self.store, timings)
             out = StepResult(plan.step_id, plan.microbatch,
-                             [SeqOutput(r.seq_id, r.new_tokens, r.num_accepted, r.drafts) for r in res],
+                             [SeqOutput(r.seq_id, r.new_tokens, r.num_accepted, r.drafts, r.logprobs,
+                                        r.prompt_logprobs) for r in res],
                              draft_s=timings.get("draft_s", 0.0), draft_rows=timings.get("draft_rows", 0))
         self.busy_s += time.perf_counter() - t0
         self.num_steps += 1
         return out
+
+    def _fork(self, plan: StepPlan) -> None:
+        """n > 1 (router/fork.py): choices start from their parent's prompt state, copied before any pass
+        of the plan writes it."""
+        forks = [s for s in plan.seqs if s.fork_of >= 0]
+        if not forks:
+            return
+        self.cache.fork([(s.fork_slot, s.mamba_slot) for s in forks if s.fork_slot >= 0],
+                        [(a, b) for s in forks for a, b in s.copy_blocks])
+        for s in forks:                        # penalties count the prompt: the parent's history is the choice's
+            if self.store.history.tokens(s.fork_of):
+                self.store.history.note(s.seq_id, 0, list(self.store.history.tokens(s.fork_of)))
 
     def _params_of(self, step) -> SamplingParams:
         """A sequence's SamplingParams, parsed from the plan on its first pass here (they never change)."""

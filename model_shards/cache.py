@@ -22,6 +22,12 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
 
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Blocks dst[i] := src[i] (k and v), for a forked sequence's copy-on-write of a shared block."""
+        s, d = (torch.tensor(x, dtype=torch.long, device=self.k.device) for x in (src, dst))
+        self.k.index_copy_(0, d, self.k.index_select(0, s))          # (n, block_size, H_kv, Dh)
+        self.v.index_copy_(0, d, self.v.index_select(0, s))
+
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype_bytes: int = 4) -> int:
         """k and v of one block (= cluster.cost_model.kv_block_bytes_per_layer)."""
@@ -78,6 +84,15 @@ class MambaStateCache:
         new = ops.ssd_state_at(rows(self.ssm), rows(self.scratch_cum), rows(self.scratch_dtx),
                                rows(self.scratch_B), ix.repeat(L))                  # (L*S, H, P, N)
         self.ssm.index_copy_(1, sl, new.view(L, S, *new.shape[1:]))
+
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Slots dst[i] := src[i] for every layer (conv and SSM state; not the verification scratch: a fork
+        happens between verifications, with nothing kept there)."""
+        s, d = (torch.tensor(x, dtype=torch.long, device=self.ssm.device) for x in (src, dst))
+        self.conv.index_copy_(1, d, self.conv.index_select(1, s))     # (L, n, C, K-1)
+        self.ssm.index_copy_(1, d, self.ssm.index_select(1, s))       # (L, n, H, P, N)
+        for slot in dst:
+            self.kept[slot] = 0
 
     @staticmethod
     def bytes_per_slot(cfg: ModelConfig, max_positions: int = 1) -> int:
@@ -136,6 +151,15 @@ class HybridCache:
                 self.kv[i] = PagedKVCache(cfg, num_blocks, block_size, kv_dtype, device)
         if with_mtp:
             self.kv["mtp"] = PagedKVCache(cfg, num_blocks, block_size, kv_dtype, device)
+
+    def fork(self, slots: list[tuple[int, int]], blocks: list[tuple[int, int]]) -> None:
+        """Copy (source, destination) Mamba slots and KV blocks, in every layer this process owns (the MTP
+        block's KV too): n > 1 choices start from their parent's prompt state (router/fork.py)."""
+        if slots and self.mamba:
+            self.mamba_states.copy_slots([a for a, _ in slots], [b for _, b in slots])
+        if blocks:
+            for kv in self.kv.values():
+                kv.copy_blocks([a for a, _ in blocks], [b for _, b in blocks])
 
     def commit(self, slot: int, index: int) -> None:
         """The Mamba state after verified position `index` becomes sequence `slot`'s state."""

@@ -24,6 +24,8 @@ class Generation:
     num_drafted: int = 0
     num_accepted: int = 0
     passes: int = 0                   # forward passes after the prompt
+    logprobs: list | None = None      # per generated token, when params.logprobs is set (model_shards/logprobs.py)
+    prompt_logprobs: list | None = None   # per prompt token 1.., when params.prompt_logprobs is set
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -53,16 +55,24 @@ def generate(model: HybridModel, prompt: list[int], params: SamplingParams, *, n
 
     # Prompt, in chunks if asked.
     chunk = prefill_chunk or len(prompt)
+    prompt_lps: list = []
     for start in range(0, len(prompt), chunk):
         ids = prompt[start:start + chunk]
         final = start + chunk >= len(prompt)
         res = step(ids, start, [], final, None if final else prompt[start + chunk])
+        prompt_lps += res.prompt_logprobs or []
     out = Generation(tokens=list(res.new_tokens), finish_reason="")
+    if params.prompt_logprobs is not None:
+        out.prompt_logprobs = prompt_lps
+    if params.logprobs is not None:
+        out.logprobs = list(res.logprobs)
     drafts, pos = res.drafts, len(prompt)
     while True:
         keep, reason = check_stop(out.tokens, params, eos)
         if reason:
             out.tokens, out.finish_reason = out.tokens[:keep], reason
+            if out.logprobs is not None:
+                del out.logprobs[keep:]
             return out
         drafts = drafts_to_verify(drafts, len(out.tokens), params)
         res = step([out.tokens[-1]] + drafts, pos, drafts, True, None)
@@ -73,4 +83,6 @@ def generate(model: HybridModel, prompt: list[int], params: SamplingParams, *, n
             cache.commit(0, res.num_accepted)          # Mamba state at the last accepted position
         pos += 1 + res.num_accepted
         out.tokens.extend(res.new_tokens)
+        if out.logprobs is not None:
+            out.logprobs.extend(res.logprobs)
         drafts = res.drafts

@@ -17,6 +17,9 @@ TEMPERATURE_MAX = 100.0                   # the engine's bound; the OpenAI front
 MAX_STOP_TOKEN_IDS = 1024                 # checked against every sampled token (and masked under min_tokens)
 PENALTY_MAX = 2.0                         # presence / frequency penalties in [-2, 2] (OpenAI's range)
 LOGIT_BIAS_MAX = 100.0                    # logit_bias values in [-100, 100] (OpenAI's range)
+MAX_GRAMMAR_CHARS = 1 << 20               # a compiled grammar (JSON Schema, regex, Lark) rides in every plan once
+MAX_CHOICES = 128                         # n: choices per request (OpenAI's limit; the engine may allow fewer)
+MAX_LOGPROBS = 20                         # top alternatives per token (OpenAI's top_logprobs limit)
 
 _BOUND_TEXT = {SEED_MIN: "-2**63", SEED_MAX: "2**64-1", INT32_MAX: "2**31-1"}
 
@@ -69,6 +72,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # > 1 discourages tokens of prompt + output (divides / multiplies logits)
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias) pairs added to the logits
     min_p: float = 0.0                # drop tokens whose probability < min_p * the top probability (0: off)
+    # Structured outputs (model_shards/grammar.py): an llguidance grammar every sampled token must follow
+    # ("": none); the front door compiles response_format / guided_* / a forced tool call into it.
+    grammar: str = ""
+    # Logprobs of the raw distribution (model_shards/logprobs.py): None off, else the chosen token's plus
+    # that many top alternatives; prompt_logprobs likewise for prompt tokens 1.. (completions' echo).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    n: int = 1                        # choices: n > 1 forks the prompt's caches into n sequences (router/fork.py)
 
     @property
     def greedy(self) -> bool:
@@ -110,6 +121,12 @@ class SamplingParams:
         if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not math.isfinite(rp) or rp <= 0:
             raise ValueError(f"repetition_penalty: must be a finite number > 0, got {show_value(rp)}")
         check_float("min_p", self.min_p, 0.0, 1.0)
+        check_int("n", self.n, 1, MAX_CHOICES)
+        for field in ("logprobs", "prompt_logprobs"):
+            if getattr(self, field) is not None:
+                check_int(field, getattr(self, field), 0, MAX_LOGPROBS)
+        if not isinstance(self.grammar, str) or len(self.grammar) > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"grammar: must be a string of at most {MAX_GRAMMAR_CHARS} characters")
         if not isinstance(self.logit_bias, (tuple, list)):
             raise ValueError(f"logit_bias: must be (token id, bias) pairs, got {show_value(self.logit_bias)}")
         for pair in self.logit_bias:

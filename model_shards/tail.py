@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from . import penalties, speculative
+from . import grammar, logprobs, penalties, speculative
 from .batch import BatchLayout, SeqSlice
 from .cache import HybridCache
 from .model import HybridModel
@@ -50,6 +50,8 @@ class TailResult:
     new_tokens: list[int]
     num_accepted: int
     drafts: list[int]
+    logprobs: list | None = None          # per new token (model_shards/logprobs.py), if the request asks
+    prompt_logprobs: list | None = None   # per prompt token at positions start_pos + 1.., if it asks
 
 
 # At most this many stashed MTP pairs per sequence (older ones are dropped: a gap in the MTP block's
@@ -80,6 +82,7 @@ class DraftStore:
         self._probs: dict[int, torch.Tensor] = {}
         self._stash: dict[int, Stash] = {}
         self.history = penalties.History()
+        self.grammars = grammar.GrammarStore()     # structured outputs: per sequence, its grammar state
 
     def stash(self, seq_id: int, start: int, h: torch.Tensor, tokens: list[int]) -> None:
         """Append pairs at positions start..; a stash that does not end at `start` (the sequence was
@@ -116,6 +119,7 @@ class DraftStore:
         self._probs.pop(seq_id, None)
         self._stash.pop(seq_id, None)
         self.history.drop(seq_id)
+        self.grammars.drop(seq_id)
 
     def __len__(self) -> int:
         return len(self._probs)
@@ -133,6 +137,10 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
     for j, (s, r) in enumerate(zip(batch.seqs, reqs)):
         if r.params.uses_history:        # penalties count prompt + outputs: note this pass's settled inputs
             store.history.note(r.seq_id, s.start_pos, r.input_ids[:len(r.input_ids) - len(r.drafts)])
+        if r.params.grammar:             # the grammar state follows the settled inputs, as the history does
+            _sync_grammar(model, store, s, r)
+        if r.params.prompt_logprobs is not None:
+            results[j].prompt_logprobs = _prompt_logprobs(model, h, s, r)
         if r.sample:
             n = 1 + len(r.drafts)
             rows.extend(range(s.end - n, s.end))
@@ -146,20 +154,29 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
         r, s = reqs[j], batch.seqs[j]
         seed_pos = s.start_pos + s.num_tokens - len(r.drafts)          # tokens committed before this pass
         gen = None if r.params.greedy else speculative.step_generator(r.seed, seed_pos, device=logits.device)
+        # Raw logprobs (before every adjustment below), row i for the token at this pass's position i.
+        lp = logprobs.raw_logprobs(logits[at:at + n]) if r.params.logprobs is not None else None   # (n, V)
         if r.params.adjusts_logits:      # logit_bias, then penalties, each verified row with its own counts
             penalties.apply(logits[at:at + n], r.params, store.history.tokens(r.seq_id), r.prompt_len,
                             r.drafts)
         if r.params.min_tokens:
             num_generated = seed_pos - r.prompt_len
             forbid_stops(logits[at:at + n], num_generated, r.params, model.cfg.eos_token_id)
+        g = store.grammars.get(r.seq_id) if r.params.grammar else None
+        if g is not None:                # each verified row masked by the grammar state after drafts[:i]
+            grammar.apply(logits[at:at + n], g.row_masks(r.drafts))
         if r.drafts:
             toks, acc = speculative.verify(logits[at:at + n], r.drafts, store.take(r.seq_id), r.params, gen)
             if acc and r.params.uses_history:    # accepted drafts sit at the positions after this pass's input
                 store.history.accept(r.seq_id, r.drafts[:acc])
+            if acc and g is not None:
+                g.extend(r.drafts[:acc])
         else:
             tok, _ = speculative.sample(logits[at], r.params, gen)
             toks, acc = [tok], 0
         results[j].new_tokens, results[j].num_accepted = toks, acc
+        if lp is not None:               # emitted tokens only: accepted drafts, then the bonus / corrected one
+            results[j].logprobs = logprobs.entries(lp, toks, r.params.logprobs)
         at += n
     if model.mtp is not None:
         t0 = time.perf_counter()
@@ -167,6 +184,25 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
         if timings is not None:
             timings["draft_s"], timings["draft_rows"] = time.perf_counter() - t0, rows
     return results
+
+
+def _prompt_logprobs(model: HybridModel, h: torch.Tensor, s: SeqSlice, r: TailRequest) -> list:
+    """Logprobs of the prompt tokens this pass's rows predict: row p (p < prompt_len - 1) scores the prompt
+    token at p + 1 (the next input, or `next_token` after a chunk's last row). Empty past the prompt."""
+    stop = min(s.start_pos + len(r.input_ids) - len(r.drafts), r.prompt_len - 1)
+    if stop <= s.start_pos:
+        return []
+    nxt = r.input_ids[1:] + ([] if r.next_token is None else [r.next_token])
+    n = stop - s.start_pos
+    return logprobs.prompt_entries(model.logits, h[s.offset:s.offset + n], nxt[:n], r.params.prompt_logprobs)
+
+
+def _sync_grammar(model: HybridModel, store: DraftStore, s: SeqSlice, r: TailRequest) -> None:
+    """Bring the sequence's grammar state to this pass's settled inputs (built on its first pass here)."""
+    def make() -> grammar.SeqGrammar:
+        stops = frozenset(stop_token_set(r.params, model.cfg.eos_token_id))
+        return grammar.SeqGrammar(grammar.tokenizer_for(model), r.params.grammar, stops, model.cfg.vocab_size)
+    store.grammars.sync(r.seq_id, make, r.prompt_len, s.start_pos, r.input_ids[:len(r.input_ids) - len(r.drafts)])
 
 
 def forbid_stops(logits: torch.Tensor, num_generated: int, params: SamplingParams, eos_token_id: int | None) -> None:
@@ -234,6 +270,10 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> int:
     pos = {j: seqs[i].start_pos + seqs[i].num_tokens for j, i in drafting}  # MTP position of the next draft step
     qs: dict[int, list] = {j: [] for j, _ in drafting}
     max_k = max((reqs[j].num_drafts for j, _ in drafting), default=0)
+    # Structured outputs: drafts follow the grammar from the state after this pass's new tokens (undone below).
+    grammars = {j: (g, len(g.outputs)) for j, _ in drafting if (g := store.grammars.get(reqs[j].seq_id))}
+    for j, (g, _) in grammars.items():
+        g.extend(results[j].new_tokens[-1:])          # the accepted drafts are already in (run_tail)
     for step in range(max_k):
         active = [j for j, _ in drafting if reqs[j].num_drafts > step]
         for j in active:
@@ -241,8 +281,12 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> int:
             committed = s.start_pos + s.num_tokens - len(r.drafts) + len(results[j].new_tokens)
             gen = None if r.params.greedy else speculative.step_generator(r.seed, committed, stream=1 + step,
                                                                             device=cur_logits.device)
+            if j in grammars:            # q is then the masked distribution the draft is sampled from
+                grammar.apply(cur_logits[row[j]][None], grammars[j][0].allowed()[None])
             tok, q = speculative.sample(cur_logits[row[j]], r.params, gen)
             results[j].drafts.append(tok)
+            if j in grammars:
+                grammars[j][0].extend([tok])
             qs[j].append(q)
         if step + 1 == max_k:
             break
@@ -259,6 +303,8 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> int:
         for n, j in enumerate(active):
             row[j] = n
             pos[j] += 1
+    for g, mark in grammars.values():
+        g.truncate(mark)
     for j, _ in drafting:
         store.put(reqs[j].seq_id, None if reqs[j].params.greedy else torch.stack(qs[j]))
     return num_rows

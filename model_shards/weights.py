@@ -297,6 +297,7 @@ def load_checkpoint(folder: str | os.PathLike, *, layers: range | None = None,
         if hasattr(mod, "e_score_correction_bias"):
             mod.e_score_correction_bias = mod.e_score_correction_bias.float()
     load_into(model, folder, index=index, device=device)
+    model.checkpoint_folder = folder     # its tokenizer.json, for grammar masks (model_shards/grammar.py)
     if model.mtp is not None:
         model.checkpoint_draft_vocab = read_draft_vocab(folder, cfg.vocab_size)
     return model.eval()

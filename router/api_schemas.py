@@ -3,15 +3,15 @@
 Fields follow the OpenAI API plus vLLM's extensions that clients already send (`top_k`, `min_tokens`,
 `ignore_eos`, `stop_token_ids`, `skip_special_tokens`, `return_token_ids`). Unknown fields are
 ignored, as OpenAI-compatible servers do (SDKs send things like `user`). Tools, tool_choice and
-chat_template_kwargs are in `tool_schemas.py`. Features we do not implement (logprobs, n > 1) fail with a
+chat_template_kwargs are in `tool_schemas.py`. Features we do not implement (`best_of`, suffix) fail with a
 400 that names the field instead of being silently ignored: a client relying on them must know.
 
 Every field is range-checked here (`LIMITS`), so no value reaches the engine that a plan cannot carry
 (see model_shards/sampling_params.py); a 400 names the field and the limit. The limits are OpenAI's
 where OpenAI has one (at most 4 `stop` strings, `n` in [1, 128], `temperature` in [0, 2], `top_p` in
 [0, 1], penalties in [-2, 2], `logit_bias` values in [-100, 100], `seed` a signed 64-bit integer), else
-vLLM's (`repetition_penalty` > 0, `min_p` in [0, 1]), and
-so are the chat message rules (roles, `tool_call_id`, content parts; `ChatMessages`). Types are strict,
+vLLM's (`repetition_penalty` > 0, `min_p` in [0, 1]); the chat message rules (roles, content parts,
+`tool_call_id`) are OpenAI's too, in `chat_messages.py`. Types are strict,
 as in OpenAI's API: `"max_tokens": "5"` or `"seed": true` is a 400, not silently converted.
 
 Also the bodies of vLLM's `/tokenize` and `/detokenize`.
@@ -22,25 +22,28 @@ they are on the hot path of every streamed chunk.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model_shards.sampling_params import INT32_MAX, MAX_STOP_TOKEN_IDS, SamplingParams, bound_text, show_value
+from model_shards.sampling_params import INT32_MAX, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, SamplingParams, bound_text, show_value
 
+from .chat_messages import ChatMessages
 from .errors import InvalidRequest, Unsupported
-from .tool_schemas import TemplateInputs, ToolCall, ToolChoice, template_tool_calls
+from .structured_outputs import StructuredOutputFields
+from .tool_schemas import ToolChoice
+from .unserved_fields import UnservedChatFields
 
 MAX_STOP_STRINGS = 4                  # OpenAI's limit ("up to 4 sequences"); each is searched in every delta
 MAX_STOP_STRING_CHARS = 1024          # the stream holds back this many characters
-MAX_N = 128                           # OpenAI's `n` maximum (only 1 is served; 2..128 are "unsupported")
+MAX_N = 128                           # OpenAI's `n` maximum (the engine refuses more than it can run at once)
 API_SEED_MIN, API_SEED_MAX = -2**63, 2**63 - 1   # OpenAI's `seed`: a signed 64-bit integer
-ROLES = ("system", "developer", "user", "assistant", "tool")
-# OpenAI's content part types; only "text" is served, the others are a 400 "unsupported" naming the part.
-PART_TYPES = ("text", "image_url", "input_audio", "file", "refusal")
 
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 StopString = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
+# OpenAI's `metadata`: at most 16 pairs, keys up to 64 characters, values up to 512 (accepted, not stored).
+Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                     Field(max_length=16)]
 
 # What a field must be, for the 400 of a value out of range (pydantic's own says only one bound).
 _IN_INT32 = f"in [0, {bound_text(INT32_MAX)}]"
@@ -59,6 +62,8 @@ LIMITS = {
     "repetition_penalty": "a finite number > 0",
     "min_p": "a finite number in [0, 1]",
     "best_of": "an integer in [0, 20]",
+    "logprobs": f"an integer in [0, {MAX_LOGPROBS}]",          # completions (chat's is a boolean)
+    "top_logprobs": f"an integer in [0, {MAX_LOGPROBS}]",
     "stop_token_ids": f"a token id {_IN_INT32}",
     "prompt": f"a token id {_IN_INT32}",
     "tokens": f"a token id {_IN_INT32}",
@@ -74,95 +79,8 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = False
 
 
-def _when(condition: dict, then: dict) -> dict:
-    return {"if": {"properties": condition}, "then": then}
-
-
-def _text_parts_only(schema: dict) -> None:
-    schema["properties"]["type"]["enum"] = ["text"]        # what this server serves
-    schema["allOf"] = [_when({"type": {"const": "text"}}, {"required": ["text"],
-                                                            "properties": {"text": {"type": "string"}}})]
-
-
-class ContentPart(_Body):
-    # The published schema states the rules `ChatMessage.check` applies (clients and the fuzzer see them).
-    model_config = ConfigDict(json_schema_extra=_text_parts_only)         # merged with _Body's
-
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(_Body):
-    model_config = ConfigDict(json_schema_extra={"allOf": [
-        _when({"role": {"enum": [r for r in ROLES if r != "assistant"]}},
-              {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}),
-        _when({"role": {"const": "tool"}},
-              {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}})]})
-
-    role: Literal[ROLES]
-    content: Union[str, list[ContentPart], None] = None
-    name: str | None = None
-    tool_call_id: str | None = None
-    tool_calls: list[ToolCall] | None = None        # an assistant's earlier calls
-
-    def check(self, i: int) -> None:
-        """OpenAI's rules for message i beyond the types: content (null only for an assistant), text parts
-        only (other known types are unsupported here, unknown ones invalid), a tool message's tool_call_id."""
-        if self.content is None and self.role != "assistant":
-            raise InvalidRequest(f"messages[{i}].content: required for a {self.role!r} message (only an "
-                                 f"assistant message may have null content)", param=f"messages[{i}].content")
-        for j, p in enumerate(self.content if isinstance(self.content, list) else ()):
-            where = f"messages[{i}].content[{j}]"
-            if p.type not in PART_TYPES:
-                raise InvalidRequest(f"{where}.type: must be one of {', '.join(map(repr, PART_TYPES))}, got "
-                                     f"{show_value(p.type)[:80]}", param=f"{where}.type")
-            if p.type != "text":
-                raise Unsupported(f"{where}.type: only 'text' content parts are supported by this server, "
-                                  f"got {p.type!r}", param=f"{where}.type")
-            if p.text is None:
-                raise InvalidRequest(f"{where}.text: field required in a 'text' part", param=f"{where}.text")
-        if self.role == "tool" and self.tool_call_id is None:
-            raise InvalidRequest(f"messages[{i}].tool_call_id: field required in a 'tool' message",
-                                 param=f"messages[{i}].tool_call_id")
-        template_tool_calls(self.role, self.tool_calls, i)        # only an assistant's; arguments JSON objects
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text or "" for p in self.content)
-
-    def for_template(self, i: int = 0) -> dict:
-        """`developer` is OpenAI's newer name for `system`: templates only know the latter."""
-        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
-        if self.tool_calls:
-            out["tool_calls"] = template_tool_calls(self.role, self.tool_calls, i)
-        if self.name:
-            out["name"] = self.name
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
-        return out
-
-
-class ChatMessages(TemplateInputs, _Body):
-    """`messages` and what the template gets with them, shared by chat completions and chat /tokenize."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: bool = True
-
-    @model_validator(mode="after")
-    def _check_messages(self):
-        for i, m in enumerate(self.messages):
-            m.check(i)
-        return self
-
-    def chat_messages(self) -> list[dict]:
-        return [m.for_template(i) for i, m in enumerate(self.messages)]
-
-
-class _GenerationBody(_Body):
-    """What chat and text completions share."""
+class _GenerationBody(StructuredOutputFields, _Body):
+    """What chat and text completions share (structured outputs: structured_outputs.py)."""
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
@@ -200,9 +118,6 @@ class _GenerationBody(_Body):
         return self.max_tokens
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise Unsupported(f"n: only n=1 is supported, got {self.n}; send {self.n} requests (with different "
-                              f"seeds) instead", param="n")
         for field, neutral in self._NEUTRAL.items():
             if getattr(self, field) not in neutral:
                 raise Unsupported(f"{field}: not supported by this server (got {getattr(self, field)!r})",
@@ -231,7 +146,7 @@ class _GenerationBody(_Body):
                                 presence_penalty=float(self.presence_penalty or 0.0),
                                 frequency_penalty=float(self.frequency_penalty or 0.0),
                                 repetition_penalty=float(repetition), min_p=float(min_p),
-                                logit_bias=self._logit_bias_pairs())
+                                logit_bias=self._logit_bias_pairs(), grammar=self.grammar(), n=self.n)
         try:
             params.validate()
         except ValueError as e:
@@ -254,35 +169,32 @@ class _GenerationBody(_Body):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(ChatMessages, _GenerationBody):
+class ChatCompletionRequest(ChatMessages, UnservedChatFields, _GenerationBody):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tool_choice: ToolChoice = None                  # checked in tool_schemas.check_tool_use
     parallel_tool_calls: bool | None = None
-    response_format: dict | None = None
+    metadata: Metadata | None = None
+    store: bool | None = None                       # nothing is stored here; accepted as vLLM does
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise Unsupported("logprobs: not supported by this server", param="logprobs")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise Unsupported("response_format: only {'type': 'text'} is supported", param="response_format")
+        if self.top_logprobs is not None and not self.logprobs:     # as OpenAI and vLLM
+            raise InvalidRequest("top_logprobs: requires logprobs to be true", param="top_logprobs")
 
 
 class CompletionRequest(_GenerationBody):
     prompt: Union[str, list[TokenId], list[str], list[list[TokenId]]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)    # vLLM's limit (OpenAI's is 5)
     suffix: str | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs is not None:
-            raise Unsupported("logprobs: not supported by this server", param="logprobs")
         if self.suffix:
             raise Unsupported("suffix: not supported by this server", param="suffix")
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
@@ -368,8 +280,8 @@ def _lone_surrogate(body: dict) -> str | None:
 def validation_error(e: ValidationError) -> InvalidRequest:
     err = _most_telling(e.errors())
     loc = err.get("loc", ())
-    # logit_bias: OpenAI names the object, not the token key (which may look like anything)
-    param = "logit_bias" if loc[:1] == ("logit_bias",) else _loc_to_param(loc)
+    # logit_bias, metadata: OpenAI names the object, not the key (which may look like anything)
+    param = loc[0] if loc[:1] in (("logit_bias",), ("metadata",)) else _loc_to_param(loc)
     kind, value = err.get("type", ""), err.get("input")
     if kind == "missing":
         return InvalidRequest(f"{param}: field required", param=param)

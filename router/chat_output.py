@@ -42,7 +42,7 @@ def chat_parsing(req, prompt_text: str, reasoning_parser: str | None, tool_call_
                  ) -> ChatParsing | None:
     """What a chat request's output goes through; None when nothing (the text is all `content`)."""
     state = initial_state(reasoning_parser, prompt_text) if reasoning_parser else None
-    use_tools = bool(req.tools) and req.tool_choice in (None, "auto") and tool_call_parser is not None
+    use_tools = bool(req.tools) and req.tool_choice != "none" and tool_call_parser is not None   # required/named too
     if state is None and not use_tools:
         return None
     return ChatParsing(state, req.tool_parameters() if use_tools else None, req.parallel_tool_calls is not False)

@@ -1,10 +1,12 @@
 """Token ids in, client text out: incremental detokenization and stop strings.
 
-Why incremental with two offsets (vLLM's method): one token may be half a UTF-8 character (byte
-tokens, byte-level BPE), and some tokenizers render a token differently at the start of a string
-(SentencePiece's leading space). So each new delta is `decode(ids[prefix:])` minus
-`decode(ids[prefix:read])`, a few tokens of context; a delta that ends in U+FFFD is held back until
-the character completes. The concatenated deltas equal `decode(all ids)`.
+One token may be half a UTF-8 character (byte tokens, byte-level BPE), and some tokenizers render a
+token differently at the start of a string (SentencePiece's leading space), so each token's text
+cannot be decoded alone. A checkpoint's `tokenizer.json` is streamed by the `tokenizers` library's own
+`DecodeStream` (it holds back an incomplete character and keeps a few tokens of context); the byte
+tokenizer of random-weight presets uses vLLM's two-offset method: each delta is
+`decode(ids[prefix:])` minus `decode(ids[prefix:read])`, held back while it ends in U+FFFD. Either
+way the concatenated deltas plus `flush()` equal `decode(all ids)` (tests/unit/test_detokenizer_stream.py).
 
 Stop strings are matched on text, not tokens: `TextStream` holds back the last `len(longest stop) - 1`
 characters so a stop string split across deltas is never half sent, and cuts the text before the
@@ -22,31 +24,41 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
-        self.prefix_offset = 0
+        self.sent_chars = 0             # length of the text handed out so far
+        self._step = tokenizer.decode_stream(skip_special_tokens)   # tokenizers' DecodeStream, or None
+        self.prefix_offset = 0          # the two-offset method's state (no DecodeStream)
         self.read_offset = 0
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, new_ids: list[int]) -> str:
-        """Append tokens; return the text that became final (may be "")."""
+        """Append tokens (one, or an MTP step's several); return the text that became final (may be "")."""
         self.ids.extend(new_ids)
+        if self._step is not None:
+            delta = "".join(piece for piece in map(self._step, new_ids) if piece)
+        else:
+            delta = self._two_offset_delta()
+        self.sent_chars += len(delta)
+        return delta
+
+    def _two_offset_delta(self) -> str:
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT):
-            delta = new_text[len(prefix_text):]
             # Keep a few tokens of context: the next decode starts where this one's tail began.
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-            return delta
+            return new_text[len(prefix_text):]
         return ""
 
     def flush(self) -> str:
-        """At the end of the stream: whatever is held back (an incomplete character decodes as U+FFFD)."""
-        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        new_text = self._decode(self.ids[self.prefix_offset:])
+        """At the end of the stream: whatever is held back (an incomplete character decodes as U+FFFD).
+        One full decode, so the text sent in all equals `decode(ids)`."""
+        rest = self._decode(self.ids)[self.sent_chars:]
+        self.sent_chars += len(rest)
         self.prefix_offset = self.read_offset = len(self.ids)
-        return new_text[len(prefix_text):]
+        return rest
 
 
 class TextStream:

@@ -101,6 +101,7 @@ class AsyncEngine:
                  time.perf_counter() - t0)
         self._streams: dict[str, asyncio.Queue] = {}
         self._seq_of: dict[str, int] = {}
+        self._choice_ids: dict[str, tuple[int, ...]] = {}   # n > 1: its choices' seq ids (router/fork.py)
         self._ids = itertools.count()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -217,13 +218,14 @@ class AsyncEngine:
         if len(self.scheduler.waiting) >= self.config.max_queued_requests:
             raise QueueFullError(self.config.max_queued_requests, self._retry_after_s())
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, seed, k)
+        seq = Sequence(next(self._ids), request_id, list(prompt_ids), params, seed, k,
+                       fork_ids=tuple(next(self._ids) for _ in range(params.n)) if params.n > 1 else ())
         if not self._in_flight and not self.scheduler.has_work:
             self._last_progress = time.monotonic()  # an idle spell is not a stall
         self.scheduler.add(seq)                     # raises ValueError if it can never fit the cache
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
-        self._seq_of[request_id] = seq.seq_id
+        self._seq_of[request_id], self._choice_ids[request_id] = seq.seq_id, seq.fork_ids
         if self._wake:
             self._wake.set()
         return RequestStream(request_id, q.get, lambda: self.abort(request_id),
@@ -241,9 +243,10 @@ class AsyncEngine:
         seq_id = self._seq_of.get(request_id)
         if seq_id is None:
             return
-        out = self.scheduler.abort(seq_id)
-        if out is not None:
-            self._deliver([out])
+        for i in (seq_id, *self._choice_ids.get(request_id, ())):   # n > 1: its parent, or its choices
+            out = self.scheduler.abort(i)
+            if out is not None:
+                self._deliver([out])
         if self._wake:
             self._wake.set()
 
@@ -268,6 +271,7 @@ class AsyncEngine:
         s = self.stats_
         s.waiting, s.running = len(self.scheduler.waiting), len(self.scheduler.running)
         s.kv_blocks_used, s.mamba_slots_used = self.blocks.used_blocks, self.blocks.used_slots
+        s.prompt_tokens_computed = self.scheduler.num_prefilled
         s.stepping = self.is_stepping
         return dataclasses.replace(s, drafted_per_position=list(s.drafted_per_position),
                                    accepted_per_position=list(s.accepted_per_position),
@@ -415,3 +419,4 @@ class AsyncEngine:
                 self._finish_times.append(time.monotonic())
                 self._streams.pop(out.request_id, None)
                 self._seq_of.pop(out.request_id, None)
+                self._choice_ids.pop(out.request_id, None)

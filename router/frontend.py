@@ -20,12 +20,15 @@ from model_shards.sampling_params import SamplingParams
 from .api_schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
                           TokenizeCompletionRequest)
 from .chat_output import ChatParsing, chat_parsing, check_parser_names
+from .choices import ChoiceStreams
 from .detokenizer import TextStream
+from . import logprob_format
 from .errors import (APIError, AuthenticationError, ContextLengthExceeded, InternalError, InvalidRequest,
                      ModelNotFound, Unavailable)
 from .metrics import Metrics
 from .request_stream import RequestStream
 from .tokenizer import BaseTokenizer, ChatTemplateError
+from .structured_outputs import after_reasoning
 from .tool_schemas import check_tool_use
 
 log = logging.getLogger("hybridserve.requests")
@@ -73,6 +76,7 @@ class Delta:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list | None = None      # per token of token_ids, when the request asked (logprob_format.py)
 
 
 def new_request_id(kind: str) -> str:
@@ -165,6 +169,8 @@ class Frontend:
         ids, text = self._encode_chat(req)
         prep = self._prepared("chat", model, req, ids, "messages")
         prep.parsing = chat_parsing(req, text, self.reasoning_parser, self.tool_call_parser)
+        if prep.parsing is not None:     # a grammar applies after the reasoning (structured_outputs.py)
+            prep.params = after_reasoning(prep.params, prep.parsing.reasoning_state)
         return prep
 
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
@@ -217,6 +223,7 @@ class Frontend:
         if bad:
             raise InvalidRequest(f"stop_token_ids: token id {bad[0]} is outside the vocabulary", param="stop_token_ids")
         params = req.sampling_params(max_tokens, tuple(self.info.eos_token_ids), self.info.generation_defaults)
+        params = dataclasses.replace(params, **logprob_format.requested(req, kind))
         bad = [t for t, _ in params.logit_bias if self.info.vocab_size and t >= self.info.vocab_size]
         if bad:         # vLLM refuses these too: a bias on no token is a client mistake
             raise InvalidRequest(f"logit_bias: token id {bad[0]} is outside the vocabulary "
@@ -232,10 +239,9 @@ class Frontend:
             ids, _ = self._encode_chat(req)
         else:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        out = {"count": len(ids), "max_model_len": self.info.max_model_len, "tokens": ids}
-        if req.return_token_strs:
-            out["token_strs"] = self.tokenizer.token_strs(ids)
-        return out
+        # vLLM's TokenizeResponse: token_strs is null unless asked for
+        return {"count": len(ids), "max_model_len": self.info.max_model_len, "tokens": ids,
+                "token_strs": self.tokenizer.token_strs(ids) if req.return_token_strs else None}
 
     def detokenize(self, req: DetokenizeRequest) -> dict:
         self.check_model(req.model)
@@ -244,7 +250,8 @@ class Frontend:
         bad = [t for t in req.tokens if not 0 <= t < vocab] if vocab else []
         if bad:
             raise InvalidRequest(f"tokens: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
-        return {"prompt": self.tokenizer.decode(req.tokens)}
+        # as vLLM decodes (transformers' default): special tokens included, the text shows every id
+        return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
     def _check_tokenizer(self) -> None:
         if not self.loaded:
@@ -254,11 +261,11 @@ class Frontend:
         """The prompt ids of a chat request and the rendered template they are the tokens of."""
         try:
             text = self.tokenizer.apply_chat_template(req.chat_messages(), req.add_generation_prompt,
-                                                      **req.template_kwargs())
+                                                      req.continue_final_message, **req.template_kwargs())
         except ChatTemplateError as e:
-            raise InvalidRequest(str(e) if str(e).startswith("messages") else f"messages: {e}",
-                                 param="messages") from None
-        return self.tokenizer.encode_rendered(text), text
+            param = next((p for p in ("continue_final_message", "messages") if str(e).startswith(p + ":")), None)
+            raise InvalidRequest(str(e) if param else f"messages: {e}", param=param or "messages") from None
+        return self.tokenizer.encode_rendered(text, req.add_special_tokens), text
 
     # ---- running -------------------------------------------------------------------------------
     async def start(self, request_id: str, prep: Prepared, route: str, t_arrival: float | None = None
@@ -268,6 +275,16 @@ class Frontend:
         self.check_accepting()
         outputs = await self.backend.submit(request_id, prep.prompt_ids, prep.params)
         return Generation(self, request_id, prep, outputs, route, t0)
+
+    async def start_choices(self, request_id: str, prep: Prepared, route: str, t_arrival: float | None = None
+                            ) -> list["Generation"]:
+        """start() for any n: one Generation per choice, over one engine request (router/choices.py)."""
+        if prep.params.n == 1:
+            return [await self.start(request_id, prep, route, t_arrival)]
+        t0 = t_arrival if t_arrival is not None else time.perf_counter()
+        self.check_accepting()
+        split = ChoiceStreams(await self.backend.submit(request_id, prep.prompt_ids, prep.params), prep.params.n)
+        return [Generation(self, request_id, prep, split.choice(i), route, t0, i) for i in range(prep.params.n)]
 
     def log_rejected(self, request_id: str, route: str, err: APIError, t0: float) -> None:
         self.metrics.observe_rejected(err.status)
@@ -280,7 +297,7 @@ class Generation:
     the request ends, closes its RequestStream, which aborts the request if it is still running."""
 
     def __init__(self, fe: Frontend, request_id: str, prep: Prepared, outputs: RequestStream, route: str,
-                 t0: float):
+                 t0: float, index: int = 0):
         self.fe, self.request_id, self.prep, self.outputs, self.route, self.t0 = fe, request_id, prep, outputs, route, t0
         self.text = TextStream(fe.tokenizer, prep.stop, prep.params.min_tokens, prep.skip_special_tokens)
         self.token_ids: list[int] = []
@@ -288,7 +305,10 @@ class Generation:
         self.completion_tokens = 0
         self.ttft: float | None = None
         self.drafts = (0, 0, 0)         # MTP: drafts verified, accepted, passes that verified any
-        fe.open[request_id] = self
+        self.prompt_logprobs: list | None = None   # echo with logprobs: per prompt token 1.., from the first update
+        self.index = index              # n > 1: its choice; each has a Generation (and a log line) of its own
+        self.key = request_id if not index else f"{request_id}/{index}"
+        fe.open[self.key] = self
 
     @property
     def prompt_tokens(self) -> int:
@@ -327,6 +347,8 @@ class Generation:
                         m.observe_gap(now - last)
                     last = now
                 self.token_ids.extend(out.new_token_ids)
+                if out.prompt_logprobs is not None:
+                    self.prompt_logprobs = out.prompt_logprobs
                 self.completion_tokens = max(out.num_output_tokens, len(self.token_ids))
                 self.drafts = (out.num_verified_drafts, out.num_accepted_drafts, out.num_verify_steps)
                 text, hit = self.text.add(out.new_token_ids)
@@ -337,7 +359,7 @@ class Generation:
                     self.finish_reason = "stop" if self.text.stopped else out.finish_reason
                 if text or out.new_token_ids or self.finish_reason:
                     yield Delta(text, list(out.new_token_ids), self.finish_reason, self.prompt_tokens,
-                                self.completion_tokens)
+                                self.completion_tokens, out.logprobs)
                 if self.finish_reason:
                     return
         finally:
@@ -347,15 +369,15 @@ class Generation:
         if self.fe is None:
             return
         fe, self.fe = self.fe, None
-        fe.open.pop(self.request_id, None)
+        fe.open.pop(self.key, None)
         await self.outputs.aclose()     # aborts the request in the engine if it is still running
         e2e = time.perf_counter() - self.t0
         reason = self.finish_reason or "abort"
-        fe.metrics.observe_finished(e2e, self.prompt_tokens, self.completion_tokens, reason)
+        fe.metrics.observe_finished(e2e, 0 if self.index else self.prompt_tokens, self.completion_tokens, reason)
         ttft = f"{1000 * self.ttft:.0f} ms" if self.ttft is not None else "-"
         accept = f"{self.acceptance_length:.2f}" if self.acceptance_length is not None else "-"
         log.info("%s %s model=%s prompt=%d completion=%d finish=%s ttft=%s e2e=%.0f ms mtp_accept_len=%s",
-                 self.request_id, self.route, fe.model_name, self.prompt_tokens, self.completion_tokens,
+                 self.key, self.route, fe.model_name, self.prompt_tokens, self.completion_tokens,
                  reason if self.finish_reason else "abort (client gone)", ttft, 1000 * e2e, accept)
 
     async def aclose(self) -> None:

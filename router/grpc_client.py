@@ -20,19 +20,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from .proto import hybridserve_pb2 as pb
 from .proto import hybridserve_pb2_grpc as pb_grpc
 
-_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+             "repetition_penalty", "min_p", "n", "logprobs", "echo", "json_schema", "json_object", "regex", "grammar")
 
 
 def build_request(prompt: str | None = None, *, messages: list[dict] | None = None,
                   prompt_token_ids: list[int] | None = None, model: str = "", stop: list[str] | str | None = None,
                   stop_token_ids: list[int] | None = None, ignore_eos: bool = False, min_tokens: int = 0,
+                  logit_bias: dict[int, float] | None = None, choice: list[str] | None = None,
                   **optional) -> pb.GenerateRequest:
     unknown = set(optional) - set(_OPTIONAL)
     if unknown:
         raise TypeError(f"unknown parameters: {sorted(unknown)}")
     req = pb.GenerateRequest(model=model, ignore_eos=ignore_eos, min_tokens=min_tokens,
                              stop=[stop] if isinstance(stop, str) else list(stop or []),
-                             stop_token_ids=list(stop_token_ids or []))
+                             stop_token_ids=list(stop_token_ids or []), choice=list(choice or []))
+    req.logit_bias.update({int(t): float(b) for t, b in (logit_bias or {}).items()})
     if messages is not None:
         req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
     elif prompt_token_ids is not None:

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from .api_schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from .errors import APIError, InvalidRequest
 from .frontend import Frontend, new_request_id
+from .logprob_format import LogprobFormatter
 from .proto import hybridserve_pb2 as pb
 from .proto import hybridserve_pb2_grpc as pb_grpc
 
@@ -37,17 +38,29 @@ def request_to_body(req: pb.GenerateRequest) -> tuple[str, dict]:
     uint32 min_tokens, a float32 NaN temperature)."""
     body: dict = {"model": req.model or None, "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens,
                   "skip_special_tokens": not req.skip_special_tokens_off}
-    for field in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+    for field in ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty", "min_p", "n"):
         if req.HasField(field):
             body[field] = getattr(req, field)
     if req.stop:
         body["stop"] = list(req.stop)
     if req.stop_token_ids:
         body["stop_token_ids"] = list(req.stop_token_ids)
+    if req.logit_bias:
+        body["logit_bias"] = {str(t): b for t, b in req.logit_bias.items()}
+    _structured_fields(req, body)
     which = req.WhichOneof("input")
     if which == "chat":
         body["messages"] = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+        if req.HasField("logprobs"):
+            body["logprobs"], body["top_logprobs"] = True, req.logprobs
+        if req.echo:
+            raise InvalidRequest("echo: only for a prompt (a completion), not chat", param="echo")
         return "chat", body
+    if req.HasField("logprobs"):
+        body["logprobs"] = req.logprobs
+    if req.echo:
+        body["echo"] = True
     if which == "prompt_token_ids":
         body["prompt"] = list(req.prompt_token_ids.ids)
     elif which == "prompt":
@@ -55,6 +68,21 @@ def request_to_body(req: pb.GenerateRequest) -> tuple[str, dict]:
     else:
         raise InvalidRequest("input: set one of prompt, prompt_token_ids or chat", param="input")
     return "completion", body
+
+
+def _structured_fields(req: pb.GenerateRequest, body: dict) -> None:
+    """The structured-output fields as the HTTP API's (response_format and vLLM's guided_*), so the
+    same checks apply (two of them at once is a 400 there too)."""
+    if req.json_schema:
+        body["guided_json"] = req.json_schema
+    if req.json_object:
+        body["response_format"] = {"type": "json_object"}
+    if req.regex:
+        body["guided_regex"] = req.regex
+    if req.choice:
+        body["guided_choice"] = list(req.choice)
+    if req.grammar:
+        body["guided_grammar"] = req.grammar
 
 
 def parse_request(req: pb.GenerateRequest) -> tuple[str, ChatCompletionRequest | CompletionRequest]:
@@ -67,7 +95,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, fe: Frontend):
         self.fe = fe
 
-    async def _start(self, request: pb.GenerateRequest, context, method: str):
+    async def _start(self, request: pb.GenerateRequest, context, method: str) -> list:
+        """The request's Generations, one per choice (n)."""
         t0 = time.perf_counter()
         rid = new_request_id("chat" if request.WhichOneof("input") == "chat" else "completion")
         route = f"gRPC {method}"
@@ -75,41 +104,61 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self.fe.check_api_key(_api_key(context))
             kind, req = parse_request(request)
             prep = self.fe.prepare_chat(req) if kind == "chat" else self.fe.prepare_completion(req)
-            return await self.fe.start(rid, prep, route, t0)
+            return await self.fe.start_choices(rid, prep, route, t0)
         except APIError as e:
             self.fe.log_rejected(rid, route, e, t0)
             await _abort(context, e)
 
     async def Generate(self, request, context):
-        gen = await self._start(request, context, "Generate")
+        gens = await self._start(request, context, "Generate")
+        fmt = LogprobFormatter(self.fe.tokenizer)
+        open_choices = len(gens)
         try:
-            async for d in gen:
+            async for i, d in _interleave(gens):
+                gen = gens[i]
+                if d is _ECHO:              # the prompt first (completions' echo), with its logprobs if asked
+                    yield pb.GenerateResponse(request_id=gen.request_id, text=gen.prep.echo_text, index=i,
+                                              token_ids=gen.prep.prompt_ids,
+                                              logprobs=_token_logprobs(fmt, gen.prep.prompt_ids[1:],
+                                                                       gen.prompt_logprobs))
+                    continue
                 msg = pb.GenerateResponse(request_id=gen.request_id, text=d.text, token_ids=d.token_ids,
-                                          finish_reason=d.finish_reason or "")
-                if d.finish_reason:
-                    msg.usage.CopyFrom(_usage(d.prompt_tokens, d.completion_tokens, gen.prediction_tokens))
+                                          finish_reason=d.finish_reason or "", index=i,
+                                          logprobs=_token_logprobs(fmt, d.token_ids, d.logprobs))
+                open_choices -= bool(d.finish_reason)
+                if not open_choices:        # the request's last message: usage over every choice
+                    msg.usage.CopyFrom(_usage_of(gens))
                 yield msg
         except APIError as e:
             await _abort(context, e)
         finally:
-            await gen.aclose()
+            for g in gens:
+                await g.aclose()
 
     async def Complete(self, request, context):
-        gen = await self._start(request, context, "Complete")
-        text, ids, finish = [], [], ""
+        gens = await self._start(request, context, "Complete")
+        fmt = LogprobFormatter(self.fe.tokenizer)
+        choices = [pb.Choice(index=i) for i in range(len(gens))]
         try:
-            async for d in gen:
-                text.append(d.text)
-                ids.extend(d.token_ids)
-                finish = d.finish_reason or finish
+            async for i, d in _interleave(gens):
+                gen, c = gens[i], choices[i]
+                if d is _ECHO:
+                    c.text, c.token_ids[:] = gen.prep.echo_text, gen.prep.prompt_ids
+                    c.logprobs.extend(_token_logprobs(fmt, gen.prep.prompt_ids[1:], gen.prompt_logprobs))
+                    continue
+                c.text += d.text
+                c.token_ids.extend(d.token_ids)
+                c.logprobs.extend(_token_logprobs(fmt, d.token_ids, d.logprobs))
+                c.finish_reason = d.finish_reason or c.finish_reason
         except APIError as e:
             await _abort(context, e)
         finally:
-            await gen.aclose()
-        return pb.CompleteResponse(request_id=gen.request_id, model=gen.prep.model, text="".join(text), token_ids=ids,
-                                   finish_reason=finish,
-                                   usage=_usage(gen.prompt_tokens, gen.completion_tokens, gen.prediction_tokens),
-                                   prompt_token_ids=gen.prep.prompt_ids)
+            for g in gens:
+                await g.aclose()
+        first = choices[0]
+        return pb.CompleteResponse(request_id=gens[0].request_id, model=gens[0].prep.model, text=first.text,
+                                   token_ids=first.token_ids, finish_reason=first.finish_reason,
+                                   usage=_usage_of(gens), prompt_token_ids=gens[0].prep.prompt_ids, choices=choices)
 
     async def ListModels(self, request, context):
         try:
@@ -117,6 +166,60 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except APIError as e:
             await _abort(context, e)
         return pb.ListModelsResponse(models=[pb.Model(id=self.fe.model_name, max_model_len=self.fe.max_model_len or 0)])
+
+
+_ECHO = object()       # _interleave's marker: choice i's echoed prompt goes before its first delta
+
+
+async def _interleave(gens: list):
+    """(choice index, Delta) of n Generations as they come; with echo, (i, _ECHO) before choice i's first
+    delta (its prompt logprobs arrive with that delta's update)."""
+    async def one(i, gen):
+        first = True
+        async for d in gen:
+            if first and gen.prep.echo_text:
+                await queue.put((i, _ECHO))
+            first = False
+            await queue.put((i, d))
+
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(gens))
+    tasks = [asyncio.create_task(one(i, g)) for i, g in enumerate(gens)]
+    done = asyncio.gather(*tasks)
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+                continue
+            getter.cancel()
+            while not queue.empty():
+                yield queue.get_nowait()
+            done.result()                       # a choice's error (APIError) is the request's
+            return
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if done.done() and not done.cancelled():
+            done.exception()                    # retrieved: a cancelled choice is no error to log
+
+
+def _token_logprobs(fmt: LogprobFormatter, token_ids: list[int], entries: list | None) -> list:
+    """Engine logprob entries ([logprob, top ids, top logprobs] per token) as TokenLogprob messages."""
+    if not entries:
+        return []
+    return [pb.TokenLogprob(token_id=t, token=fmt.token(t), logprob=lp,
+                            top_logprobs=[pb.TopLogprob(token_id=i, token=fmt.token(i), logprob=v)
+                                          for i, v in zip(ids, lps)])
+            for t, (lp, ids, lps) in zip(token_ids, entries)]
+
+
+def _usage_of(gens: list) -> pb.Usage:
+    """The prompt once, the completion tokens and MTP predictions of every choice."""
+    preds = [g.prediction_tokens for g in gens if g.prediction_tokens is not None]
+    summed = (sum(a for a, _ in preds), sum(r for _, r in preds)) if preds else None
+    return _usage(gens[0].prompt_tokens, sum(g.completion_tokens for g in gens), summed)
 
 
 def _usage(p: int, c: int, predictions: tuple[int, int] | None = None) -> pb.Usage:

@@ -23,7 +23,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from . import responses as R
 from .api_schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, parse_body, parse_tokenize
 from .errors import APIError, InternalError, InvalidRequest, NotFound, RequestTooLarge, reason_phrase
+from .choices import Choices, merge_bodies, merge_chunks
 from .frontend import Frontend, Generation, new_request_id
+from .logprob_format import LogprobFormatter, joined
 from .metrics import CONTENT_TYPE
 from .openapi import install_openapi
 
@@ -176,16 +178,17 @@ async def _generate(fe: Frontend, request: Request, kind: str):
         else:
             req = parse_body(CompletionRequest, body)
             prep = fe.prepare_completion(req)
-        gen = await fe.start(rid, prep, route, t0)
+        gens = await fe.start_choices(rid, prep, route, t0)
     except APIError as e:
         fe.log_rejected(rid, route, e, t0)
         return error_response(e)
     headers = {"X-Request-Id": rid}
+    gen = gens[0] if len(gens) == 1 else Choices(gens)              # n > 1: router/choices.py
     if req.stream:
         headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return GenerationStreamingResponse(gen, _stream(fe, gen, req, kind), media_type="text/event-stream",
-                                           headers=headers)
-    collect = asyncio.ensure_future(_collect(fe, gen, req, kind))
+        return GenerationStreamingResponse(gen, (_stream if len(gens) == 1 else _stream_choices)(fe, gen, req, kind),
+                                           media_type="text/event-stream", headers=headers)
+    collect = asyncio.ensure_future((_collect if len(gens) == 1 else _collect_choices)(fe, gen, req, kind))
     disconnect = asyncio.ensure_future(_wait_disconnect(request))
     try:
         await asyncio.wait([collect, disconnect], return_when=asyncio.FIRST_COMPLETED)
@@ -241,12 +244,14 @@ async def _read_json(request: Request):
 
 
 async def _collect(fe: Frontend, gen: Generation, req, kind: str) -> dict:
-    text, ids, finish = [], [], None
+    text, ids, lps, finish = [], [], [], None
     async for d in gen:
         text.append(d.text)
         ids.extend(d.token_ids)
+        lps.extend(d.logprobs or [])
         finish = d.finish_reason
     out = "".join(text)
+    fmt = LogprobFormatter(fe.tokenizer) if gen.prep.params.logprobs is not None else None
     tok = ids if req.return_token_ids else None
     ptok = gen.prep.prompt_ids if req.return_token_ids else None
     if kind == "chat":
@@ -254,53 +259,85 @@ async def _collect(fe: Frontend, gen: Generation, req, kind: str) -> dict:
         if gen.prep.parsing is not None:          # reasoning_content / tool_calls (chat_output.py)
             message, finish = gen.prep.parsing.new().message(out, finish)
         return R.chat_response(gen.request_id, int(time.time()), gen.prep.model, out, finish, gen.prompt_tokens,
-                               gen.completion_tokens, tok, ptok, gen.prediction_tokens, message)
+                               gen.completion_tokens, tok, ptok, gen.prediction_tokens, message,
+                               fmt and fmt.chat(ids, lps))
+    logprobs = fmt and joined(fmt.echoed(gen.prep.prompt_ids, gen.prompt_logprobs) if gen.prep.echo_text else None,
+                              fmt.completion(ids, lps))
     return R.completion_response(gen.request_id, int(time.time()), gen.prep.model, gen.prep.echo_text + out, finish,
-                                 gen.prompt_tokens, gen.completion_tokens, tok, ptok, gen.prediction_tokens)
+                                 gen.prompt_tokens, gen.completion_tokens, tok, ptok, gen.prediction_tokens, logprobs)
 
 
-async def _stream(fe: Frontend, gen: Generation, req, kind: str):
+async def _collect_choices(fe: Frontend, group: Choices, req, kind: str) -> dict:
+    try:
+        return merge_bodies(list(await asyncio.gather(*(_collect(fe, g, req, kind) for g in group.gens))))
+    finally:
+        await group.aclose()
+
+
+async def _stream_choices(fe: Frontend, group: Choices, req, kind: str):
+    """n > 1: every choice's chunks (each with its index) as they come, one usage chunk, then [DONE]."""
+    try:
+        async for body in merge_chunks([_stream(fe, g, req, kind, encode=dict, done=False) for g in group.gens]):
+            yield R.sse(body)
+    finally:
+        await group.aclose()
+    yield R.SSE_DONE
+
+
+async def _stream(fe: Frontend, gen: Generation, req, kind: str, encode=R.sse, done: bool = True):
+    """SSE bytes of one choice; encode=dict, done=False: its chunks as dicts, for _stream_choices."""
     rid, model, created = gen.request_id, gen.prep.model, int(time.time())
     include_usage = req.include_usage
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     want_ids = req.return_token_ids
     parser = gen.prep.parsing.new() if kind == "chat" and gen.prep.parsing is not None else None
+    fmt = LogprobFormatter(fe.tokenizer) if gen.prep.params.logprobs is not None else None
+    echo = gen.prep.echo_text           # with logprobs, sent with the first update (the prompt's logprobs come with it)
 
     def chunk(text: str, finish: str | None, ids: list[int] | None, role: bool = False,
-              delta: dict | None = None) -> bytes:
+              delta: dict | None = None, logprobs: dict | None = None) -> bytes:
         u = R.usage(gen.prompt_tokens, gen.completion_tokens) if continuous else None
         tok = ids if want_ids else None
         if kind == "chat":
             if delta is None:
                 delta = {"role": "assistant", "content": text} if role else \
                     ({"content": text} if text or not finish else {})
-            return R.sse(R.chat_chunk(rid, created, model, delta, finish, tok, u, include_usage))
-        return R.sse(R.completion_chunk(rid, created, model, text, finish, tok, u, include_usage))
+            return encode(R.chat_chunk(rid, created, model, delta, finish, tok, u, include_usage, logprobs))
+        return encode(R.completion_chunk(rid, created, model, text, finish, tok, u, include_usage, logprobs))
 
     try:
         if kind == "chat":
             yield chunk("", None, [] if want_ids else None, role=True)
-        elif gen.prep.echo_text:
-            yield chunk(gen.prep.echo_text, None, [] if want_ids else None)
+        elif echo and fmt is None:
+            yield chunk(echo, None, [] if want_ids else None)
+            echo = ""
         async for d in gen:
+            if echo:
+                yield chunk(echo, None, [] if want_ids else None,
+                            logprobs=fmt.echoed(gen.prep.prompt_ids, gen.prompt_logprobs))
+                echo = ""
+            lp = fmt and (fmt.chat if kind == "chat" else fmt.completion)(d.token_ids, d.logprobs)
+            has_ids = (want_ids or fmt is not None) and d.token_ids
             if parser is not None:          # reasoning / tool-call deltas: maybe several, maybe none yet
                 deltas, finish = parser.step(d.text, d.finish_reason)
-                if not deltas and (finish or (want_ids and d.token_ids)):
+                if not deltas and (finish or has_ids):
                     deltas = [{}]
                 for i, delta in enumerate(deltas):
                     last = i == len(deltas) - 1
-                    yield chunk("", finish if last else None, d.token_ids if i == 0 else [], delta=delta)
-            elif d.text or d.finish_reason or (want_ids and d.token_ids):
-                yield chunk(d.text, d.finish_reason, d.token_ids)
+                    yield chunk("", finish if last else None, d.token_ids if i == 0 else [], delta=delta,
+                                logprobs=lp if i == 0 else None)
+            elif d.text or d.finish_reason or has_ids:
+                yield chunk(d.text, d.finish_reason, d.token_ids, logprobs=lp)
         if include_usage:
             obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-            yield R.sse(R.usage_chunk(rid, created, model, obj, gen.prompt_tokens, gen.completion_tokens,
-                                      gen.prediction_tokens))
+            yield encode(R.usage_chunk(rid, created, model, obj, gen.prompt_tokens, gen.completion_tokens,
+                                       gen.prediction_tokens))
     except APIError as e:           # after the 200 header: report in-band, as OpenAI-compatible servers do
-        yield R.sse(e.to_json())
+        yield encode(e.to_json())
     finally:
         await gen.aclose()
-    yield R.SSE_DONE
+    if done:
+        yield R.SSE_DONE
 
 
 __all__ = ["build_app", "error_response", "reason_phrase"]

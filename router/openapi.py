@@ -54,9 +54,25 @@ def _sse_event(chunk: str) -> dict:
             "properties": {"data": {"anyOf": [{"const": "[DONE]"}, payload]}}}
 
 
-def _choice(required: dict, optional: dict | None = None) -> dict:
+# logprobs (router/logprob_format.py): null unless the request asked for them.
+_NUM = {"type": "number"}
+_LP_ITEM = {"type": "object", "required": ["token", "logprob", "bytes"],
+            "properties": {"token": {"type": "string"}, "logprob": _NUM, "bytes": {"type": "array", "items": _INT}}}
+_CHAT_LOGPROBS = {"type": "object", "required": ["content"], "properties": {"content": {"type": "array", "items": {
+    **_LP_ITEM, "required": [*_LP_ITEM["required"], "top_logprobs"],
+    "properties": {**_LP_ITEM["properties"], "top_logprobs": {"type": "array", "items": _LP_ITEM}}}}}}
+_COMPLETION_LOGPROBS = {"type": "object", "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+                        "properties": {"tokens": {"type": "array", "items": {"type": "string"}},
+                                       "token_logprobs": {"type": "array", "items": _nullable(_NUM)},
+                                       "top_logprobs": {"type": "array", "items": _nullable(
+                                           {"type": "object", "additionalProperties": _NUM})},
+                                       "text_offset": {"type": "array", "items": _INT}}}
+
+
+def _choice(required: dict, optional: dict | None = None, logprobs: dict | None = None) -> dict:
     """A choice: `required` fields besides index, logprobs, finish_reason; token ids only when asked for."""
-    props = {"index": _INT, "logprobs": {"type": "null"}, "finish_reason": _nullable({"type": "string"}),
+    props = {"index": _INT, "logprobs": _nullable(logprobs) if logprobs else {"type": "null"},
+             "finish_reason": _nullable({"type": "string"}),
              **required, "token_ids": _TOKEN_IDS, **(optional or {})}
     return {"type": "object", "required": ["index", *required, "logprobs", "finish_reason"], "properties": props}
 
@@ -74,13 +90,16 @@ RESPONSE_SCHEMAS = {
     "ChatCompletion": _envelope("chat.completion", _choice({"message": {
         "type": "object", "required": ["role", "content"],
         "properties": {"role": {"const": "assistant"}, "content": _nullable(_STR),
-                       "reasoning_content": _nullable(_STR), "tool_calls": {"type": "array", "items": _TOOL_CALL}}}})),
+                       "reasoning_content": _nullable(_STR), "tool_calls": {"type": "array", "items": _TOOL_CALL}}}},
+        logprobs=_CHAT_LOGPROBS)),
     "Completion": _envelope("text_completion", _choice({"text": {"type": "string"}},
-                                                       {"prompt_token_ids": _TOKEN_IDS})),
+                                                       {"prompt_token_ids": _TOKEN_IDS}, _COMPLETION_LOGPROBS)),
     "ChatCompletionChunk": _envelope("chat.completion.chunk", _choice({"delta": {
         "type": "object", "properties": {"role": {"const": "assistant"}, "content": _STR, "reasoning_content": _STR,
-                                         "tool_calls": {"type": "array", "items": _TOOL_CALL_DELTA}}}}), chunk=True),
-    "CompletionChunk": _envelope("text_completion", _choice({"text": {"type": "string"}}), chunk=True),
+                                         "tool_calls": {"type": "array", "items": _TOOL_CALL_DELTA}}}},
+        logprobs=_CHAT_LOGPROBS), chunk=True),
+    "CompletionChunk": _envelope("text_completion", _choice({"text": {"type": "string"}}, logprobs=_COMPLETION_LOGPROBS),
+                                 chunk=True),
     "Model": {"type": "object", "required": ["id", "object", "created", "owned_by"],
               "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
                              "owned_by": {"type": "string"}, "root": {"type": "string"},
@@ -94,7 +113,7 @@ RESPONSE_SCHEMAS = {
                        "code": {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]}}}}},
     "TokenizeResponse": {"type": "object", "required": ["count", "max_model_len", "tokens"],
                          "properties": {"count": _INT, "max_model_len": _INT, "tokens": _TOKEN_IDS,
-                                        "token_strs": {"type": "array", "items": {"type": "string"}}}},
+                                        "token_strs": _nullable({"type": "array", "items": {"type": "string"}})}},
     "DetokenizeResponse": {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
     "Status": {"type": "object", "required": ["status"],
                "properties": {"status": {"type": "string"}, "model": {"type": "string"}}},

@@ -24,6 +24,8 @@ class RequestOutput:
     "abort" (cancelled), "error" (see `error`).
     num_verified_drafts / num_accepted_drafts / num_verify_steps: the request's MTP so far (all its
     passes): drafts verified, drafts accepted, passes that verified any (usage, the request log line).
+    logprobs / prompt_logprobs: model_shards/logprobs.py's entries, for requests with SamplingParams.logprobs
+    / prompt_logprobs (None otherwise).
     """
 
     request_id: str
@@ -35,10 +37,15 @@ class RequestOutput:
     num_verified_drafts: int = 0
     num_accepted_drafts: int = 0
     num_verify_steps: int = 0
+    logprobs: list | None = None          # per new token [logprob, [top ids], [top logprobs]], if asked
+    prompt_logprobs: list | None = None   # per prompt token 1.. (same entries), with the first update, if asked
+    index: int = 0                        # n > 1: the choice this update is about (its finish_reason is that choice's)
+    open_choices: int = 0                 # n > 1: the request's choices still running after this update
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        """The request is done: this update ends its last choice (with n = 1, its only one)."""
+        return self.finish_reason is not None and not self.open_choices
 
 
 @dataclasses.dataclass
@@ -60,5 +67,6 @@ class EngineStats:
     requests_aborted: int = 0            # cancelled while running: client gone, stop string, shutdown
     requests_failed: int = 0             # ended with an error (a failed pass, a lost actor)
     tokens_generated: int = 0            # output tokens handed to requests
+    prompt_tokens_computed: int = 0      # prompt positions planned into passes (n > 1 choices share theirs)
     healthy: bool = True                 # False while the replica's actors are rebuilt, or if they could not be
     stepping: bool = True                # the loop is alive and passes come back (see AsyncEngine.is_stepping)

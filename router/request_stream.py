@@ -35,6 +35,7 @@ class RequestStream:
         self.request_id = request_id
         self._next, self._cancel, self._ready = next_output, cancel, next_ready
         self.finished = False          # the finished output was read, or the stream was closed
+        self._held: RequestOutput | None = None   # read by coalesce() but about another choice (n > 1)
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -42,6 +43,10 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
+        if self._held is not None:
+            out, self._held = self._held, None
+            self.finished = out.finished
+            return out
         try:
             out = await self._next()
         except StopAsyncIteration:      # the source ended without a finished output: treat as lost
@@ -53,9 +58,12 @@ class RequestStream:
     def coalesce(self, out: RequestOutput) -> RequestOutput:
         """`out` merged with the outputs already queued behind it (none are waited for): one message
         instead of several when the reader fell a step or more behind, as a busy replica does."""
-        while self._ready is not None and not out.finished:
+        while self._ready is not None and out.finish_reason is None:
             more = self._ready()
             if more is None:
+                break
+            if more.index != out.index:    # n > 1: another choice's update goes as the next message
+                self._held = more
                 break
             out = merge_outputs(out, more)
         self.finished = out.finished
@@ -63,6 +71,10 @@ class RequestStream:
 
     async def aclose(self) -> None:
         """End the request if it is still running; safe to call any number of times."""
+        self.close_nowait()
+
+    def close_nowait(self) -> None:
+        """aclose(), callable where nothing can be awaited (router/choices.py)."""
         if self.finished:
             return
         self.finished = True
@@ -80,6 +92,9 @@ class RequestStream:
 
 def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
     """Two consecutive updates of one request as one: the tokens of both, the later state."""
+    logprobs = None if first.logprobs is None else first.logprobs + (then.logprobs or [])
     return RequestOutput(first.request_id, first.new_token_ids + then.new_token_ids, then.finish_reason,
                          then.num_prompt_tokens, then.num_output_tokens, then.error, then.num_verified_drafts,
-                         then.num_accepted_drafts, then.num_verify_steps)
+                         then.num_accepted_drafts, then.num_verify_steps, logprobs,
+                         first.prompt_logprobs if first.prompt_logprobs is not None else then.prompt_logprobs,
+                         index=then.index, open_choices=then.open_choices)

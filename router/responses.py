@@ -49,10 +49,11 @@ def _chunk(rid: str, created: int, model: str, obj: str, choice: dict, usage_: d
 def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
                   completion_tokens: int, token_ids: list[int] | None = None,
                   prompt_token_ids: list[int] | None = None, predictions: tuple[int, int] | None = None,
-                  message: dict | None = None) -> dict:
-    """`message`: instead of `{"role": "assistant", "content": text}` (with reasoning_content / tool_calls)."""
+                  message: dict | None = None, logprobs: dict | None = None) -> dict:
+    """`message`: instead of `{"role": "assistant", "content": text}` (with reasoning_content / tool_calls).
+    `logprobs`: the choice's (logprob_format.py), null unless the request asked."""
     message = message if message is not None else {"role": "assistant", "content": text}
-    choice = _with_token_ids({"index": 0, "message": message, "logprobs": None,
+    choice = _with_token_ids({"index": 0, "message": message, "logprobs": logprobs,
                               "finish_reason": finish_reason}, token_ids)
     body = _envelope(rid, created, model, "chat.completion", [choice])
     body["usage"] = usage(prompt_tokens, completion_tokens, predictions)
@@ -62,16 +63,19 @@ def chat_response(rid: str, created: int, model: str, text: str, finish_reason: 
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
-               token_ids: list[int] | None = None, usage_: dict | None = None, with_usage_field: bool = False) -> dict:
-    choice = _with_token_ids({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}, token_ids)
+               token_ids: list[int] | None = None, usage_: dict | None = None, with_usage_field: bool = False,
+               logprobs: dict | None = None) -> dict:
+    choice = _with_token_ids({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason},
+                             token_ids)
     return _chunk(rid, created, model, "chat.completion.chunk", choice, usage_, with_usage_field)
 
 
 def completion_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
                         prompt_tokens: int, completion_tokens: int, token_ids: list[int] | None = None,
                         prompt_token_ids: list[int] | None = None,
-                        predictions: tuple[int, int] | None = None) -> dict:
-    choice = _with_token_ids({"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}, token_ids)
+                        predictions: tuple[int, int] | None = None, logprobs: dict | None = None) -> dict:
+    choice = _with_token_ids({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason},
+                             token_ids)
     if prompt_token_ids is not None:
         choice["prompt_token_ids"] = prompt_token_ids
     body = _envelope(rid, created, model, "text_completion", [choice])
@@ -81,8 +85,9 @@ def completion_response(rid: str, created: int, model: str, text: str, finish_re
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None = None,
                      token_ids: list[int] | None = None, usage_: dict | None = None,
-                     with_usage_field: bool = False) -> dict:
-    choice = _with_token_ids({"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}, token_ids)
+                     with_usage_field: bool = False, logprobs: dict | None = None) -> dict:
+    choice = _with_token_ids({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason},
+                             token_ids)
     return _chunk(rid, created, model, "text_completion", choice, usage_, with_usage_field)
 
 

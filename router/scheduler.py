@@ -32,8 +32,9 @@ from cluster.contracts import SeqOutput, SeqStep, StepPlan, StepResult, kv_posit
 from model_shards.sampling_params import check_stop, drafts_to_verify
 
 from .block_manager import BlockManager
+from .fork import Forker, OpenChoices, ready
 from .outputs import RequestOutput
-from .sequence import InFlight, SeqStatus, Sequence
+from .sequence import InFlight, SeqStatus, Sequence, priority as _priority
 from .spec_policy import Choice, FixedPolicy, candidates, feed_mtp, pinned
 
 log = logging.getLogger("hybridserve.scheduler")
@@ -56,10 +57,6 @@ class SchedulerConfig:
     eos_token_id: int | None = 2
 
 
-def _priority(seq: Sequence) -> tuple[float, int]:
-    return seq.arrival_time, seq.seq_id
-
-
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, policy=None):
         self.config, self.blocks = config, blocks
@@ -72,13 +69,17 @@ class Scheduler:
         self.next_step = 0
         self.num_preemptions = 0
         self._plans: dict[int, StepPlan] = {}     # step id -> a plan in flight
+        self.open_choices = OpenChoices()         # n > 1 (router/fork.py): choices per request not ended
+        self.forker = Forker(self)
+        self.num_prefilled = 0                    # prompt tokens computed, all passes together (n > 1: once)
 
     # ---- requests in and out -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; ValueError (naming the field) if it could never run, even alone."""
         self._check_fits(seq)
-        self.seqs[seq.seq_id] = seq
-        self._enqueue(seq)
+        for s in self.forker.admit(seq):        # n > 1: its parent, or (a 1-token prompt) its n choices
+            self.seqs[s.seq_id] = s
+            self._enqueue(s)
 
     def max_positions(self, seq: Sequence) -> int:
         """The most KV positions `seq` can need: it ends by min(prompt + max_tokens, max_model_len)."""
@@ -197,7 +198,12 @@ class Scheduler:
         for seq in idle:
             if not room():
                 break
-            if seq.status is SeqStatus.RUNNING and not seq.in_flight and not (seq.suspect and steps):
+            if seq.status is not SeqStatus.RUNNING or seq.in_flight or (seq.suspect and steps):
+                continue
+            if ready(seq):                      # a parent: its n choices' first steps, all or none
+                for step in self.forker.plan(seq, budget, step_id, limit - len(steps) if steps else budget):
+                    take(step, self.seqs[step.seq_id])
+            else:
                 take(self._plan_seq(seq, budget, step_id, may_preempt=True), seq)
         # 2. Admit waiting ones in order while a slot, blocks and budget remain; never by preempting,
         #    nor in a plan that just preempted (that would undo it).
@@ -219,8 +225,8 @@ class Scheduler:
     def _choose_drafts(self, idle: list[Sequence], limit: int, budget: int) -> Choice:
         """The policy's drafts for the sequences this plan will likely hold (spec_policy.candidates)."""
         room = max(0, self.config.max_num_seqs - len(self.running))
-        cands, extra, extra_seqs = candidates(idle + list(self.waiting)[:room], limit, budget,
-                                              self.config.max_model_len)
+        likely = [s for s in idle + list(self.waiting)[:room] if not s.fork_ids]   # parents never sample
+        cands, extra, extra_seqs = candidates(likely, limit, budget, self.config.max_model_len)
         return self.policy.choose(cands, extra, self.config.max_num_batched_tokens, extra_seqs)
 
     def _admit(self, seq: Sequence, budget: int, step_id: int) -> SeqStep | None:
@@ -239,8 +245,8 @@ class Scheduler:
         self._planning = seq.seq_id
         remaining = seq.num_uncomputed          # >= 1: the newest token is always the next input
         n = min(remaining, budget)
-        final = n == remaining
-        propose = verify = seq.num_speculative  # fixed: k every step
+        final = n == remaining and not seq.fork_ids          # a parent never samples
+        propose = verify = 0 if seq.fork_ids else seq.num_speculative  # fixed: k every step
         if self._choice is not None:            # adaptive: the policy's counts (seeded random: always k)
             chosen = self._choice.get(seq.seq_id)
             if chosen is None:
@@ -248,6 +254,7 @@ class Scheduler:
             else:
                 propose, verify = chosen, self._choice.verify.get(seq.seq_id, 0)
             propose = propose if final else 0   # a prompt chunk that does not sample drafts nothing
+        self.num_prefilled += max(0, min(len(seq.prompt_ids) - seq.num_computed, n))
         drafts: list[int] = []
         if remaining == 1:                      # decoding: verify the drafts that can still count
             drafts = drafts_to_verify(seq.drafts, len(seq.output_ids), seq.params)
@@ -262,7 +269,7 @@ class Scheduler:
             block_table=list(seq.block_table), drafts=drafts, sample=final,
             next_token=None if final else seq.tokens[seq.num_computed + n],
             commit_index=seq.commit_index, params=seq.params_dict, seed=seq.seed,
-            num_drafts=propose, prompt_len=len(seq.prompt_ids))
+            num_drafts=propose, prompt_len=len(seq.prompt_ids), mtp_context=bool(seq.fork_ids and seq.num_speculative))
         seq.pending = InFlight(step_id, len(ids), len(drafts), final)       # last: the step exists
         return step
 
@@ -277,7 +284,7 @@ class Scheduler:
         victims = sorted((s for s in self.running if not s.in_flight and _priority(s) > _priority(seq)),
                          key=_priority)
         short = self.blocks.blocks_for(positions) - len(seq.block_table) - len(self.blocks.free_blocks)
-        if sum(len(v.block_table) for v in victims) < short:
+        if self.blocks.freed_by(victims) < short:
             return False
         while not self.blocks.can_hold(seq, positions):
             victim = victims.pop()
@@ -363,6 +370,7 @@ class Scheduler:
         if seq.aborted or seq.error:
             return [self._end(seq)]
         seq.suspect = False
+        seq.note_logprobs(o)
         seq.commit_index = o.num_accepted if p.num_verified else -1
         if not p.samples:
             seq.num_computed += p.num_tokens
@@ -382,10 +390,11 @@ class Scheduler:
         return [self._finish(seq, reason) if reason else self._emit(seq)]
 
     def _emit(self, seq: Sequence, reason: str | None = None, error: str | None = None) -> RequestOutput:
-        new = seq.output_ids[seq.num_emitted:]
+        new, logprobs = seq.output_ids[seq.num_emitted:], seq.logprobs_since(seq.num_emitted)
         seq.num_emitted = len(seq.output_ids)
         return RequestOutput(seq.request_id, new, reason, len(seq.prompt_ids), len(seq.output_ids), error,
-                             seq.num_verified_drafts, seq.num_accepted_drafts, seq.num_verify_steps)
+                             seq.num_verified_drafts, seq.num_accepted_drafts, seq.num_verify_steps, *logprobs,
+                             index=seq.index, open_choices=self.open_choices.update(seq, reason))
 
     def _end(self, seq: Sequence) -> RequestOutput:
         """An aborted or failed sequence, out of flight: finish it as such."""

@@ -304,7 +304,8 @@ def feed_mtp(steps, seqs, policy) -> None:
         seq = seqs[s.seq_id]
         prompt = not s.sample or s.num_tokens > 1 + len(s.drafts)
         mtp = seq.num_speculative > 0
-        s.mtp_context = mtp and (s.num_drafts > 0 or pinned(seq) or (prompt and drafting))
+        # A parent of n > 1 choices feeds it always: its choices inherit the MTP block's KV, not its stash.
+        s.mtp_context = mtp and (s.num_drafts > 0 or pinned(seq) or (prompt and drafting) or bool(seq.fork_ids))
         s.mtp_stash = mtp and not s.mtp_context
 
 

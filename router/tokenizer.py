@@ -9,8 +9,11 @@ Two kinds, one interface (`encode`, `decode`, `apply_chat_template`, `bos/eos_to
   259) decode to a visible `<|id|>` placeholder instead of vanishing, so a random model's output is
   not mysteriously empty.
 
-Chat templates are Jinja, rendered the way transformers does it (sandboxed, trim_blocks/lstrip_blocks,
-`raise_exception`, `tojson`), so the templates of Hub checkpoints work unchanged.
+Chat templates are Jinja, rendered exactly as transformers' `apply_chat_template` renders them (its jinja
+environment, its special-token variables, `tools` / `documents` always defined, None-valued message keys
+dropped, reasoning under all its names, `continue_final_message`), so the templates of Hub checkpoints work
+unchanged; tests/unit/test_chat_template_parity.py compares the two. transformers itself is not imported:
+it is slow to load in every ingress replica. Streaming decode is `tokenizers`' own `DecodeStream`.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("hybridserve.tokenizer")
 
@@ -38,8 +41,53 @@ class ChatTemplateError(ValueError):
 
 @lru_cache(maxsize=16)
 def _compile_template(source: str):
+    """The environment transformers' `apply_chat_template` compiles templates in (utils/chat_template_utils.py):
+    sandboxed, trim_blocks/lstrip_blocks, loop controls, its `tojson`, `raise_exception`, `strftime_now`, the
+    `{% generation %}` tag (here it only renders its body) and its hardened `dict` / `namespace`."""
     import jinja2.ext
+    import jinja2.nodes
+    import jinja2.utils
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` marks the assistant's tokens for training masks."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        """A namespace that refuses underscore names (no way into CPython internals), as transformers'."""
+
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"templates cannot store {name!r} on a namespace")
+
+    class TemplateDict:
+        """`dict(...)` and `dict.fromkeys(...)`, without the type itself."""
+
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
 
     def raise_exception(message: str):
         raise ChatTemplateError(message)
@@ -52,25 +100,65 @@ def _compile_template(source: str):
         return datetime.datetime.now().strftime(fmt)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
     return env.from_string(source)
 
 
+# Names a message's reasoning goes by; transformers fills the first from the others, and `thinking` too.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """The messages as transformers hands them to a template: keys whose value is None dropped (templates test
+    for a missing key), the reasoning under all its names."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
 def render_chat_template(source: str, messages: list[dict], add_generation_prompt: bool = True,
-                         **extra: Any) -> str:
+                         continue_final_message: bool = False, **extra: Any) -> str:
+    """What transformers' `apply_chat_template(..., tokenize=False)` renders: `tools` and `documents` are
+    always defined (None when not given); `continue_final_message` leaves the last message open, found in the
+    output by a tag appended to its content (transformers' method)."""
     import jinja2
 
+    messages = _template_messages(messages)
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ChatTemplateError("continue_final_message: cannot be used with add_generation_prompt")
+        if not messages or not isinstance(messages[-1].get("content"), str):
+            raise ChatTemplateError("continue_final_message: the last message has no text content to continue")
+        final = messages[-1]["content"]
+        messages[-1] = {**messages[-1], "content": final + _CONTINUE_TAG}
     try:
-        return _compile_template(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **extra)
+        text = _compile_template(source).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            **{"tools": None, "documents": None, **extra})
     except ChatTemplateError:
         raise
     except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
         # what a request's messages, tools or chat_template_kwargs can make a template do: a 400, not a 500
         raise ChatTemplateError(f"messages: the chat template failed: {type(e).__name__}: {e}") from e
+    if continue_final_message:
+        tag = _CONTINUE_TAG.strip()
+        if final.strip() not in text or tag not in text:
+            raise ChatTemplateError("continue_final_message: the chat template does not render the last message's "
+                                    "content as given, so it cannot be continued")
+        at = text.rindex(tag)
+        text = text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
+    return text
 
 
 class BaseTokenizer:
@@ -78,6 +166,8 @@ class BaseTokenizer:
     eos_token_id: int | None = None
     bos_token: str = ""
     eos_token: str = ""
+    unk_token: str = ""
+    pad_token: str = ""
     chat_template: str = DEFAULT_CHAT_TEMPLATE
     # The template renders the BOS text itself; encoding the rendered chat must not add it again.
     template_adds_bos: bool = False
@@ -92,18 +182,33 @@ class BaseTokenizer:
         """Each id's own text (vLLM's `return_token_strs`); special tokens included."""
         return [self.decode([t], skip_special_tokens=False) for t in ids]
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def decode_stream(self, skip_special_tokens: bool = True) -> Callable[[int], str | None] | None:
+        """A streaming decoder (one id in, the text that became final out, or None), or None when this
+        tokenizer has none and the detokenizer must diff decodes itself."""
+        return None
+
+    def special_tokens_map(self) -> dict[str, str]:
+        """The special tokens a template sees by name, as transformers passes them (`bos_token`, ...)."""
+        return {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                  ("unk_token", self.unk_token), ("pad_token", self.pad_token)) if v}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, **kwargs: Any) -> str:
         """`kwargs`: more template variables (`tools`, a request's `chat_template_kwargs` such as
         `enable_thinking`); they cannot replace `bos_token` / `eos_token`."""
-        return render_chat_template(self.chat_template, messages, add_generation_prompt,
-                                    **{**kwargs, "bos_token": self.bos_token, "eos_token": self.eos_token})
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, continue_final_message,
+                                    **{**self.special_tokens_map(), **kwargs, "bos_token": self.bos_token,
+                                       "eos_token": self.eos_token})
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         """Render the template and tokenize; BOS added only when the template does not write it."""
         return self.encode_rendered(self.apply_chat_template(messages, add_generation_prompt, **kwargs))
 
-    def encode_rendered(self, text: str) -> list[int]:
-        """Ids of a rendered chat template."""
+    def encode_rendered(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ids of a rendered chat template. `add_special_tokens` (vLLM's): the tokenizer's own (BOS) on top of
+        what the template wrote; without it, BOS only when the template does not write it."""
+        if add_special_tokens:
+            return self.encode(text, add_special_tokens=True)
         add_bos = not (self.bos_token and text.startswith(self.bos_token))
         return self.encode(text, add_special_tokens=add_bos)
 
@@ -154,6 +259,8 @@ class HFTokenizer(BaseTokenizer):
         cfg = _read_json(folder / "tokenizer_config.json")
         self.bos_token = _token_text(cfg.get("bos_token")) or ""
         self.eos_token = _token_text(cfg.get("eos_token")) or ""
+        self.unk_token = _token_text(cfg.get("unk_token")) or ""
+        self.pad_token = _token_text(cfg.get("pad_token")) or ""
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         template = None
@@ -179,6 +286,14 @@ class HFTokenizer(BaseTokenizer):
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> Callable[[int], str | None]:
+        """`tokenizers`' own DecodeStream, bound to this tokenizer."""
+        from functools import partial
+
+        from tokenizers.decoders import DecodeStream
+
+        return partial(DecodeStream(skip_special_tokens=skip_special_tokens).step, self._tok)
 
     def token_strs(self, ids: list[int]) -> list[str]:
         """The vocabulary's token strings (as transformers' convert_ids_to_tokens: byte-level BPE shows Ġ)."""

@@ -4,9 +4,8 @@ assistant `tool_calls`; vLLM's `chat_template_kwargs`), validated as OpenAI does
 `tools` and `chat_template_kwargs` go to the chat template (`TemplateInputs`, shared by chat completions
 and chat `/tokenize`, so both render the same prompt). Whether tools may be used depends on the server's
 `--tool-call-parser` (`check_tool_use`): `tool_choice` `auto` (the default with tools) needs one;
-`none` only shows the tools to the model; `required` and a named function need grammar-constrained
-decoding (forcing the output into a call), which this server does not have yet, so they are a 400
-rather than a promise the model may break.
+`none` only shows the tools to the model; `required` and a named function force one call by a grammar
+(tool_grammar.py, enforced on the last stage like structured outputs), so the call always parses.
 """
 from __future__ import annotations
 
@@ -86,7 +85,8 @@ class TemplateInputs(_Strict):
 
     def template_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the template: chat_template_kwargs, and `tools` (OpenAI's shape, as vLLM and
-        transformers pass them) only when there are some, so a template sees no `tools` otherwise."""
+        transformers pass them) only when there are some (the renderer passes `tools` None otherwise, as
+        transformers does)."""
         kw = dict(self.chat_template_kwargs or {})
         if self.tools:
             kw["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
@@ -129,11 +129,6 @@ def check_tool_use(req, tool_call_parser: str | None) -> None:
         _check_named_choice(choice, tools)
     if choice not in (None, "none") and not tools:
         raise InvalidRequest("tool_choice: only allowed when tools are given", param="tool_choice")
-    if choice == "required" or isinstance(choice, dict):
-        what = "'required'" if choice == "required" else "a named function"
-        raise Unsupported(f"tool_choice: {what} is not supported yet: forcing a tool call needs grammar-constrained "
-                          f"decoding, which this server does not have; use 'auto' (the model decides) or 'none'",
-                          param="tool_choice")
     if tools and choice != "none" and tool_call_parser is None:
         raise Unsupported("tools: tool calling is not enabled on this server (start it with --tool-call-parser "
                           "qwen3_coder); with tool_choice 'none' the tools are only shown to the model", param="tools")

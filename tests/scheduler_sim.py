@@ -20,7 +20,7 @@ from model_shards.sampling_params import SamplingParams
 from router.block_manager import BlockManager
 from cluster.contracts import SeqOutput, StepPlan, StepResult
 from router.scheduler import Scheduler, SchedulerConfig
-from router.sequence import Sequence, SeqStatus
+from router.sequence import Sequence, SeqStatus, priority
 from router.spec_policy import AdaptivePolicy, draft_rows
 
 EOS = 2
@@ -39,6 +39,7 @@ class Request:
     abort_at: int | None = None  # loop turn its client goes away (None: never)
     poison: bool = False         # every pass that holds it raises
     seeded: bool = False         # seeded random sampling: the adaptive policy keeps its k drafts
+    n: int = 1                   # choices (router/fork.py): one prefill, then n sequences sharing its caches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +65,18 @@ def worst_positions(r: Request, max_model_len: int) -> int:
 
 
 def fits_alone(r: Request, w: Workload) -> bool:
+    """Its worst case fits the cache alone; n > 1: its n choices' first passes fit together (the shared
+    prompt blocks once) and n sequences can run at once."""
+    shared = (r.prompt_len - 1) // w.block_size
+    fork = shared + r.n * (math.ceil((r.prompt_len + r.k) / w.block_size) - shared)
     return r.prompt_len < w.max_model_len and \
-        math.ceil(worst_positions(r, w.max_model_len) / w.block_size) <= w.num_blocks
+        math.ceil(worst_positions(r, w.max_model_len) / w.block_size) <= w.num_blocks and \
+        (r.n == 1 or (r.n <= min(w.max_num_seqs, w.budget, w.num_slots)
+                      and (r.prompt_len == 1 or fork <= w.num_blocks)))
 
 
 def _age(seq: Sequence) -> tuple:
-    return seq.arrival_time, seq.seq_id
+    return priority(seq)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -92,14 +99,17 @@ class Sim:
         self.rng = random.Random(w.seed)
         self.turn = 0
         self.in_flight: list[StepPlan] = []
-        self.reqs: dict[int, Request] = {}             # seq_id -> its request, once added
-        self.outputs: dict[int, list] = {}             # seq_id -> RequestOutputs in order
+        self.reqs: dict[int, Request] = {}             # seq_id (a request's, or one of its choices') -> its request
+        self.request_of: dict[int, int] = {}           # seq_id -> its request's index
+        self.choice_ids: dict[int, tuple] = {}         # request index -> its sequences: (parent, choices...) or (seq,)
+        self.next_id = len(w.requests)                 # choices' seq ids, after the requests' own
+        self.outputs: dict[int, list] = {}             # request index -> RequestOutputs in order
         self.generated: dict[int, list[int]] = {}      # seq_id -> every token the stages sampled for it
         self.refused: list[int] = []
         self.aborted: set[int] = set()
         self.stage: dict[int, tuple] = {}              # seq_id -> (slot, position, commit, block_table)
         self.slot_holder: dict[int, int | None] = {}   # Mamba slot -> seq whose state it holds
-        self.block_writer: dict[int, int | None] = {}  # KV block -> seq that wrote it last
+        self.block_valid: dict[int, set] = {}          # KV block -> seqs whose KV it holds (n > 1: shared)
         self.history: list[str] = []                   # events, for the failure message
         self.num_plans = 0
         self.num_failures = 0
@@ -117,7 +127,7 @@ class Sim:
 
     def _run(self) -> "Sim":
         arrivals = sorted(enumerate(self.w.requests), key=lambda t: (t[1].arrival, t[0]))
-        total = sum(r.prompt_len + r.max_tokens + r.k for r in self.w.requests)
+        total = sum(r.n * (r.prompt_len + r.max_tokens + r.k) for r in self.w.requests)
         max_turns = 200 + 30 * total
         while True:
             while arrivals and arrivals[0][1].arrival <= self.turn:
@@ -140,8 +150,9 @@ class Sim:
 
     def _add(self, i: int, r: Request) -> None:
         params = SamplingParams(max_tokens=r.max_tokens, **(dict(temperature=1.0, seed=i) if r.seeded else {}))
+        kids = tuple(range(self.next_id, self.next_id + r.n)) if r.n > 1 else ()
         seq = Sequence(i, f"r{i}", [10 + (i + j) % 50 for j in range(r.prompt_len)], params, seed=i,
-                       num_speculative=r.k, arrival_time=float(self.turn))
+                       num_speculative=r.k, arrival_time=float(self.turn), fork_ids=kids)
         try:
             self.sched.add(seq)
         except ValueError as e:
@@ -150,18 +161,23 @@ class Sim:
             self.history.append(f"t{self.turn} refuse {i}")
             return
         _check(fits_alone(r, self.w), f"request {i} ({r}) can never fit the cache but add() took it")
-        self.reqs[i], self.outputs[i], self.generated[i] = r, [], []
+        self.next_id += len(kids)
+        self.choice_ids[i], self.outputs[i] = (i, *kids), []
+        for j in (i, *kids):
+            self.reqs[j], self.request_of[j], self.generated[j] = r, i, []
         self.history.append(f"t{self.turn} add {i}")
         self.check("add")
 
     def _aborts(self) -> None:
-        for i, r in self.reqs.items():
+        for i, ids in self.choice_ids.items():
+            r = self.reqs[i]
             if r.abort_at is not None and r.abort_at <= self.turn and i not in self.aborted:
                 self.aborted.add(i)
-                out = self.sched.abort(i)
-                self.history.append(f"t{self.turn} abort {i}")
-                self._record([out] if out else [])
-                self.check(f"abort({i})")
+                for j in ids:                           # as the engine does: the parent, or its choices
+                    out = self.sched.abort(j)
+                    self.history.append(f"t{self.turn} abort {j}")
+                    self._record([out] if out else [])
+                    self.check(f"abort({j})")
 
     def _fill(self) -> None:
         P = self.w.microbatches
@@ -187,10 +203,10 @@ class Sim:
         fail = poisoned or (self.w.p_fail and self.rng.random() < self.w.p_fail)
         if fail and hasattr(self.sched, "pass_failed"):
             self.num_failures += 1
-            for s in plan.seqs:                         # half-updated: nothing there is to be trusted
+            for s in plan.seqs:                         # half-updated: nothing it writes is to be trusted
                 self.stage.pop(s.seq_id, None)
                 self.slot_holder[s.mamba_slot] = None
-                self.block_writer.update(dict.fromkeys(s.block_table))
+                self.block_valid.update({b: set() for b in self._written(s)})
             self.history.append(f"t{self.turn} pass {plan.step_id} failed")
             outs = self.sched.pass_failed(plan, "boom")
             self._record(outs)
@@ -223,8 +239,39 @@ class Sim:
         commit = acc if s.drafts else -1
         self.stage[s.seq_id] = (s.mamba_slot, s.start_pos + n_settled, commit, list(s.block_table))
         self.slot_holder[s.mamba_slot] = s.seq_id
-        self.block_writer.update(dict.fromkeys(s.block_table, s.seq_id))
+        self.block_valid.update({b: {s.seq_id} for b in self._written(s)})
         return SeqOutput(s.seq_id, new, acc, drafts)
+
+    def _written(self, s) -> list[int]:
+        """The KV blocks a step writes: those of positions start_pos.. (its tokens, drafting after them)."""
+        bs = self.w.block_size
+        return s.block_table[s.start_pos // bs:math.ceil((s.start_pos + s.num_tokens + s.num_drafts) / bs)]
+
+    def _forks(self, steps) -> None:
+        """n > 1: the stages copy each choice's state from its parent before the pass (router/fork.py); the
+        parent's state must be there, the copies and shared blocks the parent's, and only then move."""
+        bs, moves = self.w.block_size, []
+        for s in steps:
+            held = self.stage.get(s.fork_of)
+            _check(held is not None, f"choice {s.seq_id} forks from seq {s.fork_of}, which the stages do not hold")
+            slot, pos, commit, table = held
+            _check(pos == s.start_pos and commit == -1 == s.commit_index,
+                   f"choice {s.seq_id} starts at {s.start_pos}, its parent {s.fork_of} is at {pos}")
+            src = s.fork_slot if s.fork_slot >= 0 else s.mamba_slot
+            _check(src == slot and self.slot_holder.get(slot) == s.fork_of,
+                   f"choice {s.seq_id} copies slot {src}; its parent's state is in {slot} "
+                   f"(held by {self.slot_holder.get(slot)})")
+            copies = {d: a for a, d in s.copy_blocks}
+            for j, b in enumerate(s.block_table[:math.ceil(pos / bs)]):
+                a = copies.get(b, b)
+                _check(j < len(table) and a == table[j] and s.fork_of in self.block_valid.get(a, ()),
+                       f"choice {s.seq_id}: its block {j} ({b}, from {a}) is not its parent's ({table})")
+                moves.append((b, s.seq_id, b in copies))
+            self.stage[s.seq_id] = (s.mamba_slot, pos, -1, list(s.block_table))
+        for s in steps:
+            self.slot_holder[s.mamba_slot] = s.seq_id
+        for b, seq_id, copied in moves:
+            self.block_valid[b] = {seq_id} if copied else self.block_valid[b] | {seq_id}
 
     def _check_stage_reads(self, s) -> None:
         """A step that continues a sequence must find its state where the last pass left it."""
@@ -242,8 +289,8 @@ class Sim:
         used = math.ceil(s.start_pos / self.w.block_size)
         _check(s.block_table[:used] == table[:used], f"seq {s.seq_id}: its KV moved from {table} to {s.block_table}")
         for b in s.block_table[:used]:
-            _check(self.block_writer.get(b) == s.seq_id,
-                   f"seq {s.seq_id} reads block {b}, which seq {self.block_writer.get(b)} overwrote")
+            _check(s.seq_id in self.block_valid.get(b, ()),
+                   f"seq {s.seq_id} reads block {b}, which holds the KV of {self.block_valid.get(b)} only")
 
     # ---- invariants --------------------------------------------------------------------------------
     def check(self, after: str) -> None:
@@ -271,8 +318,14 @@ class Sim:
                    f"seq {q.seq_id} runs with status {q.status}, slot {q.mamba_slot}{where}")
             _check(q.num_computed < q.num_tokens, f"seq {q.seq_id}: nothing left to compute{where}")
         owned = [b for q in running for b in q.block_table]
-        dup = sorted({b for b in owned if owned.count(b) > 1})
-        _check(not dup, f"blocks {dup} owned twice{where}")
+        for q in running:
+            _check(len(set(q.block_table)) == len(q.block_table), f"seq {q.seq_id} holds a block twice{where}")
+        for b in set(owned):                            # shared only by one request's choices, and counted
+            holders = [q for q in running if b in q.block_table]
+            _check(bm.refs[b] == len(holders), f"block {b}: refcount {bm.refs[b]}, held by "
+                                               f"{[q.seq_id for q in holders]}{where}")
+            _check(len({q.request_id for q in holders}) == 1, f"block {b} shared across requests{where}")
+        _check(all(bm.refs[b] == 0 for b in bm.free_blocks), f"a free block has holders{where}")
         both = sorted(set(owned) & set(bm.free_blocks))
         _check(not both, f"blocks {both} both owned and free{where}")
         _check(len(set(bm.free_blocks)) == len(bm.free_blocks), f"a block is free twice{where}")
@@ -303,6 +356,7 @@ class Sim:
         victims = [i for i in before if i in self.sched.seqs and self.sched.seqs[i] in self.sched.waiting]
         grown = [before[st.seq_id][0] for st in (plan.seqs if plan else [])
                  if st.seq_id in before and len(st.block_table) > before[st.seq_id][1]]
+        grown += [_age(self.sched.seqs[st.seq_id]) for st in (plan.seqs if plan else []) if st.fork_of >= 0]
         for i in victims:
             _check(any(age < before[i][0] for age in grown),
                    f"seq {i} preempted, but for no older sequence this plan grows (turn {self.turn})")
@@ -312,10 +366,13 @@ class Sim:
             return
         w, ids = self.w, [s.seq_id for s in plan.seqs]
         where = f" (plan {plan.step_id}, turn {self.turn})"
-        _check(0 < len(ids) <= limit, f"{len(ids)} sequences planned, max_seqs {limit}{where}")
+        forks = [st for st in plan.seqs if st.fork_of >= 0]   # a fork plans its n choices at once
+        _check(0 < len(ids) <= max(limit, len(forks)), f"{len(ids)} sequences planned, max_seqs {limit}{where}")
         _check(len(set(ids)) == len(ids), f"a sequence is planned twice: {ids}{where}")
         _check(plan.num_tokens <= w.budget, f"{plan.num_tokens} tokens > budget {w.budget}{where}")
         others = {b for p in self.in_flight for st in p.seqs for b in st.block_table}
+        others_write = {b for p in self.in_flight for st in p.seqs for b in self._written(st)}
+        self._forks(forks)
         for st in plan.seqs:
             q = self.sched.seqs.get(st.seq_id)
             _check(q is not None and q in self.sched.running,
@@ -328,7 +385,8 @@ class Sim:
             r = self.reqs[st.seq_id]
             _check(len(st.block_table) <= math.ceil(worst_positions(r, w.max_model_len) / w.block_size),
                    f"seq {st.seq_id} holds {len(st.block_table)} blocks, more than its worst case{where}")
-            _check(not set(st.block_table) & others, f"seq {st.seq_id} writes blocks of a pass in flight{where}")
+            _check(not set(self._written(st)) & others and not set(st.block_table) & others_write,
+                   f"seq {st.seq_id} writes blocks a pass in flight reads, or reads what it writes{where}")
             k = q.num_speculative
             _check(st.num_drafts <= k and len(st.drafts) <= k and st.drafts == q.drafts[:len(st.drafts)],
                    f"seq {st.seq_id}: proposes {st.num_drafts} and verifies {st.drafts} of {q.drafts}, k={k}{where}")
@@ -360,29 +418,43 @@ class Sim:
     def _check_end(self) -> None:
         s = self.sched
         for i, outs in self.outputs.items():
-            r = self.reqs[i]
+            r, ids = self.reqs[i], self.choice_ids[i]
             _check(outs and outs[-1].finished, f"request {i} never finished: {outs}")
-            last, toks = outs[-1], [t for o in outs for t in o.new_token_ids]
-            _check(last.finish_reason in ("stop", "length", "abort", "error"), f"request {i}: {last}")
-            _check(last.finish_reason != "abort" or i in self.aborted, f"request {i} aborted by no one")
-            if r.poison:
-                _check(last.finish_reason in ("error", "abort"), f"poisoned request {i} ended with {last}")
-            elif not self.w.p_fail:
-                _check(last.finish_reason != "error", f"request {i} failed with the poisoned ones: {last}")
-            _check(len(toks) == last.num_output_tokens <= r.max_tokens, f"request {i}: {len(toks)} tokens, {last}")
-            _check(toks == self.generated[i][:len(toks)], f"request {i} streamed {toks}, the stages sampled "
-                                                          f"{self.generated[i]}")
-            if last.finish_reason == "stop":
-                _check(toks[-1] == EOS, f"request {i} stopped without EOS")
-            if last.finish_reason == "length":
-                _check(len(toks) == r.max_tokens or r.prompt_len + len(toks) >= self.w.max_model_len,
-                       f"request {i}: 'length' at {len(toks)} tokens")
-        poisoned = sum(r.poison for r in self.reqs.values())
+            last = outs[-1]
+            reasons = {o.index: o.finish_reason for o in outs if o.finish_reason}
+            _check(len(reasons) == sum(o.finish_reason is not None for o in outs),
+                   f"request {i}: a choice finished twice: {outs}")
+            whole = len(outs) == 1 and last.finish_reason in ("abort", "error")   # ended before its choices ran
+            _check(whole or sorted(reasons) == list(range(r.n)), f"request {i}: choices {sorted(reasons)} of "
+                                                                 f"{r.n} finished: {outs}")
+            for index, reason in reasons.items():
+                mine = [o for o in outs if o.index == index]
+                seq_id = ids[0] if r.n == 1 or whole else ids[1 + index]
+                self._check_choice(i, r, seq_id, mine, reason)
+        poisoned = sum(len(ids) for i, ids in self.choice_ids.items() if self.reqs[i].poison)
         _check(self.w.p_fail or self.num_failures <= 2 * poisoned,
                f"{self.num_failures} failed passes for {poisoned} poisoned requests: the culprit is not isolated")
         _check(not s.seqs and not s.running and not s.waiting and not s.has_work,
                f"the scheduler still holds sequences at the end: {self._state()}")
         _check(self.blocks.all_free(), f"blocks or slots not freed at the end: {self._state()}")
+
+    def _check_choice(self, i: int, r: Request, seq_id: int, outs: list, reason: str) -> None:
+        """One choice's updates (n = 1: the request's): the tokens the stages sampled, ended as they say."""
+        last, toks = outs[-1], [t for o in outs for t in o.new_token_ids]
+        _check(reason in ("stop", "length", "abort", "error"), f"request {i}: {last}")
+        _check(reason != "abort" or i in self.aborted, f"request {i} aborted by no one")
+        if r.poison:
+            _check(reason in ("error", "abort"), f"poisoned request {i} ended with {last}")
+        elif not self.w.p_fail:
+            _check(reason != "error", f"request {i} failed with the poisoned ones: {last}")
+        _check(len(toks) == last.num_output_tokens <= r.max_tokens, f"request {i}: {len(toks)} tokens, {last}")
+        _check(toks == self.generated[seq_id][:len(toks)], f"request {i} (seq {seq_id}) streamed {toks}, the "
+                                                           f"stages sampled {self.generated[seq_id]}")
+        if reason == "stop":
+            _check(toks[-1] == EOS, f"request {i} stopped without EOS")
+        if reason == "length":
+            _check(len(toks) == r.max_tokens or r.prompt_len + len(toks) >= self.w.max_model_len,
+                   f"request {i}: 'length' at {len(toks)} tokens")
 
     def _state(self) -> str:
         s = self.sched

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erouter/proto/hybridserve.proto\x12\x0ehybridserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.hybridserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb8\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x34\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x18.hybridserve.v1.TokenIdsH\x00\x12,\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1c.hybridserve.v1.ChatMessagesH\x00\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x1f\n\x17skip_special_tokens_off\x18\x0e \x01(\x08\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xdf\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\'\n\x1a\x61\x63\x63\x65pted_prediction_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\'\n\x1arejected_prediction_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x42\x1d\n\x1b_accepted_prediction_tokensB\x1d\n\x1b_rejected_prediction_tokens\"\x84\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.hybridserve.v1.Usage\"\xad\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.hybridserve.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\r\"\x13\n\x11ListModelsRequest\"*\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.hybridserve.v1.Model2\x81\x02\n\nGeneration\x12O\n\x08Generate\x12\x1f.hybridserve.v1.GenerateRequest\x1a .hybridserve.v1.GenerateResponse0\x01\x12M\n\x08\x43omplete\x12\x1f.hybridserve.v1.GenerateRequest\x1a .hybridserve.v1.CompleteResponse\x12S\n\nListModels\x12!.hybridserve.v1.ListModelsRequest\x1a\".hybridserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erouter/proto/hybridserve.proto\x12\x0ehybridserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.hybridserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x90\x07\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x34\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x18.hybridserve.v1.TokenIdsH\x00\x12,\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1c.hybridserve.v1.ChatMessagesH\x00\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x1f\n\x17skip_special_tokens_off\x18\x0e \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x02H\x08\x88\x01\x01\x12\x12\n\x05min_p\x18\x12 \x01(\x02H\t\x88\x01\x01\x12\x42\n\nlogit_bias\x18\x13 \x03(\x0b\x32..hybridserve.v1.GenerateRequest.LogitBiasEntry\x12\x0e\n\x01n\x18\x14 \x01(\rH\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x15 \x01(\rH\x0b\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\x16 \x01(\x08\x12\x13\n\x0bjson_schema\x18\x17 \x01(\t\x12\x13\n\x0bjson_object\x18\x18 \x01(\x08\x12\r\n\x05regex\x18\x19 \x01(\t\x12\x0e\n\x06\x63hoice\x18\x1a \x03(\t\x12\x0f\n\x07grammar\x18\x1b \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\x04\n\x02_nB\x0b\n\t_logprobs\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"r\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x30\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1a.hybridserve.v1.TopLogprob\"\xdf\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\'\n\x1a\x61\x63\x63\x65pted_prediction_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\'\n\x1arejected_prediction_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x42\x1d\n\x1b_accepted_prediction_tokensB\x1d\n\x1b_rejected_prediction_tokens\"\xc3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.hybridserve.v1.Usage\x12\r\n\x05index\x18\x06 \x01(\r\x12.\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1c.hybridserve.v1.TokenLogprob\"\x7f\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.hybridserve.v1.TokenLogprob\"\xd6\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.hybridserve.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\r\x12\'\n\x07\x63hoices\x18\x08 \x03(\x0b\x32\x16.hybridserve.v1.Choice\"\x13\n\x11ListModelsRequest\"*\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.hybridserve.v1.Model2\x81\x02\n\nGeneration\x12O\n\x08Generate\x12\x1f.hybridserve.v1.GenerateRequest\x1a .hybridserve.v1.GenerateResponse0\x01\x12M\n\x08\x43omplete\x12\x1f.hybridserve.v1.GenerateRequest\x1a .hybridserve.v1.CompleteResponse\x12S\n\nListModels\x12!.hybridserve.v1.ListModelsRequest\x1a\".hybridserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'router.proto.hybridserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGE']._serialized_start=50
   _globals['_CHATMESSAGE']._serialized_end=94
   _globals['_CHATMESSAGES']._serialized_start=96
@@ -38,19 +40,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=159
   _globals['_TOKENIDS']._serialized_end=182
   _globals['_GENERATEREQUEST']._serialized_start=185
-  _globals['_GENERATEREQUEST']._serialized_end=625
-  _globals['_USAGE']._serialized_start=628
-  _globals['_USAGE']._serialized_end=851
-  _globals['_GENERATERESPONSE']._serialized_start=854
-  _globals['_GENERATERESPONSE']._serialized_end=986
-  _globals['_COMPLETERESPONSE']._serialized_start=989
-  _globals['_COMPLETERESPONSE']._serialized_end=1162
-  _globals['_LISTMODELSREQUEST']._serialized_start=1164
-  _globals['_LISTMODELSREQUEST']._serialized_end=1183
-  _globals['_MODEL']._serialized_start=1185
-  _globals['_MODEL']._serialized_end=1227
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1229
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1288
-  _globals['_GENERATION']._serialized_start=1291
-  _globals['_GENERATION']._serialized_end=1548
+  _globals['_GENERATEREQUEST']._serialized_end=1097
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=885
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=933
+  _globals['_TOPLOGPROB']._serialized_start=1099
+  _globals['_TOPLOGPROB']._serialized_end=1161
+  _globals['_TOKENLOGPROB']._serialized_start=1163
+  _globals['_TOKENLOGPROB']._serialized_end=1277
+  _globals['_USAGE']._serialized_start=1280
+  _globals['_USAGE']._serialized_end=1503
+  _globals['_GENERATERESPONSE']._serialized_start=1506
+  _globals['_GENERATERESPONSE']._serialized_end=1701
+  _globals['_CHOICE']._serialized_start=1703
+  _globals['_CHOICE']._serialized_end=1830
+  _globals['_COMPLETERESPONSE']._serialized_start=1833
+  _globals['_COMPLETERESPONSE']._serialized_end=2047
+  _globals['_LISTMODELSREQUEST']._serialized_start=2049
+  _globals['_LISTMODELSREQUEST']._serialized_end=2068
+  _globals['_MODEL']._serialized_start=2070
+  _globals['_MODEL']._serialized_end=2112
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2114
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2173
+  _globals['_GENERATION']._serialized_start=2176
+  _globals['_GENERATION']._serialized_end=2433
 # @@protoc_insertion_point(module_scope)

@@ -1,10 +1,14 @@
 """`hybridserve serve` with no model arguments serves the shipped default model with MTP on (adaptive, at
 most 3 drafts): a few greedy completions have drafts accepted, in each response's usage and, the same
-count, in /metrics."""
+count, in /metrics; logprobs and echo through the `openai` SDK equal the raw distribution computed from
+the model's logits, and greedy output equals MTP-off decoding."""
 from __future__ import annotations
+
+import json
 
 import httpx
 import pytest
+import torch
 
 from benchmarks.served import ServedCluster
 
@@ -13,23 +17,126 @@ pytestmark = pytest.mark.integration
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return"
 
 
-def test_serve_without_arguments_accepts_mtp_drafts():
+@pytest.fixture(scope="module")
+def served():
     with ServedCluster(num_cpus=4) as s:
-        before = s.metrics()
-        details = []
-        for _ in range(3):
-            r = httpx.post(s.url + "/v1/completions", timeout=120,
-                           json={"prompt": PROMPT, "max_tokens": 32, "temperature": 0, "ignore_eos": True})
-            assert r.status_code == 200, r.text
-            usage = r.json()["usage"]
-            assert usage["completion_tokens"] == 32
-            details.append(usage["completion_tokens_details"])
-        name = "spec_decode_num_accepted_tokens_per_pos_total"      # summed over positions
+        yield s
 
-        def accepted(m: dict) -> float:
-            return sum(v for k, v in m.items() if k.startswith(name)) - \
-                sum(v for k, v in before.items() if k.startswith(name))
-        in_usage = sum(d["accepted_prediction_tokens"] for d in details)
-        assert in_usage > 0, details
-        # The replica's counters reach /metrics a moment after the response: wait until they add up.
-        s.wait_until(lambda m: accepted(m) == in_usage, 30, "/metrics to count the accepted drafts of the usage")
+
+def test_serve_without_arguments_accepts_mtp_drafts(served):
+    s = served
+    before = s.metrics()
+    details = []
+    for _ in range(3):
+        r = httpx.post(s.url + "/v1/completions", timeout=120,
+                       json={"prompt": PROMPT, "max_tokens": 32, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["completion_tokens"] == 32
+        details.append(usage["completion_tokens_details"])
+    name = "spec_decode_num_accepted_tokens_per_pos_total"      # summed over positions
+
+    def accepted(m: dict) -> float:
+        return sum(v for k, v in m.items() if k.startswith(name)) - \
+            sum(v for k, v in before.items() if k.startswith(name))
+    in_usage = sum(d["accepted_prediction_tokens"] for d in details)
+    assert in_usage > 0, details
+    # The replica's counters reach /metrics a moment after the response: wait until they add up.
+    s.wait_until(lambda m: accepted(m) == in_usage, 30, "/metrics to count the accepted drafts of the usage")
+
+
+def test_logprobs_and_echo_equal_the_reference_with_mtp_as_without(served):
+    """The issue's acceptance through the path users run: top_logprobs=5 equal the reference from the model's
+    logits (and with the rest of the vocabulary sum to 1), greedy tokens equal MTP-off decoding, drafts
+    accepted; completions' echo + logprobs, streamed."""
+    import openai
+
+    from model_shards.generate import generate
+    from model_shards.sampling_params import SamplingParams
+    from model_shards.weights import load_checkpoint
+    from router.tokenizer import load_tokenizer
+    from tests.unit.test_logprobs import FOLDER, teacher_forced
+    from tests.unit.test_logprobs_http import check_item
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+    model, tok = load_checkpoint(FOLDER, dtype=torch.float32), load_tokenizer(FOLDER)
+    msgs = [{"role": "user", "content": "Write a function that reads a file."}]
+    r = client.chat.completions.create(model=client.models.list().data[0].id, messages=msgs, max_tokens=16,
+                                       temperature=0, logprobs=True, top_logprobs=5,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+    ids, items = r.choices[0].model_extra["token_ids"], r.choices[0].logprobs.model_dump()["content"]
+    prompt = tok.encode_chat(msgs)
+    assert ids == generate(model, prompt, SamplingParams(max_tokens=16, ignore_eos=True)).tokens   # MTP off
+    assert r.usage.completion_tokens_details.accepted_prediction_tokens > 0
+    ref = teacher_forced(model, prompt + ids)[len(prompt) - 1:-1]
+    for item, row, t in zip(items, ref, ids, strict=True):
+        check_item(item, row, t, tok)
+    chunks = list(client.completions.create(model=r.model, prompt=PROMPT, max_tokens=8, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
+    assert chunks[0].choices[0].text == PROMPT
+    lps = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    ids = tok.encode(PROMPT)
+    ids += generate(model, ids, SamplingParams(max_tokens=8)).tokens
+    ref = teacher_forced(model, ids)
+    assert lps[0] is None and lps[1:] == pytest.approx([ref[p, t].item() for p, t in enumerate(ids[1:])], abs=2e-4)
+
+
+def test_streamed_text_is_the_decode_of_the_token_ids_with_mtp(served):
+    """Through the path users run, with MTP handing out several tokens a step: the streamed content adds up to
+    the non-streamed one, which is the tokenizer's decode of the output ids (tokenizers' DecodeStream on the
+    shipped tokenizer.json), and a stop string taken from that output cuts both at the same place."""
+    from router.tokenizer import load_tokenizer
+    from tests.unit.test_logprobs import FOLDER
+
+    tok = load_tokenizer(FOLDER)
+    body = {"messages": [{"role": "user", "content": "Écris une fonction ☃ qui lit un fichier."}], "max_tokens": 40,
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    done = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=120).json()
+    text, ids = done["choices"][0]["message"]["content"], done["choices"][0]["token_ids"]
+    assert text == tok.decode(ids) and len(ids) == 40
+    assert done["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] > 0, "MTP steps were streamed"
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    for extra in ({}, {"stop": [stop]}):
+        want = text if not extra else text[:text.find(stop)]
+        with httpx.stream("POST", served.url + "/v1/chat/completions", json={**body, **extra, "stream": True},
+                          timeout=120) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        assert streamed == want, extra
+        if not extra:
+            assert [t for c in chunks if c["choices"] for t in c["choices"][0].get("token_ids", [])] == ids
+
+
+def test_n3_choices_through_the_openai_sdk_share_one_prefill_with_mtp(served):
+    """n > 1 (router/fork.py) through `hybridserve serve` with MTP on: n=3 greedy gives three choices, each
+    the MTP-off answer, streamed (each chunk naming its choice) as non-streamed; usage counts the prompt
+    once and the completions of all three; seeded sampling gives three different, reproducible choices."""
+    import openai
+
+    from model_shards.generate import generate
+    from model_shards.sampling_params import SamplingParams
+    from model_shards.weights import load_checkpoint
+    from router.tokenizer import load_tokenizer
+    from tests.unit.test_logprobs import FOLDER
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+    model, tok = load_checkpoint(FOLDER, dtype=torch.float32), load_tokenizer(FOLDER)
+    msgs = [{"role": "user", "content": "Write a function that sorts a list."}]
+    kw = dict(model=client.models.list().data[0].id, messages=msgs, max_tokens=12, temperature=0, n=3,
+              extra_body={"ignore_eos": True})
+    prompt = tok.encode_chat(msgs)
+    want = tok.decode(generate(model, prompt, SamplingParams(max_tokens=12, ignore_eos=True)).tokens)   # MTP off
+    r = client.chat.completions.create(**kw)
+    assert [c.index for c in r.choices] == [0, 1, 2] and [c.message.content for c in r.choices] == [want] * 3
+    assert [c.finish_reason for c in r.choices] == ["length"] * 3
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == 36
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    texts = ["", "", ""]
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        texts[choice.index] += choice.delta.content or ""
+    assert texts == [want] * 3 and chunks[-1].usage.completion_tokens == 36
+    seeded = dict(kw, temperature=1.0, seed=20261130)
+    first, again = (client.chat.completions.create(**seeded) for _ in range(2))
+    got = [c.message.content for c in first.choices]
+    assert got == [c.message.content for c in again.choices] and len(set(got)) == 3

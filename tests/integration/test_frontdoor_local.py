@@ -112,6 +112,55 @@ def test_seeded_sampling_is_reproducible(client):
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
 
 
+# ---- n > 1: choices sharing one prefill (router/fork.py, router/choices.py) ------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_n3_greedy_gives_three_copies_of_the_n1_answer(server, client, stream):
+    prompt = server.tokenizer.encode_chat(MSGS)
+    ids, text = expected(server, prompt, 10)
+    before = server.stats().prompt_tokens_computed
+    kw = dict(model="tiny", messages=MSGS, max_tokens=10, temperature=0, n=3)
+    if stream:
+        chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+        texts, finishes = {}, {}
+        for c in chunks[:-1]:
+            (ch,) = c.choices                   # one choice per chunk, named by its index
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+        assert sorted(texts) == [0, 1, 2] and set(texts.values()) == {text}
+        usage = chunks[-1].usage
+        assert chunks[-1].choices == [] and len(finishes) == 3
+    else:
+        r = client.chat.completions.create(**kw)
+        assert [c.index for c in r.choices] == [0, 1, 2] and {c.message.content for c in r.choices} == {text}
+        usage = r.usage
+    # usage: the prompt once, the completions of all three; the prompt was computed once (+1 per choice)
+    assert usage.prompt_tokens == len(prompt) and usage.completion_tokens == 3 * len(ids)
+    assert server.stats().prompt_tokens_computed - before == len(prompt) - 1 + 3
+    server.wait_cache_free()
+
+
+def test_completions_n3_seeded_choices_differ_and_reproduce(client):
+    kw = dict(model="tiny", prompt="abc", max_tokens=8, temperature=1.0, seed=77, n=3)
+    first, again = client.completions.create(**kw), client.completions.create(**kw)
+    texts = [c.text for c in first.choices]
+    assert texts == [c.text for c in again.choices] and len(set(texts)) > 1
+    one = client.completions.create(**{**kw, "n": 1})
+    assert one.choices[0].text == texts[0]          # choice 0 samples as n = 1 with the same seed
+
+
+def test_completions_n2_echo_with_logprobs_gives_every_choice_the_prompt_and_its_logprobs(client):
+    """The parent computes the prompt's logprobs (all but the last token's rows); each choice gets them all."""
+    kw = dict(model="tiny", prompt="abc def", max_tokens=5, temperature=0, logprobs=2, echo=True)
+    one = client.completions.create(**kw).choices[0]
+    two = client.completions.create(**kw, n=2).choices
+    for c in two:
+        assert c.text == one.text and c.logprobs.tokens == one.logprobs.tokens
+        assert c.logprobs.token_logprobs[0] is None
+        assert c.logprobs.token_logprobs[1:] == pytest.approx(one.logprobs.token_logprobs[1:], abs=1e-4)
+
+
 # ---- raw SSE -----------------------------------------------------------------------------------------
 
 def test_raw_sse_format(server):
@@ -192,7 +241,8 @@ def post(server, path, body=None, **kw):
     ({"messages": MSGS, "temperature": -1}, "temperature"),
     ({"messages": MSGS, "max_tokens": 0}, "max_tokens"),
     ({"messages": "hi"}, "messages"),
-    ({"messages": MSGS, "n": 2}, "n"),
+    ({"messages": MSGS, "n": 5}, "n"),              # more choices than max_num_seqs (4) runs at once
+    ({"messages": MSGS, "n": 129}, "n"),            # OpenAI's limit
     # OpenAI's rules and OpenAI's names for them
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
     ({"messages": [*MSGS, {"role": "tool", "content": "42"}]}, "messages[2].tool_call_id"),
@@ -202,6 +252,11 @@ def post(server, path, body=None, **kw):
     ({"messages": MSGS, "presence_penalty": 3}, "presence_penalty"),
     ({"messages": MSGS, "logit_bias": {"5": 500}}, "logit_bias"),
     ({"messages": MSGS, "seed": 2**63}, "seed"),
+    ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+    ({"messages": [{"role": "system", "content": [{"type": "refusal", "refusal": "x"}]}]},
+     "messages[0].content[0].type"),
+    ({"messages": MSGS, "metadata": {"k": 1}}, "metadata"),
+    ({"messages": MSGS, "continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
 ])
 def test_invalid_parameters_are_400_naming_the_field(server, body, field):
     r = post(server, "/v1/chat/completions", body)
@@ -212,8 +267,8 @@ def test_invalid_parameters_are_400_naming_the_field(server, body, field):
 
 def test_openai_sdk_sees_typed_errors(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=MSGS, n=3)
-    assert "n: only n=1" in e.value.message
+        client.chat.completions.create(model="tiny", messages=MSGS, n=5)
+    assert "n: 5 choices, but this engine runs at most 4 sequences at once" in e.value.message
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=MSGS)
     assert e.value.body["code"] == "model_not_found" and "'gpt-4o'" in e.value.body["message"]
@@ -226,7 +281,8 @@ def test_openai_roles_and_content_parts_through_the_sdk(server, client):
              {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]},
              {"role": "assistant", "content": None}, {"role": "tool", "content": "42", "tool_call_id": "call_1"}]
     r = client.chat.completions.create(model="tiny", messages=convo, max_tokens=4, temperature=0)
-    as_system = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi"},
+    # text parts joined with "\n", as vLLM joins them
+    as_system = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say \nhi"},
                  {"role": "assistant", "content": ""}, {"role": "tool", "content": "42", "tool_call_id": "call_1"}]
     assert r.usage.prompt_tokens == len(server.tokenizer.encode_chat(as_system))
     with pytest.raises(openai.BadRequestError) as e:
@@ -240,7 +296,8 @@ def test_openai_roles_and_content_parts_through_the_sdk(server, client):
 def test_tokenize_a_prompt_is_the_completions_prompt(server):
     r = post(server, "/tokenize", {"model": "tiny", "prompt": "The quick brown fox"})
     ids = server.tokenizer.encode("The quick brown fox")
-    assert r.status_code == 200 and r.json() == {"count": len(ids), "max_model_len": 1024, "tokens": ids}
+    assert r.status_code == 200 and r.json() == {"count": len(ids), "max_model_len": 1024, "tokens": ids,
+                                                 "token_strs": None}
     done = post(server, "/v1/completions", {"prompt": "The quick brown fox", "max_tokens": 1}).json()
     assert done["usage"]["prompt_tokens"] == len(ids)
     r = post(server, "/tokenize", {"prompt": "ab", "add_special_tokens": False, "return_token_strs": True})
@@ -255,6 +312,14 @@ def test_tokenize_messages_is_the_chat_completions_prompt(server):
     assert r.json()["tokens"] == server.tokenizer.encode_chat(MSGS)
     r = post(server, "/tokenize", {"messages": MSGS, "add_generation_prompt": False})
     assert r.json()["tokens"] == server.tokenizer.encode_chat(MSGS, add_generation_prompt=False)
+    # vLLM's continue_final_message: the last (assistant) message left open, for a completion to continue it
+    prefill = MSGS + [{"role": "assistant", "content": "Sure, here"}]
+    r = post(server, "/tokenize", {"messages": prefill, "continue_final_message": True})
+    closed = server.tokenizer.encode_chat(prefill, add_generation_prompt=False)
+    assert server.tokenizer.decode(r.json()["tokens"]).endswith("Sure, here") and r.json()["tokens"] == \
+        closed[:r.json()["count"]] and r.json()["count"] < len(closed)
+    done = post(server, "/v1/chat/completions", {"messages": prefill, "continue_final_message": True, "max_tokens": 1})
+    assert done.json()["usage"]["prompt_tokens"] == r.json()["count"]
 
 
 def test_detokenize_round_trips_and_refuses_ids_outside_the_vocabulary(server):

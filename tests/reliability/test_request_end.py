@@ -93,3 +93,33 @@ def test_grpc_deadline_that_passes_is_aborted(served):
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     after = served.wait_aborted_and_idle(before, 1, timeout_s=5)
     assert after["engine_requests_aborted_total"] == before.get("engine_requests_aborted_total", 0) + 1
+
+
+def test_n3_stream_dropped_and_n3_stop_strings_abort_every_choice(served):
+    """n > 1 (router/fork.py): one request, three sequences sharing a prefill. A client gone after every choice
+    streamed, and three greedy choices that all end on a stop string, leave nothing running, waiting or
+    allocated (refcounted prompt blocks included), each counted as one aborted request with most of its
+    tokens to go."""
+    import json
+
+    before = served.metrics()
+    body = {"model": "hybrid-mini", "prompt": "def shared_prefill(x):", "max_tokens": MAX_TOKENS, "ignore_eos": True,
+            "stream": True, "temperature": 0, "n": 3}
+    seen: dict[int, int] = {}
+    with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                (choice,) = json.loads(line[6:])["choices"]
+                seen[choice["index"]] = seen.get(choice["index"], 0) + 1
+                if len(seen) == 3 and min(seen.values()) >= 2:
+                    break                    # every choice is running: the client leaves
+    r = httpx.post(served.url + "/v1/completions", timeout=120, json={
+        "model": "hybrid-mini", "prompt": "def fibonacci(n):", "max_tokens": MAX_TOKENS, "ignore_eos": True,
+        "temperature": 0, "n": 3, "stop": [" ", "\n", "(", ":"], "min_tokens": 0})
+    assert r.status_code == 200 and [c["finish_reason"] for c in r.json()["choices"]] == ["stop"] * 3, r.text
+    after = served.wait_aborted_and_idle(before, 2, timeout_s=5)
+    aborted = after["engine_requests_aborted_total"] - before.get("engine_requests_aborted_total", 0)
+    tokens = after.get("engine_generation_tokens_total", 0) - before.get("engine_generation_tokens_total", 0)
+    assert aborted == 2, (aborted, after)
+    assert tokens < 2 * 3 * MAX_TOKENS / 4, f"the engine generated {tokens} tokens for 6 choices it should have cut"

@@ -41,14 +41,19 @@ def test_body_must_be_an_object():
         parse_body(CompletionRequest, [1, 2])
 
 
-@pytest.mark.parametrize("extra, field", [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"),
-                                          ({"best_of": 2}, "best_of"),
+@pytest.mark.parametrize("extra, field", [({"best_of": 2}, "best_of"),
                                           # without --tool-call-parser (tool definitions: test_tool_call_parser.py)
                                           ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")])
 def test_unsupported_features_are_clear_400s(extra, field):
     with pytest.raises(Unsupported) as e:
         frontend().prepare_chat(parse_body(ChatCompletionRequest, {**CHAT, **extra}))
     assert e.value.param == field and e.value.status == 400
+
+
+def test_n_choices_reach_the_engine_in_the_sampling_params():
+    """n > 1 is served (router/fork.py); how many the engine runs at once, it checks itself (a 400 naming n)."""
+    prep = frontend().prepare_chat(parse_body(ChatCompletionRequest, {**CHAT, "n": 3}))
+    assert prep.params.n == 3
 
 
 def test_neutral_values_of_unsupported_fields_pass():
@@ -168,6 +173,24 @@ USER = {"role": "user", "content": "hi"}
     ({**CHAT, "seed": 2**63}, "seed"),                                            # a signed 64-bit integer
     ({**CHAT, "seed": 1.5}, "seed"),
     ({**CHAT, "user": 7}, "user"),                                                # a string
+    (msgs({"role": "user", "content": []}), "messages[0].content"),              # OpenAI: at least one part
+    (msgs({"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}),
+     "messages[0].content[0].type"),                                              # system: text parts only
+    (msgs({"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}), "messages[0].content[0].type"),
+    (msgs(USER, {"role": "assistant", "content": [{"type": "refusal"}]}), "messages[1].content[0].refusal"),
+    (msgs({"role": "user", "content": "x", "name": 5}), "messages[0].name"),
+    (msgs({"role": "user", "content": "x", "name": "Ann Lee"}), "messages[0].name"),    # OpenAI: no whitespace,
+    (msgs({"role": "user", "content": "x", "name": "<|system|>"}), "messages[0].name"),  # nor < | \ / >
+    ({**CHAT, "modalities": ["video"]}, "modalities[0]"),
+    (msgs({"role": "tool", "content": "x", "tool_call_id": 5}), "messages[0].tool_call_id"),
+    (msgs({"role": "user", "content": "x", "reasoning_content": "r"}), "messages[0].reasoning_content"),
+    ({**CHAT, "continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+    ({**CHAT, "add_special_tokens": 1}, "add_special_tokens"),
+    ({**CHAT, "metadata": {"k" * 65: "v"}}, "metadata"),                          # keys up to 64 characters
+    ({**CHAT, "metadata": {"k": "v" * 513}}, "metadata"),                         # values up to 512
+    ({**CHAT, "metadata": {str(i): "v" for i in range(17)}}, "metadata"),         # at most 16 pairs
+    ({**CHAT, "metadata": {"k": 1}}, "metadata"),
+    ({**CHAT, "store": "yes"}, "store"),
 ])
 def test_what_openai_rejects_is_a_400_naming_openais_param(body, param):
     with pytest.raises(InvalidRequest) as e:
@@ -183,7 +206,13 @@ def test_openai_content_parts_other_than_text_are_unsupported_naming_the_part(pa
     assert e.value.param == "messages[0].content[1].type" and part["type"] in e.value.message
 
 
-@pytest.mark.parametrize("extra, param", [({"n": 128}, "n"), ({"best_of": 20}, "best_of")])
+@pytest.mark.parametrize("extra, param", [({"best_of": 20}, "best_of"),
+                                          ({"chat_template": "{{ messages }}"}, "chat_template"),
+                                          ({"modalities": ["text", "audio"]}, "modalities"),
+                                          ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+                                          ({"functions": [{"name": "f"}]}, "functions"),     # deprecated: tools
+                                          ({"function_call": "auto"}, "function_call"),
+                                          ({"web_search_options": {}}, "web_search_options")])
 def test_in_openais_range_but_not_served_is_unsupported_not_invalid(extra, param):
     with pytest.raises(Unsupported) as e:
         frontend().prepare_chat(parse_body(ChatCompletionRequest, {**CHAT, **extra}))
@@ -198,7 +227,7 @@ def test_every_openai_role_is_accepted_and_developer_is_system_for_the_template(
         {"role": "user", "content": "ok", "name": "ann"}))
     assert req.chat_messages() == [
         {"role": "system", "content": "be brief"}, {"role": "system", "content": "s"},
-        {"role": "user", "content": "ab"}, {"role": "assistant", "content": ""},
+        {"role": "user", "content": "a\nb"}, {"role": "assistant", "content": ""},      # parts joined as vLLM does
         {"role": "tool", "content": "42", "tool_call_id": "call_1"}, {"role": "user", "content": "ok", "name": "ann"}]
     fe = frontend()
     dev = fe.prepare_chat(parse_body(ChatCompletionRequest, msgs({"role": "developer", "content": "x"}, USER)))
@@ -234,11 +263,39 @@ def test_four_stop_strings_and_openai_edge_values_pass():
     assert prep.stop == ["a", "b", "c", "d"] and prep.params.seed == -2**63 and prep.params.max_tokens == 1
 
 
+def test_invalid_part_types_for_a_role_are_invalid_and_known_unserved_ones_unsupported():
+    """OpenAI's per-role part types: an image in a system message is a mistake (invalid); in a user message it
+    is valid OpenAI that this text-only server does not serve (unsupported)."""
+    image = {"type": "image_url", "image_url": {"url": "https://x/a.png"}}
+    with pytest.raises(InvalidRequest) as e:
+        parse_body(ChatCompletionRequest, msgs({"role": "developer", "content": [image]}, USER))
+    assert "'developer'" in e.value.message and e.value.code != "unsupported_parameter"
+    with pytest.raises(Unsupported) as e:
+        parse_body(ChatCompletionRequest, msgs(USER, {"role": "user", "content": [image]}))
+    assert e.value.param == "messages[1].content[0].type"
+
+
+def test_an_assistants_refusal_parts_and_reasoning_reach_the_template():
+    req = parse_body(ChatCompletionRequest, msgs(USER, {
+        "role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "refusal", "refusal": "no"}],
+        "reasoning_content": "think", "refusal": None}, {"role": "assistant", "content": "b", "reasoning": "r2"}))
+    assert req.chat_messages()[1:] == [{"role": "assistant", "content": "a\nno", "reasoning_content": "think"},
+                                       {"role": "assistant", "content": "b", "reasoning_content": "r2"}]
+
+
+def test_openai_fields_that_do_not_change_the_output_are_accepted():
+    prep = frontend().prepare_chat(parse_body(ChatCompletionRequest, {
+        **CHAT, "store": False, "metadata": {"k" * 64: "v" * 512}, "modalities": ["text"], "service_tier": "auto",
+        "prediction": {"type": "content", "content": "hi"}, "messages": [{**USER, "name": "Zoë_2-b"}]}))
+    assert prep.prompt_ids == frontend().prepare_chat(parse_body(ChatCompletionRequest, CHAT)).prompt_ids
+
+
 # ---- /tokenize and /detokenize (vLLM's), without the HTTP app -------------------------------------------
 
 def test_tokenize_a_prompt_with_and_without_special_tokens():
     fe = frontend()
-    assert fe.tokenize(parse_tokenize({"prompt": "ab"})) == {"count": 3, "max_model_len": 64, "tokens": [1, 100, 101]}
+    assert fe.tokenize(parse_tokenize({"prompt": "ab"})) == {"count": 3, "max_model_len": 64, "tokens": [1, 100, 101],
+                                                             "token_strs": None}       # vLLM's: null unless asked
     out = fe.tokenize(parse_tokenize({"model": "m", "prompt": "ab", "add_special_tokens": False,
                                       "return_token_strs": True}))
     assert out == {"count": 2, "max_model_len": 64, "tokens": [100, 101], "token_strs": ["a", "b"]}
@@ -254,6 +311,18 @@ def test_tokenize_messages_gives_the_prompt_a_chat_completion_gets():
     assert without == fe.tokenizer.encode_chat(req.chat_messages(), add_generation_prompt=False)
 
 
+def test_tokenize_messages_with_vllms_continue_final_message():
+    """(add_special_tokens: tests/unit/test_chat_template_parity.py, with a template that writes BOS itself.)"""
+    fe = frontend()
+    body = msgs(USER, {"role": "assistant", "content": "The answer is"})
+    plain = fe.tokenize(parse_tokenize({**body, "add_generation_prompt": False}))["tokens"]
+    cont = fe.tokenize(parse_tokenize({**body, "continue_final_message": True}))["tokens"]
+    assert fe.tokenizer.decode(cont).endswith("<|assistant|>\nThe answer is"), "the last message is left open"
+    assert cont == plain[:len(cont)] and len(cont) < len(plain)
+    chat = fe.prepare_chat(parse_body(ChatCompletionRequest, {**body, "continue_final_message": True}))
+    assert chat.prompt_ids == cont                   # a chat completion gets the same prompt
+
+
 @pytest.mark.parametrize("body, param", [({}, "prompt"), ({"prompt": 5}, "prompt"), ({"messages": []}, "messages"),
                                          (msgs({"role": "tool", "content": "x"}), "messages[0].tool_call_id"),
                                          ({"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens")])
@@ -265,7 +334,9 @@ def test_tokenize_validates_like_the_completions(body, param):
 
 def test_detokenize_and_its_errors():
     fe = frontend()
-    assert fe.detokenize(parse_body(DetokenizeRequest, {"tokens": [1, 100, 101, 2]})) == {"prompt": "ab"}
+    # vLLM's: special tokens shown (transformers' decode default)
+    assert fe.detokenize(parse_body(DetokenizeRequest, {"tokens": [1, 100, 101, 2]})) == {"prompt": "<s>ab</s>"}
+    assert fe.detokenize(parse_body(DetokenizeRequest, {"tokens": [100, 101]})) == {"prompt": "ab"}
     assert fe.detokenize(parse_body(DetokenizeRequest, {"tokens": []})) == {"prompt": ""}
     with pytest.raises(InvalidRequest) as e:
         fe.detokenize(parse_body(DetokenizeRequest, {"tokens": [5, 300]}))          # the vocabulary is [0, 300)

@@ -147,9 +147,9 @@ def test_the_tool_round_trip_renders_and_without_a_parser_tools_are_a_400(tokeni
 @pytest.mark.parametrize("body, param", [
     ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools[0].function.name"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools[0].function.parameters"),
-    ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, "tool_choice"),
-    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-     "tool_choice"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+     "tool_choice.function.name"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "required", "guided_regex": "a+"}, "guided_regex"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"chat_template_kwargs": "enable_thinking=false"}, "chat_template_kwargs"),
 ])

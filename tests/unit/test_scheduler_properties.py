@@ -49,7 +49,8 @@ def _mostly(draw, likely: st.SearchStrategy, otherwise: st.SearchStrategy, odds:
 
 
 @st.composite
-def workloads(draw, fail: bool = False, oversized: bool = False, adaptive: bool = False) -> Workload:
+def workloads(draw, fail: bool = False, oversized: bool = False, adaptive: bool = False,
+              choices: bool = False) -> Workload:
     """A cache of a few blocks and requests each of which fits it alone (unless `oversized`), most of
     them long enough that two together do not, most arriving at once: the cache runs short often."""
     block_size, num_blocks = draw(st.integers(1, 4)), draw(st.integers(1, 8))
@@ -68,7 +69,8 @@ def workloads(draw, fail: bool = False, oversized: bool = False, adaptive: bool 
         abort_at = _mostly(draw, st.none(), st.integers(arrival, arrival + 40))
         poison = fail and draw(st.integers(0, 3)) == 0
         seeded = adaptive and draw(st.integers(0, 3)) == 0
-        reqs.append(Request(arrival, prompt, max_tokens, k, abort_at, poison, seeded))
+        n = _mostly(draw, st.integers(2, 3), st.just(1)) if choices else 1
+        reqs.append(Request(arrival, prompt, max_tokens, k, abort_at, poison, seeded, n))
     return Workload(
         num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
         max_num_seqs=_mostly(draw, st.integers(2, num_slots + 1), st.integers(1, num_slots + 1)), budget=draw(st.integers(k_max + 1, k_max + 12)),
@@ -114,6 +116,21 @@ def test_adaptive_drafting_with_failing_passes_isolates_the_culprit(w):
 def test_requests_that_can_never_fit_are_refused_at_add_and_the_rest_finish(w):
     sim = Sim(w).run()
     assert sorted(sim.refused) == [i for i, r in enumerate(w.requests) if not fits_alone(r, w)]
+
+
+@PROFILE
+@given(workloads(choices=True), st.booleans(), st.booleans())
+def test_choices_sharing_a_prefill_finish_each_with_refcounts_equal_to_holders(w, fail, adaptive):
+    """n > 1 (router/fork.py) under the same pressure: every choice of every request finishes once with
+    the tokens the stages sampled for it; after every call a block's refcount is its holders (all of one
+    request), none leaks or is freed twice; every choice starts from its parent's state, reads only
+    blocks holding its KV (shared prompt blocks are never written by a choice), preempted choices
+    recompute alone; with failing passes and the adaptive policy too."""
+    import dataclasses
+    w = dataclasses.replace(w, p_fail=0.1 if fail else 0.0, adaptive=adaptive and any(r.k for r in w.requests))
+    sim = Sim(w).run()
+    forked = sum(r.n > 1 and r.prompt_len > 1 for i, r in sim.reqs.items() if i < len(w.requests))
+    event(f"forked requests: {min(forked, 3)}; preempted: {sim.sched.num_preemptions > 0}")
 
 
 # ---- the case of the issue, deterministic ------------------------------------------------------------------

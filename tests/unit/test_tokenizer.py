@@ -60,6 +60,14 @@ def test_hf_tokenizer_loads_template_and_special_ids(hf_folder):
     assert t.decode(t.encode("héllo wörld ☃")) == "héllo wörld ☃"
 
 
+def test_add_special_tokens_adds_the_tokenizers_bos_on_top_of_the_templates(hf_folder):
+    """vLLM's `add_special_tokens` for chat: off (the default), the template's BOS is the only one."""
+    t = load_tokenizer(hf_folder)
+    text = t.apply_chat_template([{"role": "user", "content": "hello"}])
+    assert t.encode_rendered(text, add_special_tokens=True) == [1] + t.encode_rendered(text)
+    assert t.encode_rendered(text).count(1) == 1
+
+
 def test_template_exception_is_a_client_error(hf_folder):
     with pytest.raises(ChatTemplateError, match="tool messages"):
         load_tokenizer(hf_folder).apply_chat_template([{"role": "tool", "content": "x"}])

@@ -266,10 +266,12 @@ def test_invalid_tool_fields_are_400s_naming_openais_param(extra, param):
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_forcing_a_tool_call_is_unsupported_until_constrained_decoding_exists(choice):
-    with pytest.raises(Unsupported) as e:
-        frontend().prepare_chat(parse_body(ChatCompletionRequest, {**CHAT, "tools": [TOOL], "tool_choice": choice}))
-    assert e.value.param == "tool_choice" and "grammar-constrained decoding" in e.value.message
+def test_forcing_a_tool_call_gives_a_grammar_and_parses_the_call(choice):
+    """What the grammar accepts: tests/unit/test_structured_outputs.py; here: it is sent, and parsed."""
+    prep = frontend().prepare_chat(parse_body(ChatCompletionRequest, {**CHAT, "tools": [TOOL], "tool_choice": choice}))
+    assert "get_weather" in prep.params.grammar and prep.parsing.tools == {"get_weather": WEATHER}
+    auto = frontend().prepare_chat(parse_body(ChatCompletionRequest, {**CHAT, "tools": [TOOL]}))
+    assert auto.params.grammar == ""
 
 
 def test_tools_need_a_parser_unless_tool_choice_is_none():
