@@ -14,7 +14,9 @@ Each step it maximises expected tokens per second of a decoding pass of the sequ
   E = sum_i (1 + sum_{j<=d_i} prod_{p<j} a_i(p)),   T = cost(tokens + sum_i d_i) + row_s * rows,
   rows = 0 without drafts, else one per sequence + their expected accepted drafts + sum_i d_i
 by greedy marginal allocation: every (sequence, next draft) increment sorted by its gain prod_{p<j} a_i(p),
-and the prefix with the best E/T wins (every prefix is evaluated: the learned cost need not be convex).
+and the prefix with the best E/T wins (every prefix is evaluated: the learned cost need not be convex),
+provided it beats proposing none by `min_gain` (3%): near break-even the learned costs cannot tell the
+two apart, and there drafting is the choice that could lose.
 Proposals are judged in the decoding pass that will verify them (a big prompt chunk in this pass does
 not make them cheaper to verify next step); verifying drafts a sequence holds is judged in this pass by
 token cost alone (drafting them is paid for), so drafts are not thrown away when a choice flips.
@@ -103,8 +105,11 @@ class AdaptivePolicy:
 
     def __init__(self, k: int, *, fixed_s: float = 0.01, per_token_s: float = 0.0005, row_s: float = 0.0005,
                  prior_acceptance: float = 0.7, probe_every: int = 16, explore_every: int = 128,
-                 alpha: float = 0.2, microbatches: int = 1):
+                 alpha: float = 0.2, microbatches: int = 1, min_gain: float = 0.03):
         self.k = k
+        # Proposing drafts must beat proposing none by this share of expected tokens/s: where the two are
+        # within the noise of the learned costs, drafting is what could lose (never a loss beats a tie).
+        self.min_gain = min_gain
         self.cost = PassCost(fixed_s, per_token_s, alpha)     # all passes: the prior of each batch size's
         self.costs: dict[int, PassCost] = {}                  # batch-size bucket -> its curve
         self.row_s, self.alpha = row_s, alpha
@@ -180,7 +185,7 @@ class AdaptivePolicy:
         incs = sorted((-g, j, c.seq_id) for c in cands if not c.pinned for j, g in enumerate(gains[c.seq_id]))
         del incs[max(0, budget - n0):]
         seqs, curve, row_s = len(cands), self._curve_for(len(cands)), self.row_s
-        m, points = self._best(incs, n0, e0, lambda n, e, i: curve(n) + row_s * rows(e, w0 + i))
+        m, points = self._best(incs, n0, e0, lambda n, e, i: curve(n) + row_s * rows(e, w0 + i), self.min_gain)
         m, exploring = self._explored(m, len(incs), len(cands))
         for _, _, seq_id in incs[:m]:
             drafts[seq_id] += 1
@@ -219,15 +224,17 @@ class AdaptivePolicy:
         return out
 
     @staticmethod
-    def _best(incs, n: int, e: float, seconds) -> tuple[int, list[tuple[int, float]]]:
+    def _best(incs, n: int, e: float, seconds, min_gain: float = 0.0) -> tuple[int, list[tuple[int, float]]]:
         """The prefix of `incs` (sorted by gain) with the most expected tokens per second, and (tokens,
-        expected tokens) after each prefix; `seconds(tokens, expected, prefix length)`."""
+        expected tokens) after each prefix; `seconds(tokens, expected, prefix length)`. A non-empty prefix
+        must beat the empty one by `min_gain` (a share of its rate)."""
         points, best_m, best_rate = [(n, e)], 0, e / seconds(n, e, 0)
+        floor = best_rate * (1 + min_gain)
         for m, (neg_gain, _, _) in enumerate(incs, 1):
             n, e = n + 1, e - neg_gain
             points.append((n, e))
             rate = e / seconds(n, e, m)
-            if rate > best_rate * (1 + 1e-9):
+            if rate > best_rate * (1 + 1e-9) and rate > floor:
                 best_m, best_rate = m, rate
         return best_m, points
 

@@ -8,6 +8,7 @@ and never more than k, a sequence's cap or the token budget.
 """
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,6 +47,19 @@ def test_drafts_k_at_every_batch_when_tokens_are_nearly_free():
     """Weight-bound (a GPU at these sizes): 10 ms a pass, 10 us a token, 20 us an MTP row: drafting always pays."""
     policy = trained(lambda n: 0.010 + 0.00001 * n, row_s=2e-5)
     assert [mean_drafts(policy, n) for n in (1, 16, 64)] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("gain, drafts", [(0.02, 0), (0.06, 1)])
+def test_drafting_must_beat_not_drafting_by_a_margin(gain, drafts):
+    """Where drafting is predicted to win by less than min_gain (3%), within the noise of the learned
+    costs, it is what could lose: the policy proposes none. One sequence, k=1, acceptance 0.7: one draft
+    gives 1.7 tokens in a pass of 2 tokens, so its rate over none's is 1.7 * cost(1) / cost(2)."""
+    c1 = 0.010
+    c2 = 1.7 * c1 / (1 + gain)
+    policy = trained(lambda n: c1 + (c2 - c1) * (n - 1), k=1, row_s=0.0, prior_acceptance=0.7)
+    assert policy.choose([Candidate(0, 1)], 0, 4096).drafts[0] == drafts
+    policy.min_gain = 0.0                     # without the margin even 2% drafts
+    assert policy.choose([Candidate(0, 1)], 0, 4096).drafts[0] == 1
 
 
 def test_a_sequence_whose_drafts_fail_drafts_less_than_one_whose_drafts_land():
