@@ -20,6 +20,7 @@ FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"                 # OpenAI's pattern for 
 # Names the server itself passes to the template: chat_template_kwargs may not replace them.
 RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
 TOOL_CHOICE_MODES = ("none", "auto", "required")
+MAX_TOOLS = 128                                          # OpenAI's limit on the tools array
 _NAMED_CHOICE = {"type": "object", "required": ["type", "function"], "properties": {
     "type": {"const": "function"},
     "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}
@@ -129,6 +130,10 @@ def check_tool_use(req, tool_call_parser: str | None) -> None:
         _check_named_choice(choice, tools)
     if choice not in (None, "none") and not tools:
         raise InvalidRequest("tool_choice: only allowed when tools are given", param="tool_choice")
+    if getattr(req, "parallel_tool_calls", None) is not None and not tools:
+        raise InvalidRequest("parallel_tool_calls: only allowed when tools are given", param="parallel_tool_calls")
+    if tools and len(tools) > MAX_TOOLS:
+        raise InvalidRequest(f"tools: at most {MAX_TOOLS} tools, got {len(tools)}", param="tools")
     if tools and choice != "none" and tool_call_parser is None:
         raise Unsupported("tools: tool calling is not enabled on this server (start it with --tool-call-parser "
                           "qwen3_coder); with tool_choice 'none' the tools are only shown to the model", param="tools")

@@ -246,6 +246,8 @@ def frontend(tool_call_parser: str | None = "qwen3_coder", reasoning_parser: str
     ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice.function.name"),
     ({"tool_choice": "auto"}, "tool_choice"),                       # tool_choice without tools
+    ({"parallel_tool_calls": False}, "parallel_tool_calls"),       # parallel_tool_calls without tools
+    ({"tools": [{"type": "function", "function": {"name": f"t{i}"}} for i in range(129)]}, "tools"),   # > 128
     ({"tools": [TOOL], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ({"chat_template_kwargs": "enable_thinking"}, "chat_template_kwargs"),
     ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
