@@ -14,9 +14,12 @@ import ray
 import torch
 
 
-def _setup(threads: int) -> str:
-    """Cap torch's threads (actors share the cores) and pick this actor's device."""
+def _setup(threads: int, niceness: int = 0) -> str:
+    """Cap torch's threads (actors share the cores), ask for the model's priority, pick the device."""
     torch.set_num_threads(threads)
+    if niceness:
+        from .os_priority import set_niceness
+        set_niceness(niceness)
     logging.basicConfig(level=os.environ.get("HYBRIDSERVE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,8 +28,8 @@ def _setup(threads: int) -> str:
 @ray.remote(max_restarts=0)
 class ExpertShardActor:
     def __init__(self, folder: str, layers: tuple[int, int], expert_range: tuple[int, int], threads: int = 1,
-                 dtype: str = "auto"):
-        self.device = _setup(threads)
+                 dtype: str = "auto", niceness: int = 0):
+        self.device = _setup(threads, niceness)
         from model_shards.weights import read_config, resolve_dtype
 
         from .expert_shard import ExpertShard
@@ -70,8 +73,8 @@ class StageActor:
     def __init__(self, folder: str, layers: tuple[int, int], *, shards: list | None,
                  shard_ranges: list[tuple[int, int]] | None, num_blocks: int, block_size: int, num_slots: int,
                  max_verify_positions: int, draft_dtype: str = "auto", draft_vocab: bool = True,
-                 dtype: str = "auto", threads: int = 1, per_layer_calls: bool = True):
-        device = _setup(threads)
+                 dtype: str = "auto", threads: int = 1, per_layer_calls: bool = True, niceness: int = 0):
+        device = _setup(threads, niceness)
         from model_shards.config import MOE
         from model_shards.weights import load_checkpoint
 

@@ -34,10 +34,13 @@ class ChildDied(RuntimeError):
     """The model process is gone (its caches with it)."""
 
 
-def _child_main(conn, folder: str, torch_threads: int | None, worker_kw: dict, dtype: str = "auto") -> None:
+def _child_main(conn, folder: str, torch_threads: int | None, worker_kw: dict, dtype: str = "auto",
+                niceness: int = 0) -> None:
     """The child: load the checkpoint, say ready (or why not), then run plans until the pipe closes."""
     try:
         import torch
+
+        from .os_priority import set_niceness
 
         from model_shards.weights import load_checkpoint
 
@@ -45,6 +48,8 @@ def _child_main(conn, folder: str, torch_threads: int | None, worker_kw: dict, d
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        if niceness:
+            set_niceness(niceness)
         worker = StageWorker(load_checkpoint(folder, dtype=dtype, device=worker_kw.get("device", "cpu")), **worker_kw)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -70,8 +75,9 @@ class ProcessExecutor:
 
     def __init__(self, folder, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int,
                  torch_threads: int | None = None, draft_dtype: str = "auto", draft_vocab: bool = True,
-                 dtype: str = "auto", device: str = "cpu", startup_timeout_s: float = 600.0):
-        self.folder, self.torch_threads, self.dtype = str(folder), torch_threads, dtype
+                 dtype: str = "auto", device: str = "cpu", startup_timeout_s: float = 600.0, niceness: int = 0):
+        """niceness: the child's nice value where the OS allows it (cluster/os_priority.py; 0: unchanged)."""
+        self.folder, self.torch_threads, self.dtype, self.niceness = str(folder), torch_threads, dtype, niceness
         self.worker_kw = dict(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                               max_verify_positions=max_verify_positions, draft_dtype=draft_dtype,
                               draft_vocab=draft_vocab, device=device)
@@ -88,7 +94,7 @@ class ProcessExecutor:
         module: Ray's worker script), talking over one end of a socket pair."""
         ours, theirs = socket.socketpair()
         args = json.dumps({"folder": self.folder, "torch_threads": self.torch_threads, "worker": self.worker_kw,
-                           "dtype": self.dtype})
+                           "dtype": self.dtype, "niceness": self.niceness})
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "cluster.process_executor", str(theirs.fileno()), args],
@@ -183,4 +189,4 @@ class ProcessExecutor:
 if __name__ == "__main__":                         # the child: FD JSON (see ProcessExecutor._start)
     _cfg = json.loads(sys.argv[2])
     _child_main(Connection(int(sys.argv[1])), _cfg["folder"], _cfg["torch_threads"], _cfg["worker"],
-                _cfg.get("dtype", "auto"))
+                _cfg.get("dtype", "auto"), _cfg.get("niceness", 0))

@@ -31,7 +31,7 @@ class RayExecutor:
                  max_verify_positions: int, draft_dtype: str = "auto", draft_vocab: bool = True,
                  dtype: str = "auto", actor_num_cpus: float = 0.25,
                  torch_threads: int = 1, placement_strategy: str = "PACK", stage_resources: list[dict] | None = None,
-                 transport: str = "auto", comm_timeout_s: float = 60.0):
+                 transport: str = "auto", comm_timeout_s: float = 60.0, niceness: int = 0):
         """transport: how hidden states and expert tokens move (cluster/replica_comm.py): "auto", "ray"
         (object store and a Ray call per MoE layer), "gloo", "nccl" or "nccl4py" (collectives).
         comm_timeout_s: how long a collective waits for a peer before it raises (a dead actor)."""
@@ -40,6 +40,7 @@ class RayExecutor:
         self.transport = transport_here(transport, gpus=ray.cluster_resources().get("GPU", 0) > 0,
                                         pp=plan.parallel.pp, ep=plan.parallel.ep)
         self.comm_timeout_s = comm_timeout_s
+        self.niceness = niceness                              # the actors' nice value (cluster/os_priority.py)
         self.folder = str(folder)
         self.cfg = read_config(folder)
         self.plan = plan                                      # cluster.planner.ReplicaPlan
@@ -79,12 +80,14 @@ class RayExecutor:
             shards = []
             for r in range(n_shards):
                 shards.append(ExpertShardActor.options(**self._opts(b)).remote(
-                    self.folder, (lo, hi), self.shard_ranges[r + 1], self.torch_threads, dtype=self.cache_kw["dtype"]))
+                    self.folder, (lo, hi), self.shard_ranges[r + 1], self.torch_threads, dtype=self.cache_kw["dtype"],
+                    niceness=self.niceness))
                 b += 1
             self.shards.append(shards)
             self.stages.append(StageActor.options(**self._opts(stage_bundle)).remote(
                 self.folder, (lo, hi), shards=shards or None, shard_ranges=self.shard_ranges,
-                threads=self.torch_threads, per_layer_calls=self.transport == "ray", **self.cache_kw))
+                threads=self.torch_threads, per_layer_calls=self.transport == "ray", niceness=self.niceness,
+                **self.cache_kw))
         ray.get([a.stats.remote() for a in self.stages])   # wait for weights to load; surfaces load errors
         if self.collective:
             from .transport import free_port

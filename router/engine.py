@@ -40,14 +40,15 @@ def make_executor(config: EngineConfig, folder, plan, num_blocks: int, num_slots
         kw["device"] = config.local_device()
     if not config.use_ray and config.model_process:
         from cluster.process_executor import ProcessExecutor
-        return ProcessExecutor(folder, torch_threads=config.torch_threads, **kw)
+        return ProcessExecutor(folder, torch_threads=config.torch_threads, niceness=config.model_niceness, **kw)
     if not config.use_ray:
         from cluster.local_executor import LocalExecutor
         return LocalExecutor(folder, torch_threads=config.torch_threads, **kw)
     from cluster.ray_executor import RayExecutor
     return RayExecutor(folder, plan, actor_num_cpus=config.actor_num_cpus,
                        torch_threads=config.torch_threads, placement_strategy=config.placement_strategy,
-                       stage_resources=config.stage_resources, transport=config.transport, **kw)
+                       stage_resources=config.stage_resources, transport=config.transport,
+                       niceness=config.model_niceness, **kw)
 
 
 def _pass(executor: Executor, plan):

@@ -42,6 +42,7 @@ class EngineConfig:
     max_queued_requests: int = 64
     use_ray: bool = False                  # False: the whole model in this process (the oracle's setup)
     model_process: bool = False            # without Ray: the model in a child process (its own GIL), not a thread
+    model_niceness: int = -10              # the model's processes' nice value where permitted (cluster/os_priority.py)
     num_microbatches: int | None = None    # None: pipeline_parallel_size micro-batches in flight
     placement_strategy: str = "PACK"       # Ray placement group strategy for the replica's actors
     transport: str = "auto"                # hidden states + expert tokens: auto, ray, gloo, nccl, nccl4py
@@ -104,6 +105,7 @@ class EngineConfig:
         need(self.dtype in MODEL_DTYPES, "dtype", f"must be one of {', '.join(MODEL_DTYPES)}, got {self.dtype!r}")
         need(self.transport in TRANSPORTS, "transport",
              f"must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+        need(-20 <= self.model_niceness <= 19, "model_niceness", f"must be in [-20, 19], got {self.model_niceness}")
         need(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.device == "cuda" and not self.use_ray:
             import torch

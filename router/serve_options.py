@@ -37,6 +37,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV cache (Mamba states stay float32); auto: float32 on a CPU, the "
                         "checkpoint's dtype on GPUs")
+    m.add_argument("--model-niceness", type=int, default=-10,
+                   help="nice value the model's processes ask for (the child process at -pp 1 -ep 1, stage and "
+                        "expert actors otherwise): -20..19, lower runs first; needs root or CAP_SYS_NICE, else "
+                        "unchanged (0: leave it)")
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where a single-process replica (-pp 1 -ep 1) runs the model; auto: cuda when torch sees "
                         "a GPU (Ray stage actors use the GPU Ray gives them)")
@@ -166,7 +170,8 @@ def serve_config_from_args(args):
                           block_size=args.block_size, max_queued_requests=args.max_queued_requests,
                           num_kv_blocks=args.num_gpu_blocks_override,
                           gpu_memory_utilization=args.gpu_memory_utilization, use_ray=pp * ep > 1, seed=args.seed,
-                          model_process=args.model_process, device=args.device, transport=args.transport)
+                          model_process=args.model_process, device=args.device, transport=args.transport,
+                          model_niceness=args.model_niceness)
     engine.validate()
     if not 0.0 < args.target_kv_cache_usage <= 1.0:
         raise ValueError(f"--target-kv-cache-usage: must be in (0, 1], got {args.target_kv_cache_usage}")

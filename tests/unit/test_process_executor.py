@@ -69,3 +69,26 @@ def test_a_checkpoint_the_child_cannot_load_is_a_clear_error(tmp_path):
 
     with pytest.raises(RuntimeError, match="could not load"):
         ProcessExecutor(tmp_path, num_blocks=4, block_size=4, num_slots=2, max_verify_positions=1)
+
+
+@pytest.mark.parametrize("niceness", [-10, 5])
+def test_the_model_process_runs_at_the_configured_niceness_where_the_os_allows(preset_cache, niceness):
+    """The child asks for model_niceness before loading weights: at -10 (the default) it runs before the
+    serving path's processes on a shared machine; raising priority needs root or CAP_SYS_NICE (else the
+    child stays at the parent's value), lowering it is always allowed."""
+    async def child_niceness():
+        engine = AsyncEngine(EngineConfig(model="tiny", max_model_len=64, model_process=True,
+                                          model_niceness=niceness))
+        await engine.start()
+        try:
+            return os.getpriority(os.PRIO_PROCESS, engine.executor.proc.pid)
+        finally:
+            await engine.shutdown()
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    allowed = niceness >= ours or os.geteuid() == 0
+    assert asyncio.run(child_niceness()) == (niceness if allowed else ours)
+
+
+def test_an_out_of_range_niceness_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"model_niceness: must be in \[-20, 19\], got 40"):
+        EngineConfig(model_niceness=40).validate()
