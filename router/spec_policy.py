@@ -75,6 +75,13 @@ class Choice:
         return self.drafts.get(seq_id)
 
 
+# Exploring up from no drafts is rarer (FAR_EXPLORE_EVERY x) while one draft per sequence is predicted to
+# cost more than this share of tokens/s: at 16-32 sequences on a CPU each exploration fed every sequence's
+# stash through the MTP block and verified a pass of twice the tokens, a 3-4% tax on a choice that stayed 0.
+FAR_FROM_DRAFTING = 0.2
+FAR_EXPLORE_EVERY = 8
+
+
 class FixedPolicy:
     """Every sequence proposes and verifies its k drafts every step (`--speculative-policy fixed`)."""
 
@@ -185,8 +192,12 @@ class AdaptivePolicy:
         incs = sorted((-g, j, c.seq_id) for c in cands if not c.pinned for j, g in enumerate(gains[c.seq_id]))
         del incs[max(0, budget - n0):]
         seqs, curve, row_s = len(cands), self._curve_for(len(cands)), self.row_s
-        m, points = self._best(incs, n0, e0, lambda n, e, i: curve(n) + row_s * rows(e, w0 + i), self.min_gain)
-        m, exploring = self._explored(m, len(incs), len(cands))
+        seconds = lambda n, e, i: curve(n) + row_s * rows(e, w0 + i)       # noqa: E731
+        m, points = self._best(incs, n0, e0, seconds, self.min_gain)
+        up = min(len(incs), len(cands))                  # an exploration up: one more draft per sequence
+        far = m == 0 and up > 0 and (points[up][1] / seconds(*points[up], up)
+                                     < (1 - FAR_FROM_DRAFTING) * points[0][1] / seconds(*points[0], 0))
+        m, exploring = self._explored(m, len(incs), len(cands), far)
         for _, _, seq_id in incs[:m]:
             drafts[seq_id] += 1
         tokens, expected = points[m]
@@ -238,12 +249,16 @@ class AdaptivePolicy:
                 best_m, best_rate = m, rate
         return best_m, points
 
-    def _explored(self, best_m: int, most: int, num_cands: int) -> tuple[int, int]:
+    def _explored(self, best_m: int, most: int, num_cands: int, far: bool = False) -> tuple[int, int]:
         """best_m, or every `explore_every` choices a prefix one draft per sequence longer or shorter
         (alternately) for `explore_steps` choices: each sequence's drafts get proposed, then verified,
-        so the cost of the token counts next to the choice gets measured. Returns (prefix, direction or 0)."""
+        so the cost of the token counts next to the choice gets measured. Returns (prefix, direction or 0).
+        `far`: not drafting, and a draft per sequence is predicted to lose by more than FAR_FROM_DRAFTING:
+        exploring costs a catch-up of every sequence's stash and a verification pass, for a measurement
+        that could hardly flip the choice, so it happens FAR_EXPLORE_EVERY times less often."""
         left, direction = self._explore
-        if left == 0 and self.explore_every and self.num_choices % self.explore_every == 0 and most:
+        every = self.explore_every * (FAR_EXPLORE_EVERY if far else 1)
+        if left == 0 and every and self.num_choices % every == 0 and most:
             left, direction = self.explore_steps, (1 if (self.num_choices // self.explore_every) % 2 else -1)
             if best_m == 0 or best_m == most:
                 direction = 1 if best_m == 0 else -1
