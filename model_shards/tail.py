@@ -61,16 +61,27 @@ MAX_STASHED = 64
 
 @dataclasses.dataclass
 class Stash:
-    """Settled pairs the MTP block has not seen: positions start.. with their MTP input rows (n, d) and
-    the token after each."""
+    """Settled pairs the MTP block has not seen: positions start.., the last layer's row of each (before
+    the MTP input's norm, applied when they are fed) in the chunks the passes stashed them in, and the
+    token after each. Chunks, not one tensor: a pass appends without copying what is already kept (the
+    stash of every non-drafting sequence grows each pass); they are joined once, when the pairs are fed.
+    A chunk is a slice of its pass's stashed rows only (`_mtp_draft` gathers them), so what a stash
+    keeps alive is bounded by MAX_STASHED passes' stashed rows."""
 
     start: int
-    h: torch.Tensor
+    chunks: list[torch.Tensor]
     tokens: list[int]
+    rows: int = 0                     # rows in the chunks (the oldest chunk may hold dropped ones)
 
     @property
     def end(self) -> int:
         return self.start + len(self.tokens)
+
+    @property
+    def h(self) -> torch.Tensor:
+        """(len(tokens), d): the pairs' rows, oldest first."""
+        rows = self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks)
+        return rows[len(rows) - len(self.tokens):]
 
 
 class DraftStore:
@@ -87,15 +98,19 @@ class DraftStore:
     def stash(self, seq_id: int, start: int, h: torch.Tensor, tokens: list[int]) -> None:
         """Append pairs at positions start..; a stash that does not end at `start` (the sequence was
         recomputed, or rolled back) is replaced."""
-        old = self._stash.get(seq_id)
-        if old is not None and old.end == start:
-            start, h, tokens = old.start, torch.cat([old.h, h]), old.tokens + tokens
-        drop = len(tokens) - MAX_STASHED
+        st = self._stash.get(seq_id)
+        if st is not None and st.end == start:
+            st.chunks.append(h)
+            st.tokens += tokens
+        else:
+            st = self._stash[seq_id] = Stash(start, [h], list(tokens))
+        st.rows += len(h)
+        drop = len(st.tokens) - MAX_STASHED
         if drop > 0:
-            start, h, tokens = start + drop, h[drop:], tokens[drop:]
-        if h._base is not None:          # a view would keep the whole pass's rows alive
-            h = h.clone()
-        self._stash[seq_id] = Stash(start, h, tokens)
+            st.start += drop
+            del st.tokens[:drop]
+            while len(st.chunks) > 1 and st.rows - len(st.chunks[0]) >= len(st.tokens):
+                st.rows -= len(st.chunks.pop(0))
 
     def unstash(self, seq_id: int, start: int) -> Stash | None:
         """The pairs that end where a pass's settled positions begin (`start`), or None."""
@@ -237,13 +252,14 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> int:
             stashed.append(pairs)
     if not fed and not stashed:
         return 0
-    h_in = model.mtp_hidden_input(h[[i for p in fed + stashed for i in p[1]]])   # (fed + stashed rows, d)
-    at = sum(len(p[1]) for p in fed)
-    for j, rows, tokens in stashed:
-        store.stash(reqs[j].seq_id, batch.seqs[j].start_pos, h_in[at:at + len(rows)], tokens)
-        at += len(rows)
+    if stashed:                                  # kept as they are: the MTP input's norm runs when they are fed
+        kept, at = h[[i for p in stashed for i in p[1]]], 0                 # (stashed rows, d), a copy
+        for j, rows, tokens in stashed:
+            store.stash(reqs[j].seq_id, batch.seqs[j].start_pos, kept[at:at + len(rows)], tokens)
+            at += len(rows)
     if not fed:
         return 0
+    h_in = model.mtp_hidden_input(h[[i for p in fed for i in p[1]]])     # (fed rows, d)
     pieces, pair_tokens, seqs, drafting, at = [], [], [], [], 0
     for j, rows, tokens in fed:
         s, r = batch.seqs[j], reqs[j]
@@ -251,7 +267,7 @@ def _mtp_draft(model, cache, h, batch, reqs, results, store) -> int:
         old = store.unstash(r.seq_id, start)
         if old is not None:                                           # its stashed pairs go first
             start, tokens = old.start, old.tokens + tokens
-            pieces.append(old.h)
+            pieces.append(model.mtp_hidden_input(old.h))
         pieces.append(mine)
         at += len(rows)
         seqs.append(SeqSlice(len(pair_tokens), len(tokens), start, s.mamba_slot, s.block_table))

@@ -80,6 +80,8 @@ class Choice:
 # stash through the MTP block and verified a pass of twice the tokens, a 3-4% tax on a choice that stayed 0.
 FAR_FROM_DRAFTING = 0.2
 FAR_EXPLORE_EVERY = 8
+RECHECK_FAR = 16             # a batch far from drafting is fully re-evaluated every this many choices
+STOP_STASHING_AFTER = 16     # ... and stops stashing MTP pairs after this many far choices in a row
 
 
 class FixedPolicy:
@@ -128,6 +130,8 @@ class AdaptivePolicy:
         # An exploration lasts each micro-batch's propose + verify, as often per micro-batch as with one.
         self.explore_steps, self.explore_every = 2 * microbatches, explore_every * microbatches
         self._explore: tuple[int, int] = (0, 0)  # (choices left, direction) of the current exploration
+        self.far_streak = 0                     # choices in a row judged far from drafting (FAR_FROM_DRAFTING)
+        self._far_cands = 0                     # ... for a batch of this many sampling sequences
 
     # ---- what the engine measures ------------------------------------------------------------------
     def observe_pass(self, num_tokens: int, seconds: float, draft_seconds: float = 0.0, draft_rows: int = 0,
@@ -178,6 +182,9 @@ class AdaptivePolicy:
         Verifying drafts a sequence already holds is judged in this very pass by token cost alone: drafting
         them is paid for, so drafts proposed are not thrown away when the choice next to break-even flips."""
         self.num_choices += 1
+        if self._still_far(cands):
+            self.far_streak += 1
+            return Choice({c.seq_id: 0 for c in cands}, {c.seq_id: 0 for c in cands})
         gains = {c.seq_id: self._gains(c) for c in cands}
         pinned = [c for c in cands if c.pinned]
         drafts = {c.seq_id: len(gains[c.seq_id]) if c.pinned else 0 for c in cands}
@@ -224,7 +231,26 @@ class AdaptivePolicy:
         for c in cands:                                  # a probe's draft is verified, whatever it costs
             if not verify[c.seq_id] and c.held and self.idle.get(c.seq_id, 0) >= self.probe_every:
                 verify[c.seq_id] = 1
+        quiet = far and not exploring and w == 0 and not any(verify.values())
+        self.far_streak, self._far_cands = (self.far_streak + 1 if quiet else 0), len(cands)
         return Choice(drafts, verify, tokens, self.seconds(tokens, drafting, seqs), expected)
+
+    @property
+    def stashing(self) -> bool:
+        """Whether sequences that skip the MTP block keep their pairs for its next run: not once drafting
+        has been far from paying for STOP_STASHING_AFTER choices in a row (a big batch on a CPU), where
+        the stash's per-pass cost buys nothing; a sequence that drafts again later starts its MTP
+        attention with a gap (lower acceptance for a while; outputs never change)."""
+        return self.far_streak < STOP_STASHING_AFTER
+
+    def _still_far(self, cands: list[Candidate]) -> bool:
+        """Between full evaluations (every RECHECK_FAR choices, and whenever the batch changes size or
+        holds seeded or held drafts), a batch judged far from drafting stays at none without the
+        evaluation (its Python is ~1% of a 32-sequence CPU pass)."""
+        due = self.explore_every and self.num_choices % (self.explore_every * FAR_EXPLORE_EVERY) == 0
+        if not self.far_streak or self.num_choices % RECHECK_FAR == 0 or self._explore[0] or due:
+            return False
+        return len(cands) == self._far_cands and not any(c.pinned or c.held for c in cands)
 
     def _gains(self, c: Candidate) -> list[float]:
         """gain[j]: expected tokens the (j+1)-th draft adds, prod_{p<=j} acceptance(p)."""
@@ -322,13 +348,14 @@ def feed_mtp(steps, seqs, policy) -> None:
     MTP sequence stashes its settled pairs on the last stage: the block costs nothing while a sequence
     does not draft, and its attention has no gap when it drafts again."""
     drafting = getattr(policy, "drafting", True)
+    stashing = getattr(policy, "stashing", True)
     for s in steps:
         seq = seqs[s.seq_id]
         prompt = not s.sample or s.num_tokens > 1 + len(s.drafts)
         mtp = seq.num_speculative > 0
         # A parent of n > 1 choices feeds it always: its choices inherit the MTP block's KV, not its stash.
         s.mtp_context = mtp and (s.num_drafts > 0 or pinned(seq) or (prompt and drafting) or bool(seq.fork_ids))
-        s.mtp_stash = mtp and not s.mtp_context
+        s.mtp_stash = mtp and not s.mtp_context and stashing
 
 
 def draft_rows(plan, result) -> int:

@@ -19,6 +19,7 @@ import pytest
 from model_shards.sampling_params import SamplingParams
 from router.engine import AsyncEngine
 from router.engine_config import EngineConfig
+from router import spec_policy
 from router.spec_policy import AdaptivePolicy
 from tests.engine_helpers import RandomDrafts, oracle, staggered, use_speculative_mode
 
@@ -115,7 +116,7 @@ def homogeneity(a: list[int], b: list[int]) -> tuple[float, int]:
     return stat, len(rows) - 1
 
 
-def test_drafts_chosen_adaptively_or_at_random_leave_the_sampling_distribution_alone():
+def test_drafts_chosen_adaptively_or_at_random_leave_the_sampling_distribution_alone(monkeypatch):
     """N requests per arm, each with its own seed (the engine draws them: `random` seeded per arm, a different
     set per arm so the samples are independent), the trained model (drafts are accepted about half the
     time at temperature 1, top_k 4): output tokens 1..5 (token 0 comes from the prompt's pass, before any
@@ -126,6 +127,7 @@ def test_drafts_chosen_adaptively_or_at_random_leave_the_sampling_distribution_a
     # depend on the sequences' acceptance alone and the run repeats: cheap tokens make it draft, each
     # sequence as its acceptance says; exploring and probing often make it vary more.
     adaptive = AdaptivePolicy(3, per_token_s=5e-4, row_s=2e-4, probe_every=3, explore_every=5)
+    monkeypatch.setattr(spec_policy, "FAR_FROM_DRAFTING", 1.0)    # explore at the same pace at every batch size
     engine.adaptive_policy = None
     arms = {"off": (0, None, SAMPLED, 1), "adaptive": (3, adaptive, SAMPLED, 2),
             "random": (3, RandomDrafts(3, seed=9), SAMPLED, 3),

@@ -85,7 +85,11 @@ def test_the_stash_is_bounded_and_dropped_when_it_does_not_end_where_the_pass_be
     assert store.num_stashed(5) == MAX_STASHED
     st = store.unstash(5, 100 + MAX_STASHED + 10)
     assert st.start == 110 and st.tokens[0] == 10 and torch.equal(st.h, h[10:])
-    assert st.h._base is None                                             # its own rows, not a view of a pass
+    many = DraftStore()                                                   # one row a pass, 3 x MAX_STASHED passes:
+    for p in range(3 * MAX_STASHED):                                      # old chunks are let go, not kept
+        many.stash(7, p, h[p % 10:p % 10 + 1], [p])
+    st = many.unstash(7, 3 * MAX_STASHED)
+    assert len(st.chunks) == MAX_STASHED and st.tokens == list(range(2 * MAX_STASHED, 3 * MAX_STASHED))
     store.stash(5, 100, h[:3], [1, 2, 3])
     assert store.unstash(5, 50) is None                                   # recomputed from 50: stale, dropped
     assert store.num_stashed(5) == 0

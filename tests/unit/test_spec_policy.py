@@ -250,3 +250,21 @@ def test_fixed_policy_plans_as_before():
     _decode_until_drafts(s, [0])
     x = s.schedule().seqs[0]
     assert x.drafts == [11, 12, 13] and x.num_drafts == 3 and not x.mtp_context
+
+
+def test_a_batch_far_from_drafting_skips_the_evaluation_and_stops_stashing(monkeypatch):
+    """32 sequences where a draft each loses by far: between full evaluations (every RECHECK_FAR choices)
+    the choice stays at none without computing it, and after STOP_STASHING_AFTER such choices the
+    sequences stop stashing MTP pairs; a batch where drafting pays turns stashing back on."""
+    policy = trained(lambda n: 0.010 + 0.001 * n)
+    cands = [Candidate(i, 3) for i in range(32)]
+    evaluated = []
+    gains = policy._gains
+    monkeypatch.setattr(policy, "_gains", lambda c: evaluated.append(c.seq_id) or gains(c))
+    for _ in range(spec_policy.STOP_STASHING_AFTER):
+        assert policy.stashing
+        assert sum(policy.choose(cands, 0, 4096).drafts.values()) == 0
+    assert len(evaluated) == 32 * (1 + spec_policy.STOP_STASHING_AFTER // spec_policy.RECHECK_FAR)
+    assert not policy.stashing
+    assert policy.choose([Candidate(0, 3)], 0, 4096).drafts[0] == 3      # one sequence: drafting pays
+    assert policy.stashing
