@@ -27,7 +27,8 @@ from .outputs import EngineDeadError, EngineStats, QueueFullError, RequestOutput
 from .request_stream import RequestStream
 from .scheduler import PlanningError, Scheduler, SchedulerConfig
 from .sequence import Sequence
-from .spec_policy import AdaptivePolicy, FixedPolicy, draft_rows
+from .spec_policy import AdaptivePolicy, FixedPolicy
+from .spec_policy import observe as observe_pass
 
 log = logging.getLogger("hybridserve.engine")
 
@@ -364,8 +365,7 @@ class AsyncEngine:
         self._last_progress = time.monotonic()
         self.step_times.append(t0 - fut.t0)
         if self.adaptive_policy is not None:
-            self.adaptive_policy.observe_pass(plan.num_tokens, t0 - fut.t0, result.draft_s, draft_rows(plan, result),
-                                              len(plan.seqs))
+            observe_pass(self.adaptive_policy, plan, result, t0 - fut.t0)
         try:
             self._account_mtp(plan, result)
             self._deliver(self.scheduler.update(result))

@@ -16,7 +16,8 @@ Each step it maximises expected tokens per second of a decoding pass of the sequ
 by greedy marginal allocation: every (sequence, next draft) increment sorted by its gain prod_{p<j} a_i(p),
 and the prefix with the best E/T wins (every prefix is evaluated: the learned cost need not be convex),
 provided it beats proposing none by `min_gain` (3%): near break-even the learned costs cannot tell the
-two apart, and there drafting is the choice that could lose.
+two apart, and there drafting is the choice that could lose. And where decode passes of a batch size
+realized fewer tokens/s with drafts than without (`observe_decode`), none are chosen there.
 Proposals are judged in the decoding pass that will verify them (a big prompt chunk in this pass does
 not make them cheaper to verify next step); verifying drafts a sequence holds is judged in this pass by
 token cost alone (drafting them is paid for), so drafts are not thrown away when a choice flips.
@@ -80,6 +81,10 @@ class Choice:
 # stash through the MTP block and verified a pass of twice the tokens, a 3-4% tax on a choice that stayed 0.
 FAR_FROM_DRAFTING = 0.2
 FAR_EXPLORE_EVERY = 8
+# Drafting is not chosen (explorations still draft, and keep measuring) in batches of a size where decode
+# passes with drafts realized fewer tokens/s than those without, over at least REALIZED_MIN_PASSES of each.
+REALIZED_ALPHA = 0.1
+REALIZED_MIN_PASSES = 8
 RECHECK_FAR = 16             # a batch far from drafting is fully re-evaluated every this many choices
 STOP_STASHING_AFTER = 16     # ... and stops stashing MTP pairs after this many far choices in a row
 
@@ -94,6 +99,9 @@ class FixedPolicy:
 
     def observe_pass(self, num_tokens: int, seconds: float, draft_seconds: float = 0.0, draft_rows: int = 0,
                      num_seqs: int = 1) -> None:
+        pass
+
+    def observe_decode(self, num_seqs: int, tokens_per_s: float, drafting: bool) -> None:
         pass
 
     def observe_verified(self, seq_id: int, num_verified: int, num_accepted: int) -> None:
@@ -131,6 +139,8 @@ class AdaptivePolicy:
         self.explore_steps, self.explore_every = 2 * microbatches, explore_every * microbatches
         self._explore: tuple[int, int] = (0, 0)  # (choices left, direction) of the current exploration
         self.far_streak = 0                     # choices in a row judged far from drafting (FAR_FROM_DRAFTING)
+        # batch bucket -> [tokens/s of decode passes without drafts, their count, the same with drafts]
+        self.realized: dict[int, list[float]] = {}
         self._far_cands = 0                     # ... for a batch of this many sampling sequences
 
     # ---- what the engine measures ------------------------------------------------------------------
@@ -144,6 +154,20 @@ class AdaptivePolicy:
         self._curve_for(num_seqs).observe(num_tokens, token_s)
         if draft_rows > 0 and draft_seconds > 0:
             self.row_s += self.alpha * (draft_seconds / draft_rows - self.row_s)
+
+    def observe_decode(self, num_seqs: int, tokens_per_s: float, drafting: bool) -> None:
+        """A pure decode pass of `num_seqs` sequences emitted tokens at this rate, verifying or proposing
+        drafts or not: what drafting really returns here, hidden costs included (the learned costs price
+        a pass by its size alone)."""
+        r = self.realized.setdefault(batch_bucket(max(1, num_seqs)), [0.0, 0, 0.0, 0])
+        i = 2 if drafting else 0
+        r[i] = tokens_per_s if not r[i + 1] else r[i] + REALIZED_ALPHA * (tokens_per_s - r[i])
+        r[i + 1] += 1
+
+    def drafting_loses(self, num_seqs: int) -> bool:
+        """Decode passes with drafts have realized fewer tokens/s than those without, in batches of this size."""
+        r = self.realized.get(batch_bucket(max(1, num_seqs)))
+        return r is not None and min(r[1], r[3]) >= REALIZED_MIN_PASSES and r[2] < r[0]
 
     def observe_verified(self, seq_id: int, num_verified: int, num_accepted: int) -> None:
         """A sampling pass of `seq_id` verified `num_verified` drafts and accepted `num_accepted`."""
@@ -201,6 +225,8 @@ class AdaptivePolicy:
         seqs, curve, row_s = len(cands), self._curve_for(len(cands)), self.row_s
         seconds = lambda n, e, i: curve(n) + row_s * rows(e, w0 + i)       # noqa: E731
         m, points = self._best(incs, n0, e0, seconds, self.min_gain)
+        if m and self.drafting_loses(len(cands)):        # the estimate says it pays; the passes say it does not
+            m = 0
         up = min(len(incs), len(cands))                  # an exploration up: one more draft per sequence
         far = m == 0 and up > 0 and (points[up][1] / seconds(*points[up], up)
                                      < (1 - FAR_FROM_DRAFTING) * points[0][1] / seconds(*points[0], 0))
@@ -356,6 +382,15 @@ def feed_mtp(steps, seqs, policy) -> None:
         # A parent of n > 1 choices feeds it always: its choices inherit the MTP block's KV, not its stash.
         s.mtp_context = mtp and (s.num_drafts > 0 or pinned(seq) or (prompt and drafting) or bool(seq.fork_ids))
         s.mtp_stash = mtp and not s.mtp_context and stashing
+
+
+def observe(policy, plan, result, seconds: float) -> None:
+    """What the engine tells the policy of a finished pass: its cost by size and, for a pure decode pass,
+    the tokens per second it realized with or without drafts."""
+    policy.observe_pass(plan.num_tokens, seconds, result.draft_s, draft_rows(plan, result), len(plan.seqs))
+    if seconds > 0 and plan.seqs and all(s.sample and s.num_tokens == 1 + len(s.drafts) for s in plan.seqs):
+        emitted = sum(len(o.new_tokens) for o in result.outputs)
+        policy.observe_decode(len(plan.seqs), emitted / seconds, any(s.drafts or s.num_drafts for s in plan.seqs))
 
 
 def draft_rows(plan, result) -> int:

@@ -268,3 +268,19 @@ def test_a_batch_far_from_drafting_skips_the_evaluation_and_stops_stashing(monke
     assert not policy.stashing
     assert policy.choose([Candidate(0, 3)], 0, 4096).drafts[0] == 3      # one sequence: drafting pays
     assert policy.stashing
+
+
+@pytest.mark.parametrize("drafting_rate, drafts", [(400.0, 0), (600.0, 3)])
+def test_what_decode_passes_realized_overrules_the_estimate(drafting_rate, drafts):
+    """The learned costs price a pass by its size; a drafting pass also has costs they miss. Once decode
+    passes of this batch size with drafts realized fewer tokens/s than those without (8 of each), the
+    policy stops choosing drafts there, however well the estimate says they pay; faster, it keeps them."""
+    policy = trained(lambda n: 0.010 + 0.00001 * n, row_s=2e-5)         # drafting looks nearly free
+    cands = [Candidate(i, 3) for i in range(4)]
+    assert mean_drafts(policy, 4) == 3
+    for _ in range(spec_policy.REALIZED_MIN_PASSES):
+        policy.observe_decode(4, 500.0, drafting=False)
+        policy.observe_decode(4, drafting_rate, drafting=True)
+        policy.observe_decode(1, 100.0, drafting=True)                  # another batch size: its own record
+    assert sum(policy.choose(cands, 0, 4096).drafts.values()) / 4 == drafts
+    assert mean_drafts(policy, 1) == 3
