@@ -44,7 +44,9 @@ from .request_stream import RequestStream
 
 log = logging.getLogger("hybridserve.serve")
 
-STATS_MAX_AGE_S = 3.0
+# A replica whose stats are older than this is not counted as ready: 20 reports missed (every 0.5 s), so a
+# replica kept off the CPU for a few seconds on a loaded machine is not taken for a dead one.
+STATS_MAX_AGE_S = 10.0
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "generation_config.json")
 
