@@ -42,7 +42,9 @@ class EngineConfig:
     max_queued_requests: int = 64
     use_ray: bool = False                  # False: the whole model in this process (the oracle's setup)
     model_process: bool = False            # without Ray: the model in a child process (its own GIL), not a thread
-    model_niceness: int = -10              # the model's processes' nice value where permitted (cluster/os_priority.py)
+    model_niceness: int = 0                # the model's processes' nice value where permitted (cluster/os_priority.py);
+                                           # 0 leaves it (a library does not reprioritise its host); `hybridserve
+                                           # serve` asks for -10 (--model-niceness)
     num_microbatches: int | None = None    # None: pipeline_parallel_size micro-batches in flight
     placement_strategy: str = "PACK"       # Ray placement group strategy for the replica's actors
     transport: str = "auto"                # hidden states + expert tokens: auto, ray, gloo, nccl, nccl4py

@@ -121,6 +121,10 @@ def test_serve_outputs_equal_greedy_http_and_grpc(app):
     with Client(f"127.0.0.1:{cfg.grpc_port}") as c:
         parts = list(c.generate(messages=MSGS, max_tokens=16, temperature=0))
         assert sum((list(p.token_ids) for p in parts), []) == ref_chat
+        # the health status follows readiness as the gRPC server polls it (every 0.5 s): SERVING soon
+        deadline = time.monotonic() + 15
+        while c.health() != "SERVING" and time.monotonic() < deadline:
+            time.sleep(0.25)
         assert c.health() == "SERVING"
     assert "hybridserve:time_to_first_token_seconds_count" in httpx.get(url + "/metrics").text
 

@@ -92,3 +92,11 @@ def test_the_model_process_runs_at_the_configured_niceness_where_the_os_allows(p
 def test_an_out_of_range_niceness_is_refused_by_name():
     with pytest.raises(ValueError, match=r"model_niceness: must be in \[-20, 19\], got 40"):
         EngineConfig(model_niceness=40).validate()
+
+
+def test_the_server_asks_for_priority_and_the_library_leaves_it():
+    """`hybridserve serve` asks for nice -10 for its model processes; an EngineConfig built in someone
+    else's program leaves its host's priorities alone."""
+    from router.serve_options import serve_args_from_dict, serve_config_from_args
+    assert serve_config_from_args(serve_args_from_dict({})).engine.model_niceness == -10
+    assert EngineConfig().model_niceness == 0
