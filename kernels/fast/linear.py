@@ -1,21 +1,105 @@
-"""x @ W^T for the few rows of a decode-sized pass. Reference: torch.nn.functional.linear.
+"""x @ W^T for inference on a CPU. Reference: torch.nn.functional.linear.
 
-Measured on this CPU (float32, weights not in cache, as in a forward over a model larger than L3):
-MKL's GEMM for 2-8 rows against an (out, in) weight runs 1.4-2x slower than the same weight times one
-row, while the product computed as W @ x^T (a tall GEMM over the weight's contiguous rows) costs about
-what one row does: a 4-token verification pass then reads its weights for nearly the price of a decode
-step. One row (a GEMV) and many rows (prefill, training) are left to F.linear, which is faster there.
-Shapes: x (T, in); weight (out, in); returns (T, out).
+Two things make torch's default product slow for this engine's shapes on a CPU:
+- torch's float32 GEMM is MKL's, which on the AMD EPYC cores these benchmarks run on reaches about half
+  of what oneDNN (also inside torch) does, given the weight once reordered into its blocked layout
+  (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU backend uses for frozen weights):
+  from 8 rows up the product then runs ~2x faster (docs/KERNELS.md has the measurements;
+  `python -m benchmarks.linear` reproduces them). The reordered copy is made once per weight
+  and kept on the Parameter (it costs the weight's size again in memory; HYBRIDSERVE_ONEDNN_LINEAR=0
+  turns the path off, and so does a torch without oneDNN).
+- For 2-7 rows, and without oneDNN up to 8, MKL's GEMM against an (out, in) weight runs slower than the same weight
+  times one row, while W @ x^T (a tall GEMM over the weight's contiguous rows) costs about what one
+  row does (the few-rows product below).
+One row (a GEMV) stays with MKL, which is faster there; so do training (autograd through the weight)
+and any weight that is not a Parameter (a slice made per call: reordering it would cost more than the
+product).
+Shapes: x (..., in); weight (out, in); returns (..., out).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
 FEW_ROWS = 8
+ENV = "HYBRIDSERVE_ONEDNN_LINEAR"
+
+
+def _onednn_works() -> bool:
+    """oneDNN's reordered-weight linear exists in this torch and gives F.linear's numbers."""
+    if os.environ.get(ENV, "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(4, 32, generator=g), torch.randn(24, 32, generator=g)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 4)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.allclose(out, F.linear(x, w), atol=1e-4, rtol=1e-4))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+ONEDNN = _onednn_works()
+ONEDNN_MIN_ROWS = 8    # below, W @ x^T (the few-rows product) beat it in the engine (cold weights, k=3 verification)
+
+
+def derived_weight(weight: torch.nn.Parameter, name: str, make) -> torch.nn.Parameter:
+    """make(weight) (a reshaped copy the product wants), kept on the Parameter under `name` and remade when
+    the weight changes; itself a Parameter (no grad), so linear() keeps its oneDNN copy too. Inference
+    only: autograd does not flow through it."""
+    key = (weight.data_ptr(), weight._version)
+    cached = getattr(weight, name, None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, torch.nn.Parameter(make(weight.detach()).contiguous(), requires_grad=False))
+        setattr(weight, name, cached)
+    return cached[1]
+
+
+def packed_weight(weight: torch.nn.Parameter) -> torch.Tensor:
+    """The Parameter's oneDNN copy, made on first use and remade when the weight changes (in-place
+    updates bump its version; a new .data changes its pointer)."""
+    key = (weight.data_ptr(), weight._version)
+    cached = getattr(weight, "_onednn_packed", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32))
+        weight._onednn_packed = cached
+    return cached[1]
+
+
+def _packs(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    return (ONEDNN and rows >= ONEDNN_MIN_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and isinstance(weight, torch.nn.Parameter) and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if _packs(x, weight, rows):
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed_weight(weight), None,
+                                                 "none", [], "")
+        return out.view(*x.shape[:-1], weight.shape[0])
     if x.dim() == 2 and 1 < x.shape[0] <= FEW_ROWS:
         return torch.mm(weight, x.t()).t().contiguous()
     return F.linear(x, weight)
+
+
+def packed_expert(stacked: torch.nn.Parameter, e: int) -> torch.Tensor:
+    """Expert e's oneDNN copy of a stacked (E, out, in) Parameter, all experts reordered on first use."""
+    key = (stacked.data_ptr(), stacked._version)
+    cached = getattr(stacked, "_onednn_packed", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in stacked.detach()])
+        stacked._onednn_packed = cached
+    return cached[1][e]
+
+
+def expert_linear(x: torch.Tensor, stacked: torch.Tensor, e: int) -> torch.Tensor:
+    """x (T, in) @ stacked[e]^T for stacked expert weights (E, out, in): (T, out)."""
+    if _packs(x, stacked, x.shape[0]):
+        return torch.ops.mkldnn._linear_pointwise(x, packed_expert(stacked, e), None, "none", [], "")
+    return linear(x, stacked[e])

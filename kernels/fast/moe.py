@@ -13,18 +13,27 @@ Shapes: x (T, D_in); topk_weights (T, k) float32; topk_ids (T, k) global ids; up
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..reference.moe import grouped_experts as _sorted_by_expert
-from .linear import FEW_ROWS, linear
+from .linear import FEW_ROWS, derived_weight, expert_linear, linear
+
+# Every expert on every row costs E / k times the chosen experts' products, in two GEMMs and a few ops;
+# the schedule sorted by expert costs ~6 ops per expert. With few experts per choice and enough rows
+# that every expert is busy anyway (hybrid-mini at 32 rows: 8 experts, top 2), dense wins.
+DENSE_MAX_EXPERTS_PER_CHOICE = 4
 
 
 def grouped_experts(x, topk_weights, topk_ids, up, down, *, first_expert: int = 0):
     """sum_k w_k down_e(relu(up_e x)^2) over the chosen experts this shard owns; (T, D_in) in x's dtype."""
     T, Din = x.shape
     E = up.shape[0]
+    k = topk_ids.shape[1]
+    training = torch.is_grad_enabled() and (up.requires_grad or down.requires_grad)
+    if T > FEW_ROWS and E <= DENSE_MAX_EXPERTS_PER_CHOICE * k and T * k >= 2 * E and not training:
+        return _every_expert(x, topk_weights, topk_ids, up, down, first_expert)
     if T > FEW_ROWS:
-        return _sorted_by_expert(x, topk_weights, topk_ids, up, down, first_expert=first_expert, linear=linear)
+        return _sorted_by_expert(x, topk_weights, topk_ids, up, down, first_expert=first_expert,
+                                  expert_linear=expert_linear)
     weight: dict[int, list[float]] = {}                 # local expert -> routing weight of each row
     for t, (ids, ws) in enumerate(zip((topk_ids - first_expert).tolist(), topk_weights.tolist())):
         for e, w in zip(ids, ws):
@@ -34,10 +43,27 @@ def grouped_experts(x, topk_weights, topk_ids, up, down, *, first_expert: int = 
     if T > 1 and weight:
         columns = torch.tensor(list(weight.values()), dtype=x.dtype, device=x.device)   # (experts used, T)
     for n, e in enumerate(weight):
-        h = F.linear(x, up[e]).relu_().square_()                        # (T, I)
+        h = expert_linear(x, up, e).relu_().square_()                   # (T, I)
         h.mul_(weight[e][0] if T == 1 else columns[n][:, None])
-        if x.dtype == torch.float32:
+        if T == 1 and x.dtype == torch.float32:
             out.addmm_(h, down[e].t())                                  # out += h @ down_e^T
         else:
-            out += F.linear(h, down[e]).float()
+            out += expert_linear(h, down, e).float()
     return out.to(x.dtype)
+
+
+def _every_expert(x, topk_weights, topk_ids, up, down, first_expert: int):
+    """Each row through every local expert, the outputs weighted by the row's routing weight (0 where it did
+    not choose the expert): up as one (T, E*I) product, down as one (T, E*I) @ (E*I, D_in) product."""
+    T, Din = x.shape
+    E, I = up.shape[0], up.shape[1]
+    local = topk_ids - first_expert
+    mine = (local >= 0) & (local < E)                                   # choices of this shard's experts
+    gate = torch.zeros(T, E, dtype=torch.float32, device=x.device).scatter_add_(
+        1, local.clamp(0, E - 1), topk_weights.float() * mine)         # (T, E) routing weight per expert
+    up_all = derived_weight(up, "every_expert_up", lambda w: w.reshape(E * I, Din))            # (E*I, D_in)
+    down_all = derived_weight(down, "every_expert_down",
+                              lambda w: w.permute(1, 0, 2).reshape(Din, E * I).contiguous())   # (D_in, E*I)
+    h = linear(x, up_all).relu_().square_().view(T, E, I)              # (T, E, I)
+    h.mul_(gate.to(h.dtype)[:, :, None])
+    return linear(h.view(T, E * I), down_all).to(x.dtype)              # (T, D_in)

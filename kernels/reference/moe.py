@@ -23,14 +23,17 @@ def route(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, *, 
 
 def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                     up: torch.Tensor, down: torch.Tensor, *, first_expert: int = 0,
-                    linear=F.linear) -> torch.Tensor:
+                    expert_linear=None) -> torch.Tensor:
     """sum_k w_k * down_e(relu(up_e(x))^2) over the chosen experts this shard owns.
 
     Experts first_expert .. first_expert+E_local-1 live here; choices outside that range are skipped,
     so the sum over all shards' outputs is the full MoE output. Returns (T, D_in) in x's dtype.
     The (token, choice) pairs are sorted by expert once, so each expert works on a contiguous slice.
-    `linear(x, W)` = x @ W^T is the product used per expert (a fast path may pass its own).
+    `expert_linear(x, W, e)` = x @ W[e]^T is the product used per expert (a fast path may pass its own).
     """
+    if expert_linear is None:
+        def expert_linear(x, W, e):
+            return F.linear(x, W[e])
     T, Din = x.shape
     k = topk_ids.shape[1]
     local = (topk_ids - first_expert).reshape(-1)                      # (T*k,) expert of each choice
@@ -44,8 +47,8 @@ def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
     for e in range(n_local):
         n = counts[e + 1]
         if n:
-            h = torch.relu(linear(xs[start:start + n], up[e])).square()
-            ys[start:start + n] = linear(h, down[e]).float()
+            h = torch.relu(expert_linear(xs[start:start + n], up, e)).square()
+            ys[start:start + n] = expert_linear(h, down, e).float()
         start += n
     w = topk_weights.reshape(-1)[order].float()[:, None]
     out = torch.zeros(T, Din, dtype=torch.float32, device=x.device)
