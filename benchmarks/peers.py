@@ -40,9 +40,10 @@ from .common import DOC, machine, publish
 from .served import REPO
 
 LARGE_PRESET = "hybrid-280m"
-# MTP is on by default (auto, adaptive): the plain rows turn it off, the k=3 rows draft 3 every step.
+# MTP is on by default (auto, adaptive): the default row leaves it so, the plain rows turn it off, the
+# k=3 rows draft 3 every step.
 _OFF, _K3 = ("--num-speculative-tokens", "0"), ("--num-speculative-tokens", "3", "--speculative-policy", "fixed")
-HS_SETUPS = [("hybridserve", _OFF), ("hybridserve MTP k=3", _K3),
+HS_SETUPS = [("hybridserve", _OFF), ("hybridserve default (adaptive MTP)", ()), ("hybridserve MTP k=3", _K3),
              ("hybridserve -pp 2 -ep 2", ("-pp", "2", "-ep", "2", *_OFF)),
              ("hybridserve -pp 2 -ep 2 MTP k=3", ("-pp", "2", "-ep", "2", *_K3))]
 SKIPPABLE = ("llama.cpp", "transformers", "mtp", "pp")

@@ -66,6 +66,9 @@ def render(results: dict, img_dir: Path, write_plots: bool = True) -> str:
             "context flops not counted: a lower bound of the work done).", ""]
     for key in results["models"]:
         out += [f"### {key} ({results['models'][key]['name']}): output tokens/s", "", R.headline_table(points, key), ""]
+        for peer in ("llama.cpp llama-server", "transformers generate"):
+            if any(p["model"] == key and p["server"] == peer for p in points):
+                out += [f"hybridserve over {peer} ({key}), output tok/s ratio:", "", R.ratio_table(points, key, peer), ""]
         if write_plots and any(p["model"] == key for p in points):
             paths = R.write_plots(points, key, img_dir, f"peers-{key}", f"{key} ({results['models'][key]['name']})")
             out += [" ".join(f"![{p.stem}](img/{p.name})" for p in paths), ""]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .common import table
 
-SERVER_ORDER = ("hybridserve", "hybridserve MTP k=3", "hybridserve -pp 2 -ep 2", "hybridserve -pp 2 -ep 2 MTP k=3",
+SERVER_ORDER = ("hybridserve", "hybridserve default (adaptive MTP)", "hybridserve MTP k=3", "hybridserve -pp 2 -ep 2", "hybridserve -pp 2 -ep 2 MTP k=3",
                 "llama.cpp llama-server", "transformers generate")
 PEERS = ("llama.cpp", "transformers")
 
@@ -141,6 +141,20 @@ def headline_table(points: list[dict], model: str) -> str:
     by = {(p["server"], p["concurrency"]): p for p in mine}
     rows = [[s] + [_num(by[(s, c)].get("output_tok_s")) if (s, c) in by else "-" for c in concs] for s in servers]
     return table(["output tok/s"] + [f"{c} streams" for c in concs], rows)
+
+
+def ratio_table(points: list[dict], model: str, peer: str) -> str:
+    """Each hybridserve setup's output tok/s over the peer's, at each concurrency, for one model."""
+    mine = [p for p in points if p["model"] == model]
+    concs = sorted({p["concurrency"] for p in mine})
+    by = {(p["server"], p["concurrency"]): p.get("output_tok_s") for p in mine}
+    ours = sorted({p["server"] for p in mine if p["server"].startswith("hybridserve")},
+                  key=lambda s: _order({"model": model, "server": s, "concurrency": 0}))
+
+    def ratio(s, c):
+        a, b = by.get((s, c)), by.get((peer, c))
+        return "-" if not a or not b or math.isnan(a) or math.isnan(b) else f"{a / b:.2f}x"
+    return table([f"/ {peer}"] + [f"{c} streams" for c in concs], [[s] + [ratio(s, c) for c in concs] for s in ours])
 
 
 # ---- plots --------------------------------------------------------------------------------------------

@@ -164,8 +164,13 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
     logits = model.logits(h[rows]) if rows else None                    # (rows, V)
     if adjust:
         logits = logits.float()          # penalties in float32 (argmax and sampling use float32 anyway)
+    plain = _plain_greedy_tokens(logits, owners, reqs)
     at = 0
     for j, n in owners:
+        if j in plain:                   # decided above, with every other plain greedy row
+            results[j].new_tokens = [plain[j]]
+            at += n
+            continue
         r, s = reqs[j], batch.seqs[j]
         seed_pos = s.start_pos + s.num_tokens - len(r.drafts)          # tokens committed before this pass
         gen = None if r.params.greedy else speculative.step_generator(r.seed, seed_pos, device=logits.device)
@@ -199,6 +204,21 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
         if timings is not None:
             timings["draft_s"], timings["draft_rows"] = time.perf_counter() - t0, rows
     return results
+
+
+def _plain_greedy_tokens(logits: torch.Tensor | None, owners: list, reqs: list[TailRequest]) -> dict[int, int]:
+    """The token of every sequence whose one row is plain greedy (no drafts, logprobs, logit changes,
+    min_tokens or grammar), from one argmax over their rows: a batch of decode steps pays one op, not
+    one per sequence. {index in the batch: token}; empty when fewer than two such rows."""
+    rows, at = {}, 0
+    for j, n in owners:
+        p = reqs[j].params
+        if n == 1 and p.greedy and p.logprobs is None and not (p.adjusts_logits or p.min_tokens or p.grammar):
+            rows[j] = at
+        at += n
+    if len(rows) < 2:
+        return {}
+    return dict(zip(rows, logits[list(rows.values())].argmax(-1).tolist()))
 
 
 def _prompt_logprobs(model: HybridModel, h: torch.Tensor, s: SeqSlice, r: TailRequest) -> list:
