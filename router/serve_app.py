@@ -41,6 +41,7 @@ from .engine_config import EngineConfig
 from .errors import APIError, Overloaded, Unavailable
 from .outputs import EngineStats, RequestOutput
 from .request_stream import RequestStream
+from .stream_pacing import paced, tokens_per_message
 
 log = logging.getLogger("hybridserve.serve")
 
@@ -76,6 +77,7 @@ class ServeConfig:
     log_level: str = "INFO"
     reasoning_parser: str | None = None  # --reasoning-parser / --tool-call-parser: chat output (chat_output.py)
     tool_call_parser: str | None = None
+    stream_interval: int | None = None   # tokens per replica->ingress message; None: by load (stream_pacing.py)
 
     def autoscaling_config(self) -> dict:
         cfg = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
@@ -142,6 +144,7 @@ class ModelServer:
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.hub_name = _hub_name(cfg.app_name)
+        self.stream_interval = cfg.stream_interval
         log.info("model replica %s: loading %r (torch threads %d)", self.replica_id, cfg.engine.model, threads)
         loop = asyncio.get_running_loop()
         # Weights load in a thread so the replica's event loop keeps answering Serve's health checks.
@@ -164,8 +167,9 @@ class ModelServer:
             return
         async with stream:
             yield {"admitted": self.replica_id}
-            async for out in stream:             # what queued while Serve sent the last one goes as one
-                yield dataclasses.asdict(stream.coalesce(out))
+            running, setting = self.engine.scheduler.running, self.stream_interval
+            async for out in paced(stream, lambda: tokens_per_message(setting, len(running))):
+                yield dataclasses.asdict(out)
 
     async def info(self) -> dict:
         return model_info(self.engine)

@@ -90,6 +90,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     n.add_argument("--http-server", choices=("ingress", "proxy"), default="ingress",
                    help="who listens for HTTP: the ingress replica itself (one process hop less per token), "
                         "or Ray Serve's HTTP proxy")
+    n.add_argument("--stream-interval", type=_stream_interval, default=None, metavar="{auto,N}",
+                   help="tokens a model replica sends the ingress per message (the first and last at once): "
+                        "N, or auto (default): 1, plus 1 per 16 running sequences, up to 4 (router/stream_pacing.py)")
     n.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC)")
     n.add_argument("--api-key", default=os.environ.get("HYBRIDSERVE_API_KEY"),
                    help="require 'Authorization: Bearer <key>' (env HYBRIDSERVE_API_KEY)")
@@ -157,6 +160,18 @@ def serve_args_from_dict(options: dict) -> argparse.Namespace:
     return ap.parse_args(["serve", *argv])
 
 
+def _stream_interval(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 1, got {text!r}")
+    return n
+
+
 def serve_config_from_args(args):
     from .engine_config import EngineConfig
     from .serve_app import ServeConfig
@@ -188,4 +203,5 @@ def serve_config_from_args(args):
                        autoscaling_overrides=args.autoscaling_config, max_body_bytes=args.max_request_body_bytes,
                        torch_threads=args.torch_threads, log_level=args.log_level.upper(),
                        replica_num_gpus=args.replica_num_gpus, http_server=args.http_server,
-                       reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser)
+                       reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
+                       stream_interval=args.stream_interval)
