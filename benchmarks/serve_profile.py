@@ -6,8 +6,8 @@ ignored, at most C in flight) runs twice, side by side in one run:
   2. served: `hybridserve serve` with the same engine settings, driven over HTTP by `hybridserve bench`
      (streaming /v1/completions) from its own process.
 For the served run it reports the CPU time each process of the server (and the bench client) spent per
-output token, the engine's steps and tokens per step (from /metrics), and, when py-spy is installed, a
-sampled split of the model replica's and the ingress's time into pieces (model forward, tail, engine
+output token, the engine's steps and tokens per step (from /metrics), and, when py-spy is installed, from
+a second, untimed run of the same workload (py-spy's sampling takes CPU), a sampled split of the model replica's and the ingress's time into pieces (model forward, tail, engine
 loop, Ray Serve streaming, HTTP and SSE, ...). Prints tables and writes docs/BENCHMARKS.md
 ("serve-profile"). Not a test: the numbers depend on the machine.
 """
@@ -137,7 +137,6 @@ def served(model: str, k: int, concurrency: int, num_prompts: int, input_len: in
                  "--output-len", str(output_len), "--seed", str(seed), "--disable-tqdm", "--repeats", "1",
                  "--num-warmups", "0", "--concurrency", str(concurrency)]
         subprocess.run(bench + ["--num-prompts", str(max(2, concurrency))], check=True, capture_output=True)
-        spies = start_spies(s, Path(tmp), spy_seconds)
         m0, c0 = s.metrics(), cpu_seconds(s.proc.pid)
         client_log = open(Path(tmp, "bench.log"), "w+")
         client = subprocess.Popen(bench + ["--num-prompts", str(num_prompts), "--json", f"{tmp}/b.json"],
@@ -156,8 +155,13 @@ def served(model: str, k: int, concurrency: int, num_prompts: int, input_len: in
         c1 = cpu_seconds(s.proc.pid)
         time.sleep(1.2)                          # replicas report their counters twice a second
         m1 = s.metrics()
-        for p in spies.values():
-            p.wait(timeout=spy_seconds + 30)
+        if spy_seconds > 0:                      # the sampled pieces come from a second, untimed run: py-spy
+            spies = start_spies(s, Path(tmp), spy_seconds)   # takes CPU the timed run must not lose
+            subprocess.run(bench + ["--num-prompts", str(num_prompts)], check=True, capture_output=True)
+            for p in spies.values():
+                p.wait(timeout=spy_seconds + 30)
+        else:
+            spies = {}
         result = json.loads(Path(tmp, "b.json").read_text())
         fig = {key: v["median"] for key, v in result["figures"].items()}
         toks = fig["total_output_tokens"]
