@@ -41,8 +41,8 @@ class MambaStateCache:
     A verification pass over up to `max_positions` tokens leaves the slots' states untouched and keeps
     in scratch what any of its positions' states needs: the conv window after each position, and the
     SSM inputs (cum log-decay (L, S, H, T), dt*x (L, S, H, T, P), B (L, S, T, G, N)). When the accepted
-    count arrives, `commit` builds the one state that is kept (kernels ssd_advance_ for one sequence,
-    ssd_state_at for several), for every layer at once: a pass never materialises T full SSM states,
+    count arrives, `commit` builds the one state that is kept (kernels ssd_advance_ in place per sequence on a
+    CPU, ssd_state_at over the gathered slots on a GPU), for every layer at once: a pass never materialises T full SSM states,
     and a commit is one batched update, not one per layer.
     """
 
@@ -67,13 +67,19 @@ class MambaStateCache:
             if not 0 <= index < self.kept[slot]:
                 raise IndexError(f"commit index {index} outside the {self.kept[slot]} verified positions of slot {slot}")
             self.kept[slot] = 0
-        L, S = self.ssm.shape[0], len(slots)
-        if S == 1:                                        # one sequence: views and in-place updates
-            slot, index = slots[0], indices[0]
+        if self.ssm.is_cuda and len(slots) > 1:            # one launch sequence for all (per-sequence: S)
+            self._commit_gathered(slots, indices)
+            return
+        # On a CPU, per sequence, every layer at once, in place on the slot's views: gathering the slots'
+        # states (L, S, H, P, N) for one batched ssd_state_at and scattering them back moved 3x the
+        # state's bytes and took 2.8x as long at 8 sequences, 5x at 32 (hybrid-mini, one CPU thread).
+        for slot, index in zip(slots, indices):
             self.conv[:, slot].copy_(self.scratch_conv[:, slot, index])
             ops.ssd_advance_(self.ssm[:, slot], self.scratch_cum[:, slot], self.scratch_dtx[:, slot],
                              self.scratch_B[:, slot], index)
-            return
+
+    def _commit_gathered(self, slots: list[int], indices: list[int]) -> None:
+        L, S = self.ssm.shape[0], len(slots)
         sl = torch.tensor(slots, device=self.ssm.device)
         ix = torch.tensor(indices, device=self.ssm.device)
         self.conv.index_copy_(1, sl, self.scratch_conv[:, sl, ix])                 # (L, S, C, K-1)

@@ -456,3 +456,29 @@ def test_mtp_drafts_at_every_pass_equal_a_direct_recomputation(model, greedy_ref
     history = prompt + out.tokens
     for committed, drafts in records:
         assert drafts == recomputed_drafts(model, history[:committed], k), f"after {committed} tokens"
+
+
+def test_commit_of_many_sequences_in_place_equals_the_gathered_batched_commit():
+    """The CPU commit (per sequence, in place) and the GPU one (slots gathered, one ssd_state_at, scattered
+    back) give the same states, conv windows and nothing else changes; fresh random scratch, no zeros."""
+    from model_shards.cache import MambaStateCache
+
+    cfg = get_preset("tiny")
+    seed = torch.seed() % 10_000
+    caches = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(seed)
+        c = MambaStateCache(cfg, num_layers=3, num_slots=12, max_positions=4)
+        for t in (c.ssm, c.conv, c.scratch_conv, c.scratch_dtx, c.scratch_B):
+            t.copy_(torch.rand(t.shape, generator=g) + 0.1)
+        c.scratch_cum.copy_(-(torch.rand(c.scratch_cum.shape, generator=g) + 0.05).cumsum(-1))
+        caches.append(c)
+    slots, indices = [7, 2, 9, 3, 10], [0, 3, 1, 2, 3]
+    for c in caches:
+        for s in slots:
+            c.kept[s] = 4
+    caches[0].commit(slots, indices)
+    caches[1]._commit_gathered(slots, indices)
+    torch.testing.assert_close(caches[0].ssm, caches[1].ssm, atol=1e-6, rtol=1e-5)
+    assert torch.equal(caches[0].conv, caches[1].conv)
+    assert caches[0].kept[7] == 0
