@@ -188,7 +188,17 @@ def _ref_decode_attention(q, k, v, k_cache, v_cache, block_tables, positions):
     return torch.cat(outs)
 
 
+def _ints(x) -> list[int]:
+    return x.tolist() if torch.is_tensor(x) else list(x)
+
+
 def _fast_prefill_attention(q, k_cache, v_cache, block_tables, start_positions, cu_seqlens, *, max_seqlen=None):
+    """Several sequences' short chunks batched (verification, MTP catch-up); otherwise per sequence."""
+    if len(start_positions) > 1 and (max_seqlen or 0) <= _fast_attn.SMALL_T and torch.is_tensor(block_tables):
+        cu, starts = _ints(cu_seqlens), _ints(start_positions)
+        lengths = [b - a for a, b in zip(cu, cu[1:])]
+        if 0 < max(lengths) <= _fast_attn.SMALL_T:
+            return _fast_attn.short_chunks_attention(q, k_cache, v_cache, block_tables, starts, lengths)
     return _ref_attn.varlen_loop(_fast_attn.paged_attention, q, k_cache, v_cache, block_tables, start_positions,
                                  cu_seqlens)
 

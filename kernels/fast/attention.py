@@ -78,3 +78,40 @@ def decode_attention(q, k, v, k_cache, v_cache, block_tables: list[torch.Tensor]
         scores.mul_(1.0 / math.sqrt(Dh)).masked_fill_(beyond[:, None, :], float("-inf"))
         torch.bmm(torch.softmax(scores, dim=-1), vals[:, :, g], out=out[:, g])
     return out.view(S, H, Dh).to(q.dtype)
+
+
+def short_chunks_attention(q, k_cache, v_cache, block_tables: torch.Tensor, start_positions: list[int],
+                           lengths: list[int]):
+    """Several sequences' short chunks at once (verification passes, MTP catch-ups: up to SMALL_T queries
+    each), their k, v already in the cache. q (sum(lengths), H, Dh), the sequences' rows one after another;
+    block_tables (S, n) padded. The queries are padded to (S, T, ...) with T the longest chunk, whole
+    blocks gathered as in decode_attention, and query t of sequence s sees keys 0..start_s + t: one
+    bmm pair per KV head for all sequences, where a loop over them costs ~10 ops each. Returns
+    (sum(lengths), H, Dh)."""
+    S, T = len(lengths), max(lengths)
+    _, H, Dh = q.shape
+    nb, bs, hkv, _ = k_cache.shape
+    R, dev = H // hkv, q.device
+    nblk = max(s + n for s, n in zip(start_positions, lengths) if n) // bs + 1
+    tables = block_tables[:, :nblk]
+    if tables.shape[1] < nblk:                                               # a table shorter than the longest
+        tables = torch.cat([tables, tables.new_zeros(S, nblk - tables.shape[1])], 1)
+    L = nblk * bs
+    offsets = torch.tensor([0] + lengths[:-1], device=dev).cumsum(0)          # (S,) first row of each sequence
+    lens = torch.tensor(lengths, device=dev)
+    t = torch.arange(T, device=dev)
+    last = torch.minimum(t[None, :], (lens - 1).clamp(min=0)[:, None])       # (S, T) padded query -> a real one
+    qp = q.index_select(0, (offsets[:, None] + last).view(-1)).float()       # (S*T, H, Dh)
+    qg = qp.view(S, T, hkv, R, Dh).permute(0, 2, 3, 1, 4).reshape(S, hkv, R * T, Dh)
+    keys = k_cache.index_select(0, tables.reshape(-1)).view(S, L, hkv, Dh).float()
+    vals = v_cache.index_select(0, tables.reshape(-1)).view(S, L, hkv, Dh).float()
+    sees = torch.tensor(start_positions, device=dev)[:, None] + last          # (S, T) last key position seen
+    hidden = torch.arange(L, device=dev)[None, None, :] > sees[:, :, None]    # (S, T, L)
+    out = torch.empty(S, hkv, R * T, Dh, dtype=torch.float32, device=dev)
+    for g in range(hkv):
+        scores = torch.bmm(qg[:, g], keys[:, :, g].transpose(1, 2)).view(S, R, T, L)
+        scores.mul_(1.0 / math.sqrt(Dh)).masked_fill_(hidden[:, None], float("-inf"))
+        torch.bmm(torch.softmax(scores, dim=-1).view(S, R * T, L), vals[:, :, g], out=out[:, g])
+    out = out.view(S, hkv, R, T, Dh).permute(0, 3, 1, 2, 4).reshape(S * T, H, Dh)   # (S*T, H, Dh)
+    keep = (t[None, :] < lens[:, None]).view(-1).nonzero().squeeze(1)         # the real queries, in order
+    return out.index_select(0, keep).to(q.dtype)

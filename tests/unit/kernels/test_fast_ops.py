@@ -250,3 +250,31 @@ def test_linear_is_torch_linear_for_any_row_count(dtype, T):
     out = fast_linear.linear(x, w)
     assert out.shape == (T, 40) and out.is_contiguous()
     _close(out, torch.nn.functional.linear(x, w), dtype)
+
+
+# ---- several sequences' short chunks in one call (verification, MTP catch-up) --------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunks", [[(13, 4), (0, 4), (30, 4)], [(5, 2), (17, 8), (0, 1), (9, 3)],
+                                    [(40, 3), (2, 5)]])                 # (start position, tokens) each
+def test_short_chunks_of_several_sequences_equal_each_sequence_alone(dtype, chunks):
+    """The batched path of prefill_attention (kernels/fast/attention.py short_chunks_attention) gives each
+    sequence what paged attention over its own blocks gives; block tables of different lengths, padded
+    with garbage blocks, blocks scattered over a pool of garbage (fresh seed per run)."""
+    g = torch.Generator().manual_seed(torch.seed() % 100_000)
+    H, Hkv, Dh, bs, nb = 4, 2, 8, 4, 48
+    perm, at, tables = torch.randperm(nb, generator=g), 0, []
+    for start, n in chunks:
+        need = (start + n + bs - 1) // bs
+        tables.append(perm[at:at + need])
+        at += need
+    padded = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True, padding_value=int(perm[-1]))
+    cache = [_rand(g, nb, bs, Hkv, Dh).to(dtype) for _ in range(2)]
+    total = sum(n for _, n in chunks)
+    q = _rand(g, total, H, Dh).to(dtype)
+    starts, lengths = [s for s, _ in chunks], [n for _, n in chunks]
+    out = fast_attn.short_chunks_attention(q, *cache, padded, starts, lengths)
+    row = 0
+    for (start, n), table in zip(chunks, tables):
+        ref = ref_attn.paged_attention(q[row:row + n], *cache, table, start_pos=start)
+        _close(out[row:row + n], ref, dtype)
+        row += n
