@@ -4,8 +4,8 @@ Two things make torch's default product slow for this engine's shapes on a CPU:
 - torch's float32 GEMM is MKL's, which on the AMD EPYC cores these benchmarks run on reaches about half
   of what oneDNN (also inside torch) does, given the weight once reordered into its blocked layout
   (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU backend uses for frozen weights):
-  from 8 rows up the product then runs ~2x faster (docs/KERNELS.md has the measurements;
-  `python -m benchmarks.linear` reproduces them). The reordered copy is made once per weight
+  from 8 rows up the product then runs faster (`python -m benchmarks.linear` measures the three products
+  side by side; docs/BENCHMARKS.md has its table). The reordered copy is made once per weight
   and kept on the Parameter (it costs the weight's size again in memory; HYBRIDSERVE_ONEDNN_LINEAR=0
   turns the path off, and so does a torch without oneDNN).
 - For 2-7 rows, and without oneDNN up to 8, MKL's GEMM against an (out, in) weight runs slower than the same weight
@@ -42,7 +42,7 @@ def _onednn_works() -> bool:
 
 
 ONEDNN = _onednn_works()
-ONEDNN_MIN_ROWS = 8    # below, W @ x^T (the few-rows product) beat it in the engine (cold weights, k=3 verification)
+ONEDNN_MIN_ROWS = 8    # below, W @ x^T (the few-rows product) was faster in the engine (cold weights, k=3 verification)
 
 
 def derived_weight(weight: torch.nn.Parameter, name: str, make) -> torch.nn.Parameter:
