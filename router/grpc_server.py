@@ -244,6 +244,29 @@ async def _abort(context, err: APIError):
     await context.abort(err.grpc_code, err.message)
 
 
+class ReadinessHealth(health.aio.HealthServicer):
+    """grpc.health.v1 whose Check answers the readiness of this moment (what HTTP /ready answers), so a
+    probe right after a state change never reads a stale status; Watch streams follow the poll below."""
+
+    def __init__(self, fe: Frontend):
+        super().__init__()
+        self.fe = fe
+        self.ready: bool | None = None      # what was set last (None: nothing yet)
+
+    async def set_ready(self, ok: bool) -> None:
+        if ok == self.ready:
+            return
+        self.ready = ok
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.set("", status)
+        await self.set(SERVICE_NAME, status)
+
+    async def Check(self, request, context):
+        if request.service in ("", SERVICE_NAME):
+            await self.set_ready(await self.fe.ready())
+        return await super().Check(request, context)
+
+
 class GrpcServer:
     """Owns the grpc.aio server and keeps the health status in step with the backend's readiness."""
 
@@ -254,7 +277,7 @@ class GrpcServer:
                 ("grpc.max_send_message_length", max_message_bytes), ("grpc.so_reuseport", 0)]
         self.server = grpc.aio.server(options=opts)
         pb_grpc.add_GenerationServicer_to_server(GenerationServicer(fe), self.server)
-        self.health = health.aio.HealthServicer()
+        self.health = ReadinessHealth(fe)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -270,14 +293,8 @@ class GrpcServer:
         log.info("gRPC listening on %s", self.address)
 
     async def _watch_ready(self) -> None:
-        last = None
         while True:
-            ok = await self.fe.ready()
-            if ok != last:
-                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-                await self.health.set("", status)
-                await self.health.set(SERVICE_NAME, status)
-                last = ok
+            await self.health.set_ready(await self.fe.ready())
             await asyncio.sleep(0.5)
 
     async def stop(self, grace_s: float = 5.0) -> None:

@@ -90,6 +90,6 @@ def test_chart_application_serves_a_completion(ray_cluster):
         from router.grpc_client import Client
 
         with Client(f"127.0.0.1:{grpc_port}") as c:                       # the Ingress's own gRPC server
-            assert c.health() == "SERVING"
+            assert c.health() == "SERVING", httpx.get(url + "/ready", timeout=5).text   # the same answer as /ready
     finally:
         serve.shutdown()
