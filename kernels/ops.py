@@ -26,6 +26,7 @@ from .fast import conv1d as _fast_conv
 from .fast import norm as _fast_norm
 from .fast import ssd as _fast_ssd
 from .fast import moe as _fast_moe
+from .fast import native as _native
 from .fast.linear import linear  # noqa: F401
 from .reference import attention as _ref_attn
 from .reference import conv1d as _ref_conv
@@ -128,6 +129,29 @@ def ssd_step(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf")))
 
 def ssd_update_(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf")), live=None):
     return _pick("ssd_update_", x)(state, x, dt, A, B, C, D, dt_bias, dt_limit=dt_limit, live=live)
+
+
+def mamba_decode_(conv, ssm, slots, rows, xbc, dt, conv_w, conv_b, A, D, dt_bias, y, *,
+                  dt_limit=(0.0, float("inf"))) -> bool:
+    """The fused Mamba decode step (conv_step_ then ssd_update_ in one C call, kernels/fast/native.py) for
+    the sequences at `rows`, whose states are in `slots`; it takes CPU float32 calls when the kernels are
+    "auto" or "fast". Returns False when it did not take the call: the caller runs the two ops."""
+    forced = _forced()
+    if xbc.is_cuda or forced not in (None, "", "auto", "fast"):
+        return False
+    return _native.mamba_decode_(conv, ssm, slots, rows, xbc, dt, conv_w, conv_b, A, D, dt_bias, y,
+                                 dt_limit=dt_limit)
+
+
+def mamba_verify_(conv, ssm, scratch, slots, rows0, T, xbc, dt, conv_w, conv_b, A, D, dt_bias, y, *,
+                  dt_limit=(0.0, float("inf"))) -> bool:
+    """The fused verification of T positions per sequence (causal_conv1d_update, ssd_verify and the scratch
+    a commit needs, in one C call, kernels/fast/native.py); the same terms as mamba_decode_."""
+    forced = _forced()
+    if xbc.is_cuda or forced not in (None, "", "auto", "fast"):
+        return False
+    return _native.mamba_verify_(conv, ssm, scratch, slots, rows0, T, xbc, dt, conv_w, conv_b, A, D, dt_bias, y,
+                                 dt_limit=dt_limit)
 
 
 def ssd_verify(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf"))):

@@ -126,8 +126,11 @@ class MambaLayerCache:
         cum_[slots, :, :T] = cum
         dtx_[slots, :, :T] = dtx
         B_[slots, :T] = B
-        ids = range(len(self.conv))[slots] if isinstance(slots, slice) else slots.tolist()
-        for slot in ids:
+        self.mark_kept(range(len(self.conv))[slots] if isinstance(slots, slice) else slots.tolist(), T)
+
+    def mark_kept(self, slots, T: int) -> None:
+        """These slots' scratch holds T verified positions (written by keep, or by a fused kernel)."""
+        for slot in slots:
             self.store.kept[slot] = T
 
     def reset(self, slot: int) -> None:

@@ -12,8 +12,9 @@ weights (the MTP block and lm_head, 4 MB of it in float32 for hybrid-mini):
   already 16-bit).
 - vocabulary: the checkpoint's `draft_vocab.json` (training/draft_vocab.py: its most frequent tokens)
   makes the head of greedy drafts a fraction of lm_head (random sampling drafts from every token).
-Measured through the engine at one sequence, k=3 (benchmarks/engine_profile.py): drafting 3.5 -> 2.9 ms
-a pass, together with running the MTP MoE on the newest rows only (model_shards/mtp.py).
+`benchmarks/engine_profile.py` times drafting per pass through the engine at one sequence, k=3
+(docs/BENCHMARKS.md); float16 and the draft vocabulary lowered it there, together with running the MTP MoE
+on the newest rows only (model_shards/mtp.py).
 """
 from __future__ import annotations
 

@@ -114,6 +114,9 @@ class Mamba2Mixer(nn.Module):
                 cache.reset(s.mamba_slot)                  # a one-token prompt starts from zeros
         n, dev = len(steps), xBC.device
         slot_ids = [s.mamba_slot for s in steps]
+        if ops.mamba_decode_(cache.conv, cache.ssm, slot_ids, [s.offset for s in steps], xBC, dt, conv_w,
+                             self.conv1d.bias, A, D, dt_bias, y, dt_limit=self.cfg.time_step_limit):
+            return                                         # one fused call, in place on the slots
         rows = torch.tensor([s.offset for s in steps], device=dev)
         slots = torch.tensor(slot_ids, device=dev)
         lo, hi = min(slot_ids), max(slot_ids) + 1
@@ -174,6 +177,11 @@ class Mamba2Mixer(nn.Module):
         for s in seqs:
             if s.start_pos == 0:
                 cache.reset(s.mamba_slot)                  # commit builds on the slot's state
+        slot_ids = [s.mamba_slot for s in seqs]
+        if ops.mamba_verify_(cache.conv, cache.ssm, cache.scratch, slot_ids, [s.offset for s in seqs], T, xBC, dt,
+                             conv_w, self.conv1d.bias, A, D, dt_bias, y, dt_limit=self.cfg.time_step_limit):
+            cache.mark_kept(slot_ids, T)                   # one fused call wrote outputs and scratch
+            return
         if S == 1:                                         # one sequence: rows and slot as views, no gathers
             rows, slots = slice(seqs[0].offset, seqs[0].end), slice(seqs[0].mamba_slot, seqs[0].mamba_slot + 1)
         else:

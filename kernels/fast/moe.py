@@ -4,10 +4,10 @@ With few rows (a decode step, a k+1-token verification, an MTP catch-up) the pas
 experts some row chose and runs each on every row, its output weighted by each row's routing weight
 (0 for rows that did not choose it). That reads only the chosen experts' weights, as the reference does,
 without its sort-by-expert bookkeeping (argsort, bincount, gathers, index_add), which at a handful of
-rows costs more than the ~5 products. (In `benchmarks/engine_profile.py` the MoE layers of a k=3 pass
-measured 3.9 ms before and 3.8 ms after: within noise; the gain is in ops, not weight reads.)
-More rows use the reference's schedule with the few-rows product of fast/linear.py. A dense every-expert schedule (tried) reads experts no row chose
-and was slower in place.
+rows costs more than the ~5 products (fewer ops; `benchmarks/engine_profile.py` times the MoE layers).
+More rows: where every expert is busy anyway (few experts per choice, T * k >= 2E; not training), every
+row goes through every expert in two GEMMs with a dense (T, E) gate (`_every_expert`); otherwise the
+reference's schedule sorted by expert, with the products of fast/linear.py.
 Shapes: x (T, D_in); topk_weights (T, k) float32; topk_ids (T, k) global ids; up (E, I, D_in); down (E, D_in, I).
 """
 from __future__ import annotations

@@ -1,0 +1,206 @@
+"""Fused CPU kernels in plain C (kernels/fast/native/mamba.c), built on first use with the machine's C compiler
+and called through ctypes.
+
+Why C and not more torch ops: a CPU decode step is bound by dispatch, not arithmetic (docs/KERNELS.md);
+the Mamba decode step alone was ~30 torch ops and three passes over the SSM states per layer. Why not a
+torch C++ extension: the torch headers take a minute to compile on a small machine, where this file
+compiles in well under a second; it needs no headers but libc's. Built with -O3 -march=native for the
+machine it runs on, into a cache keyed by the source, the flags and the CPU's feature flags
+(HYBRIDSERVE_CACHE, else ~/.cache/hybridserve; a temporary folder when neither is writable).
+
+`HYBRIDSERVE_NATIVE=0` turns them off (the torch fast path runs instead), as does any failure to build or
+load (no compiler, read-only disk): logged once, never an error. tests/unit/kernels/test_native_mamba.py
+checks every kernel against the reference ops.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("hybridserve.kernels")
+
+ENV = "HYBRIDSERVE_NATIVE"
+SOURCE = Path(__file__).with_name("native") / "mamba.c"
+# -ffast-math lets the SiLU's expf vectorize (glibc's libmvec needs finite math) and the dot products
+# reassociate; so the kernel is never handed an infinity (an unbounded dt limit goes in as FLT_MAX).
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math", "-fPIC", "-shared")
+FLT_MAX = 3.4028234663852886e38
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_why_not: str | None = None
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_SIGNATURE = ([_i64] * 7 + [_ptr, _ptr] + [_ptr, _i64, _ptr, _i64] + [_ptr] * 7 + [_f32, _f32, ctypes.c_int]
+              + [_ptr, _i64])
+_VERIFY_SIGNATURE = [_i64] + _SIGNATURE + [_ptr] * 4 + [_i64]
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") not in ("0", "false", "no", "off")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    for base in (os.environ.get("HYBRIDSERVE_CACHE"), Path.home() / ".cache" / "hybridserve"):
+        if base:
+            d = Path(base) / "native"
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                if os.access(d, os.W_OK):
+                    return d
+            except OSError:
+                continue
+    return Path(tempfile.gettempdir()) / f"hybridserve-native-{os.getuid()}"
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc, gcc, or $CC)")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join((cc, *FLAGS, platform.machine(), _cpu_flags())).encode()).hexdigest()[:16]
+    d = _cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    so = d / f"mamba-{key}.so"
+    if not so.exists():
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=d)
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                               timeout=120)
+            if r.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {r.stderr.strip()[:500]}")
+            os.replace(tmp, so)                    # atomic: a concurrent builder's copy is as good
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        log.info("native kernels: built %s", so)
+    lib = ctypes.CDLL(str(so))
+    lib.mamba_decode_f32.argtypes = _SIGNATURE
+    lib.mamba_decode_f32.restype = None
+    lib.mamba_verify_f32.argtypes = _VERIFY_SIGNATURE
+    lib.mamba_verify_f32.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (turned off, or they could not be built: `why_not()` says why)."""
+    global _lib, _tried, _why_not
+    if not enabled():
+        return None
+    if not _tried:
+        with _lock:
+            if not _tried:
+                try:
+                    _lib = _build()
+                except Exception as e:  # noqa: BLE001 - the torch path serves instead
+                    _why_not = f"{type(e).__name__}: {e}"
+                    log.warning("native kernels unavailable (%s); using the torch fast path", _why_not)
+                _tried = True
+    return _lib
+
+
+def why_not() -> str | None:
+    return _why_not
+
+
+def _f32_on_cpu(*ts) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+
+
+def _layout(conv, ssm, xbc, dt, conv_w, conv_b, A, D, dt_bias, y) -> tuple[int, int, int, int, int, int] | None:
+    """(C, K, H, P, N, G) when the kernels can read these tensors as they are; None otherwise."""
+    if not _f32_on_cpu(conv, ssm, xbc, dt, conv_w, A, D, dt_bias, y):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (xbc, dt, conv_w, A, D, dt_bias)):
+        return None                                    # autograd needs the torch ops
+    if conv_b is not None and not (conv_b.dtype == torch.float32 and conv_b.is_contiguous()):
+        return None
+    if not (conv.is_contiguous() and ssm.is_contiguous() and conv_w.is_contiguous() and xbc.stride(1) == 1
+            and dt.stride(1) == 1 and y.stride(1) == 1 and A.is_contiguous() and D.is_contiguous()
+            and dt_bias.is_contiguous()):
+        return None
+    _, C, W = conv.shape
+    _, H, P, N = ssm.shape
+    G = (C - H * P) // (2 * N)
+    if xbc.shape[1] != C or y.shape[1] != H * P or conv_w.shape != (C, W + 1) or G < 1 or H % G:
+        return None
+    return C, W + 1, H, P, N, G
+
+
+def _check(slots, rows, last_row, num_slots, what):
+    if not (0 <= min(slots) and max(slots) < num_slots and 0 <= min(rows) and max(rows) <= last_row):
+        raise IndexError(f"{what}: slots {slots} / rows {rows} outside the cache or the pass")
+
+
+def mamba_decode_(conv, ssm, slots: list[int], rows: list[int], xbc, dt, conv_w, conv_b, A, D, dt_bias, y, *,
+                  dt_limit=(0.0, float("inf"))) -> bool:
+    """One decode position for the sequences at `rows` of the pass, whose states live in `slots`: the conv
+    step and the SSD update in place on conv (num_slots, C, K-1) and ssm (num_slots, H, P, N), outputs into
+    y (T, H*P) at those rows. xbc (T, C) and dt (T, H) may be strided views (rows of the in_proj output).
+    conv_w (C, K); conv_b (C,) or None; A, D, dt_bias (H,) float32. Returns False, having done nothing,
+    when the kernel cannot take the call (not built, not float32 on a CPU, a layout it does not read);
+    the caller then runs the torch ops."""
+    lib = library()
+    shape = None if lib is None or not rows else _layout(conv, ssm, xbc, dt, conv_w, conv_b, A, D, dt_bias, y)
+    if shape is None:
+        return False
+    C, K, H, P, N, G = shape
+    _check(slots, rows, min(xbc.shape[0], dt.shape[0], y.shape[0]) - 1, conv.shape[0], "mamba_decode_")
+    S = len(rows)
+    lo, hi = dt_limit
+    lib.mamba_decode_f32(S, C, K, H, P, N, G, (_i64 * S)(*rows), (_i64 * S)(*slots), xbc.data_ptr(),
+                         xbc.stride(0), dt.data_ptr(), dt.stride(0), conv.data_ptr(), ssm.data_ptr(),
+                         conv_w.data_ptr(), None if conv_b is None else conv_b.data_ptr(), A.data_ptr(),
+                         D.data_ptr(), dt_bias.data_ptr(), float(lo), min(float(hi), FLT_MAX),
+                         int(lo > 0.0 or hi != float("inf")), y.data_ptr(), y.stride(0))
+    return True
+
+
+def mamba_verify_(conv, ssm, scratch, slots: list[int], rows0: list[int], T: int, xbc, dt, conv_w, conv_b, A, D,
+                  dt_bias, y, *, dt_limit=(0.0, float("inf"))) -> bool:
+    """T positions of each sequence (rows rows0[s] .. rows0[s]+T-1 of the pass, states in slots[s]) under
+    verification: outputs into y at those rows, the slots' states untouched, and in `scratch` = the
+    layer's (conv (num_slots, Tmax, C, K-1), cum (num_slots, H, Tmax), dtx (num_slots, H, Tmax, P),
+    B (num_slots, Tmax, G, N)) what the commit needs (model_shards/cache.py). What kernels/fast/ssd.py
+    ssd_verify and conv1d.causal_conv1d_update compute, in one C call. False: not taken (see mamba_decode_)."""
+    lib = library()
+    shape = None if lib is None or not rows0 else _layout(conv, ssm, xbc, dt, conv_w, conv_b, A, D, dt_bias, y)
+    if shape is None:
+        return False
+    C, K, H, P, N, G = shape
+    s_conv, s_cum, s_dtx, s_B = scratch
+    Tmax = s_cum.shape[2]
+    if not (T <= Tmax and all(t.dtype == torch.float32 and t.is_contiguous() for t in scratch)):
+        return False
+    _check(slots, rows0, min(xbc.shape[0], dt.shape[0], y.shape[0]) - T, conv.shape[0], "mamba_verify_")
+    S = len(rows0)
+    lo, hi = dt_limit
+    lib.mamba_verify_f32(S, T, C, K, H, P, N, G, (_i64 * S)(*rows0), (_i64 * S)(*slots), xbc.data_ptr(),
+                         xbc.stride(0), dt.data_ptr(), dt.stride(0), conv.data_ptr(), ssm.data_ptr(),
+                         conv_w.data_ptr(), None if conv_b is None else conv_b.data_ptr(), A.data_ptr(),
+                         D.data_ptr(), dt_bias.data_ptr(), float(lo), min(float(hi), FLT_MAX),
+                         int(lo > 0.0 or hi != float("inf")), y.data_ptr(), y.stride(0), s_conv.data_ptr(),
+                         s_cum.data_ptr(), s_dtx.data_ptr(), s_B.data_ptr(), Tmax)
+    return True
