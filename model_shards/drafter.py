@@ -5,7 +5,9 @@ every token, so greedy output is the same whatever the drafter does, and random 
 target distribution (the draft distribution q only has to be the one the draft was sampled from; tokens
 outside the draft vocabulary get q = 0). On a CPU a decode-sized drafting step is bound by reading
 weights (the MTP block and lm_head, 4 MB of it in float32 for hybrid-mini):
-- dtype: float16 weights halve those reads, and with one row at a time float16 products cost no more
+- dtype: a checkpoint stored in bfloat16 (loaded as float32) is read through the bfloat16-weight kernel
+  (kernels/fast/native/linear.c) at half the bytes and with the model's exact weights: "auto" keeps the
+  model's dtype there. Otherwise float16 weights halve those reads, and with one row at a time float16 products cost no more
   than float32 ones here; with many rows (a large batch drafting) the CPU's float16 GEMM is slower than
   float32. So "auto" drafts in float16 on a CPU when the model is float32, for MTP calls of up to
   AUTO_MAX_ROWS rows (one or a few sequences), and in the model's dtype otherwise (a GPU model is
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from kernels import ops
+from kernels.fast.linear import bf16_bits
 
 NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUTO_MAX_ROWS = 8
@@ -52,6 +55,7 @@ class Drafter:
             rest[self.vocab] = False
             self.order = torch.cat([self.vocab, rest.nonzero()[:, 0]])             # vocabulary first
             self.head = lm_head_weight.detach()[self.order].contiguous()           # (V, d) in that order
+        self._parts: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}             # head -> (vocabulary, rest)
         self.small: tuple[nn.Module, torch.Tensor] | None = None
         if dtype is not None and dtype != lm_head_weight.dtype:
             self.small = (copy.deepcopy(mtp).to(dtype), self.head.detach().to(dtype))
@@ -73,11 +77,15 @@ class Drafter:
         if self.vocab is None:
             return ops.linear(normed, head).float()
         n = len(self.vocab)
+        parts = self._parts.get(head.data_ptr())
+        if parts is None:       # weights of their own (Parameters), so ops.linear keeps its fast copies of them
+            parts = self._parts[head.data_ptr()] = (nn.Parameter(head[:n].clone(), requires_grad=False),
+                                                    nn.Parameter(head[n:].clone(), requires_grad=False))
         out = normed.new_full((normed.shape[0], self.vocab_size), float("-inf"), dtype=torch.float32)
-        out.index_copy_(1, self.vocab, ops.linear(normed, head[:n]).float())
+        out.index_copy_(1, self.vocab, ops.linear(normed, parts[0]).float())
         if full_rows:
             rows = out[full_rows]
-            rows.index_copy_(1, self.order[n:], ops.linear(normed[full_rows], head[n:]).float())
+            rows.index_copy_(1, self.order[n:], ops.linear(normed[full_rows], parts[1]).float())
             out[full_rows] = rows
         return out
 
@@ -89,6 +97,8 @@ def resolve_draft_dtype(name: str, model, device) -> tuple[torch.dtype, int | No
         return model_dtype, None
     if name == "auto":
         on_cpu = torch.device(device).type == "cpu"
+        if on_cpu and model_dtype == torch.float32 and bf16_bits(model.lm_head.weight) is not None:
+            return model_dtype, None        # exact bfloat16 weights: the native kernel reads them at half the bytes
         return (torch.float16, AUTO_MAX_ROWS) if on_cpu and model_dtype == torch.float32 else (model_dtype, None)
     if name not in NAMES:
         raise ValueError(f"draft_dtype: expected auto, model or one of {', '.join(NAMES)}, got {name!r}")

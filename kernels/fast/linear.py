@@ -23,8 +23,12 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 FEW_ROWS = 8
 ENV = "HYBRIDSERVE_ONEDNN_LINEAR"
+BF16_ENV = "HYBRIDSERVE_BF16_WEIGHTS"
+BF16_WEIGHTS = os.environ.get(BF16_ENV, "1") != "0"   # the few-rows product from exact bfloat16 weights
 
 
 def _onednn_works() -> bool:
@@ -76,12 +80,53 @@ def _packs(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
 
 
+_NOT_BF16 = "not bfloat16"
+
+
+def bf16_bits(weight: torch.Tensor) -> torch.Tensor | None:
+    """A float32 Parameter's values as bfloat16 bits (int16, same shape) when that form is exact (a
+    checkpoint stored in bfloat16 and loaded as float32), for the few-rows product of the native kernels
+    (kernels/fast/native/linear.c); None otherwise. Checked once per weight version, kept on the Parameter."""
+    if not (isinstance(weight, torch.nn.Parameter) and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and native.library() is not None):
+        return None
+    key = (weight.data_ptr(), weight._version)
+    cached = getattr(weight, "_bf16_bits", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            w = weight.detach()
+            b = w.to(torch.bfloat16)
+            cached = (key, b.contiguous().view(torch.int16) if torch.equal(b.float(), w) else _NOT_BF16)
+        weight._bf16_bits = cached
+    return None if cached[1] is _NOT_BF16 else cached[1]
+
+
+def _few_rows_bits(x: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """The weight's exact bfloat16 bits if the few-rows bfloat16-weight kernel takes this product."""
+    if not (0 < rows <= FEW_ROWS and BF16_WEIGHTS and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
+        return None
+    return bf16_bits(weight)
+
+
+def _bf16_product(x: torch.Tensor, bits: torch.Tensor, rows: int) -> torch.Tensor:
+    x2 = x.reshape(rows, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(rows, bits.shape[0], dtype=torch.float32)
+    native.linear_bf16w(x2, bits, out)
+    return out.view(*x.shape[:-1], bits.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if _packs(x, weight, rows):
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed_weight(weight), None,
                                                  "none", [], "")
         return out.view(*x.shape[:-1], weight.shape[0])
+    bits = _few_rows_bits(x, weight, rows)
+    if bits is not None:
+        return _bf16_product(x, bits, rows)
     if x.dim() == 2 and 1 < x.shape[0] <= FEW_ROWS:
         return torch.mm(weight, x.t()).t().contiguous()
     return F.linear(x, weight)
@@ -102,4 +147,7 @@ def expert_linear(x: torch.Tensor, stacked: torch.Tensor, e: int) -> torch.Tenso
     """x (T, in) @ stacked[e]^T for stacked expert weights (E, out, in): (T, out)."""
     if _packs(x, stacked, x.shape[0]):
         return torch.ops.mkldnn._linear_pointwise(x, packed_expert(stacked, e), None, "none", [], "")
+    bits = _few_rows_bits(x, stacked, x.shape[0])
+    if bits is not None:
+        return _bf16_product(x, bits[e], x.shape[0])
     return linear(x, stacked[e])

@@ -1,4 +1,4 @@
-"""Fused CPU kernels in plain C (kernels/fast/native/mamba.c), built on first use with the machine's C compiler
+"""Fused CPU kernels in plain C (kernels/fast/native/*.c), built on first use with the machine's C compiler
 and called through ctypes.
 
 Why C and not more torch ops: a CPU decode step is bound by dispatch, not arithmetic (docs/KERNELS.md);
@@ -30,10 +30,13 @@ import torch
 log = logging.getLogger("hybridserve.kernels")
 
 ENV = "HYBRIDSERVE_NATIVE"
-SOURCE = Path(__file__).with_name("native") / "mamba.c"
+SOURCES = (Path(__file__).with_name("native") / "mamba.c", Path(__file__).with_name("native") / "linear.c")
 # -ffast-math lets the SiLU's expf vectorize (glibc's libmvec needs finite math) and the dot products
-# reassociate; so the kernel is never handed an infinity (an unbounded dt limit goes in as FLT_MAX).
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math", "-fPIC", "-shared")
+# reassociate; so the kernel is never handed an infinity (an unbounded dt limit goes in as FLT_MAX). It is
+# given to the compile step only: linked with it, the library would set flush-to-zero for the whole
+# process on load (crtfastmath), and every subnormal float in torch and numpy would read as 0.
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math", "-fPIC", "-c")
+LINK_FLAGS = ("-shared",)
 FLT_MAX = 3.4028234663852886e38
 
 _lock = threading.Lock()
@@ -74,33 +77,42 @@ def _cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"hybridserve-native-{os.getuid()}"
 
 
+def _run(cmd: list[str], cc: str) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cc} failed: {r.stderr.strip()[:500]}")
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc, gcc, or $CC)")
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join((cc, *FLAGS, platform.machine(), _cpu_flags())).encode()).hexdigest()[:16]
+    src = b"".join(p.read_bytes() for p in SOURCES)
+    key = hashlib.sha256(src + " ".join((cc, *COMPILE_FLAGS, *LINK_FLAGS, platform.machine(), _cpu_flags())).encode()
+                         ).hexdigest()[:16]
     d = _cache_dir()
     d.mkdir(parents=True, exist_ok=True)
-    so = d / f"mamba-{key}.so"
+    so = d / f"kernels-{key}.so"
     if not so.exists():
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=d)
-        os.close(fd)
+        build = Path(tempfile.mkdtemp(prefix="build-", dir=d))
         try:
-            r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                               timeout=120)
-            if r.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {r.stderr.strip()[:500]}")
-            os.replace(tmp, so)                    # atomic: a concurrent builder's copy is as good
+            objects = []
+            for source in SOURCES:
+                obj = build / f"{source.stem}.o"
+                _run([cc, *COMPILE_FLAGS, "-o", str(obj), str(source)], cc)
+                objects.append(str(obj))
+            _run([cc, *LINK_FLAGS, "-o", str(build / "lib.so"), *objects, "-lm"], cc)
+            os.replace(build / "lib.so", so)        # atomic: a concurrent builder's copy is as good
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            shutil.rmtree(build, ignore_errors=True)
         log.info("native kernels: built %s", so)
     lib = ctypes.CDLL(str(so))
     lib.mamba_decode_f32.argtypes = _SIGNATURE
     lib.mamba_decode_f32.restype = None
     lib.mamba_verify_f32.argtypes = _VERIFY_SIGNATURE
     lib.mamba_verify_f32.restype = None
+    lib.linear_bf16w_f32.argtypes = [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64]
+    lib.linear_bf16w_f32.restype = None
     return lib
 
 
@@ -204,3 +216,12 @@ def mamba_verify_(conv, ssm, scratch, slots: list[int], rows0: list[int], T: int
                          int(lo > 0.0 or hi != float("inf")), y.data_ptr(), y.stride(0), s_conv.data_ptr(),
                          s_cum.data_ptr(), s_dtx.data_ptr(), s_B.data_ptr(), Tmax)
     return True
+
+
+def linear_bf16w(x, bits, out) -> None:
+    """out (R, O) = x (R, I) @ W^T for W (O, I) given as its bfloat16 bits `bits` (int16, contiguous);
+    x float32 with unit stride along I; out float32 with unit stride along O. The caller checks eligibility
+    (kernels/fast/linear.py) and that the library is built."""
+    R, I = x.shape
+    O = bits.shape[0]
+    library().linear_bf16w_f32(R, O, I, x.data_ptr(), x.stride(0), bits.data_ptr(), out.data_ptr(), out.stride(0))

@@ -7,6 +7,8 @@ import random
 import pytest
 import torch
 
+from kernels.fast.linear import bf16_bits
+
 from model_shards.sampling_params import SamplingParams
 from router.engine import AsyncEngine
 from router.engine_config import EngineConfig
@@ -65,9 +67,14 @@ def test_mtp_on_and_off_give_the_same_greedy_tokens(preset_cache, draft_dtype, e
 def test_the_engine_drafts_from_the_checkpoint_draft_vocabulary_unless_told_not_to(draft_vocab):
     engine = AsyncEngine(EngineConfig(model="default", num_speculative_tokens=3, max_model_len=256,
                                       draft_vocab=draft_vocab))
-    drafter = engine.executor.worker.model.drafter
-    assert drafter is not None and drafter.dtype == torch.float16            # auto on a CPU
-    assert (drafter.vocab is not None and len(drafter.vocab) == 2048) == draft_vocab
+    model = engine.executor.worker.model
+    drafter = model.drafter
+    if bf16_bits(model.lm_head.weight) is not None:     # auto on a CPU, the checkpoint's exact bfloat16 weights
+        assert model.draft_dtype == torch.float32        # read by the native kernel: the model's own weights
+        assert (drafter is not None and len(drafter.vocab) == 2048) == draft_vocab
+    else:                                                # auto on a CPU without the native kernels: float16
+        assert drafter is not None and drafter.dtype == torch.float16
+        assert (drafter.vocab is not None and len(drafter.vocab) == 2048) == draft_vocab
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     prompt = [1, 475, 285, 302, 14, 295, 32, 300]
 

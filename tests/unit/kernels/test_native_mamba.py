@@ -141,3 +141,13 @@ def test_a_machine_without_a_compiler_serves_with_the_torch_ops(tmp_path, monkey
     assert not ops.mamba_decode_(L["conv"], L["ssm"], [1], [0], L["xbc"], L["dt"], L["conv_w"], L["conv_b"],
                                  L["A"], L["D"], L["dt_bias"], torch.zeros(12, L["H"] * L["P"]))
     assert list(tmp_path.glob("native/*.so")) == []
+
+
+def test_loading_the_kernels_leaves_subnormal_floats_alone():
+    """Built with -ffast-math, a library linked with it sets flush-to-zero for the whole process on load:
+    torch's and numpy's subnormals would become 0 (top_p=1e-45 would mean 0). Only the compile step has it."""
+    import numpy as np
+
+    assert native.library() is not None
+    assert torch.tensor(1e-40, dtype=torch.float32).mul(1.0).item() != 0.0
+    assert np.float32(1e-40) * np.float32(1.0) != 0.0

@@ -1,0 +1,95 @@
+"""The few-rows product from exact bfloat16 weights (kernels/fast/native/linear.c through
+kernels/fast/linear.py): where a float32 weight holds bfloat16 values (a checkpoint stored in bfloat16),
+1 to FEW_ROWS rows read its bfloat16 bits and give F.linear's numbers up to the order of the sums; any
+other weight, and autograd, keep the torch product."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.fast import linear as fast_linear
+from kernels.fast import native
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernels not built: {native.why_not()}")
+
+
+def _nonzero(t, floor=1e-2):
+    return torch.where(t >= 0, t.clamp_min(floor), t.clamp_max(-floor))
+
+
+def _weight(g, *shape, exact=True):
+    w = _nonzero(torch.randn(*shape, generator=g) * 0.1)
+    return torch.nn.Parameter(w.to(torch.bfloat16).float() if exact else w, requires_grad=False)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How many products went through the native kernel."""
+    n = [0]
+    real = native.linear_bf16w
+
+    def counted(*a):
+        n[0] += 1
+        return real(*a)
+    monkeypatch.setattr(native, "linear_bf16w", counted)
+    return n
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, fast_linear.FEW_ROWS - 1])
+@pytest.mark.parametrize("out_features,in_features", [(40, 24), (300, 256), (7, 513)])
+def test_few_rows_from_exact_bf16_weights_are_f_linear(seed, calls, rows, out_features, in_features):
+    g = torch.Generator().manual_seed(seed)
+    w = _weight(g, out_features, in_features)
+    x = _nonzero(torch.randn(rows, in_features, generator=g))
+    torch.testing.assert_close(fast_linear.linear(x, w), F.linear(x, w), atol=2e-5, rtol=2e-5)
+    assert calls[0] == 1
+    x3 = _nonzero(torch.randn(1, rows, in_features, generator=g))[:, :, :]     # leading dims kept
+    assert fast_linear.linear(x3, w).shape == (1, rows, out_features)
+
+
+def test_a_weight_that_is_not_bf16_keeps_the_torch_product(seed, calls):
+    g = torch.Generator().manual_seed(seed)
+    w = _weight(g, 64, 32, exact=False)
+    x = _nonzero(torch.randn(3, 32, generator=g))
+    assert fast_linear.bf16_bits(w) is None
+    torch.testing.assert_close(fast_linear.linear(x, w), F.linear(x, w))
+    assert calls[0] == 0
+
+
+def test_the_bits_follow_the_weight_when_it_changes(seed, calls):
+    g = torch.Generator().manual_seed(seed)
+    w = _weight(g, 48, 32)
+    x = _nonzero(torch.randn(2, 32, generator=g))
+    fast_linear.linear(x, w)
+    with torch.no_grad():
+        w.mul_(2.0)                                       # still bfloat16-exact; a new version
+    torch.testing.assert_close(fast_linear.linear(x, w), F.linear(x, w), atol=2e-5, rtol=2e-5)
+    with torch.no_grad():
+        w.add_(1e-4)                                      # no longer exact: back to the torch product
+    before = calls[0]
+    torch.testing.assert_close(fast_linear.linear(x, w), F.linear(x, w))
+    assert calls[0] == before
+
+
+def test_an_expert_of_a_stack_reads_its_own_bits(seed, calls):
+    g = torch.Generator().manual_seed(seed)
+    stack = _weight(g, 4, 24, 16)
+    x = _nonzero(torch.randn(3, 16, generator=g))
+    for e in range(4):
+        torch.testing.assert_close(fast_linear.expert_linear(x, stack, e), F.linear(x, stack[e]), atol=2e-5, rtol=2e-5)
+    assert calls[0] == 4
+
+
+def test_autograd_and_the_switch_keep_the_torch_product(seed, calls, monkeypatch):
+    g = torch.Generator().manual_seed(seed)
+    w = _weight(g, 16, 8)
+    w.requires_grad_(True)
+    x = _nonzero(torch.randn(2, 8, generator=g))
+    fast_linear.linear(x, w).sum().backward()             # the weight gets its gradient
+    torch.testing.assert_close(w.grad, x.sum(0).expand(16, 8))
+    assert calls[0] == 0
+    monkeypatch.setattr(fast_linear, "BF16_WEIGHTS", False)
+    with torch.no_grad():
+        fast_linear.linear(x, w)
+    assert calls[0] == 0
