@@ -30,7 +30,7 @@ import torch
 log = logging.getLogger("hybridserve.kernels")
 
 ENV = "HYBRIDSERVE_NATIVE"
-SOURCES = (Path(__file__).with_name("native") / "mamba.c", Path(__file__).with_name("native") / "linear.c")
+SOURCES = tuple(Path(__file__).with_name("native") / f for f in ("mamba.c", "linear.c", "norm.c"))
 # -ffast-math lets the SiLU's expf vectorize (glibc's libmvec needs finite math) and the dot products
 # reassociate; so the kernel is never handed an infinity (an unbounded dt limit goes in as FLT_MAX). It is
 # given to the compile step only: linked with it, the library would set flush-to-zero for the whole
@@ -50,8 +50,9 @@ _SIGNATURE = ([_i64] * 7 + [_ptr, _ptr] + [_ptr, _i64, _ptr, _i64] + [_ptr] * 7 
 _VERIFY_SIGNATURE = [_i64] + _SIGNATURE + [_ptr] * 4 + [_i64]
 
 
-def enabled() -> bool:
-    return os.environ.get(ENV, "1") not in ("0", "false", "no", "off")
+# Read once (a decode step makes ~50 calls here; os.environ.get costs ~0.5 us): set it before the first
+# import, or set this attribute.
+ENABLED = os.environ.get(ENV, "1") not in ("0", "false", "no", "off")
 
 
 def _cpu_flags() -> str:
@@ -113,23 +114,28 @@ def _build() -> ctypes.CDLL:
     lib.mamba_verify_f32.restype = None
     lib.linear_bf16w_f32.argtypes = [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64]
     lib.linear_bf16w_f32.restype = None
+    lib.rms_norm_f32.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _f32, _ptr]
+    lib.rms_norm_f32.restype = None
+    lib.gated_rms_norm_f32.argtypes = [_i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _f32, _ptr]
+    lib.gated_rms_norm_f32.restype = None
     return lib
 
 
 def library() -> ctypes.CDLL | None:
     """The built kernels, or None (turned off, or they could not be built: `why_not()` says why)."""
     global _lib, _tried, _why_not
-    if not enabled():
+    if _lib is not None:
+        return _lib if ENABLED else None
+    if not ENABLED or _tried:
         return None
-    if not _tried:
-        with _lock:
-            if not _tried:
-                try:
-                    _lib = _build()
-                except Exception as e:  # noqa: BLE001 - the torch path serves instead
-                    _why_not = f"{type(e).__name__}: {e}"
-                    log.warning("native kernels unavailable (%s); using the torch fast path", _why_not)
-                _tried = True
+    with _lock:
+        if not _tried:
+            try:
+                _lib = _build()
+            except Exception as e:  # noqa: BLE001 - the torch path serves instead
+                _why_not = f"{type(e).__name__}: {e}"
+                log.warning("native kernels unavailable (%s); using the torch fast path", _why_not)
+            _tried = True
     return _lib
 
 
@@ -138,7 +144,7 @@ def why_not() -> str | None:
 
 
 def _f32_on_cpu(*ts) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+    return all(t.dtype is torch.float32 and t.is_cpu for t in ts)
 
 
 def _layout(conv, ssm, xbc, dt, conv_w, conv_b, A, D, dt_bias, y) -> tuple[int, int, int, int, int, int] | None:
@@ -225,3 +231,45 @@ def linear_bf16w(x, bits, out) -> None:
     R, I = x.shape
     O = bits.shape[0]
     library().linear_bf16w_f32(R, O, I, x.data_ptr(), x.stride(0), bits.data_ptr(), out.data_ptr(), out.stride(0))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor | None:
+    """t (..., D) as (R, D) with unit stride along D, without a copy; None if that takes one."""
+    if t.stride(-1) != 1:
+        return None
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _norm_eligible(*ts) -> bool:
+    return (library() is not None and _f32_on_cpu(*ts)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
+
+
+def rms_norm(x, weight, eps: float):
+    """kernels/fast/norm.py rms_norm in one C call for float32 on a CPU; None where it does not apply."""
+    x2 = _rows(x) if _norm_eligible(x, weight) and weight.is_contiguous() else None
+    if x2 is None or x2.shape[0] == 0:
+        return None
+    out = torch.empty(x2.shape, dtype=torch.float32)
+    library().rms_norm_f32(x2.shape[0], x2.shape[1], x2.data_ptr(), x2.stride(0), weight.data_ptr(), eps,
+                           out.data_ptr())
+    return out.view(x.shape)
+
+
+def gated_rms_norm(x, z, weight, group_size: int, eps: float):
+    """kernels/fast/norm.py gated_rms_norm in one C call for float32 on a CPU; None where it does not apply."""
+    if not (_norm_eligible(x, z, weight) and weight.is_contiguous() and x.shape == z.shape
+            and x.shape[-1] % group_size == 0):
+        return None
+    x2, z2 = _rows(x), _rows(z)
+    if x2 is None or z2 is None or x2.shape[0] == 0:
+        return None
+    out = torch.empty(x2.shape, dtype=torch.float32)
+    library().gated_rms_norm_f32(x2.shape[0], x2.shape[1], group_size, x2.data_ptr(), x2.stride(0), z2.data_ptr(),
+                                 z2.stride(0), weight.data_ptr(), eps, out.data_ptr())
+    return out.view(x.shape)

@@ -1,4 +1,5 @@
-"""The fused C kernels (kernels/fast/native.py) give the references' numbers: the Mamba decode step and
+"""The fused C kernels (kernels/fast/native.py) give the references' numbers. The norms, on strided rows; the
+Mamba decode step and
 verification of several sequences, whose states sit in scattered cache slots and whose inputs are rows of a
 strided in_proj output, equal the reference conv (kernels/reference/conv1d.py) and SSD
 (kernels/reference/ssd.py) run on each sequence alone; and they touch nothing else. float32 only: the
@@ -12,7 +13,9 @@ import torch
 from kernels import ops
 from kernels.fast import native
 from kernels.fast import ssd as fast_ssd
+from kernels.fast import norm as fast_norm
 from kernels.reference import conv1d as ref_conv
+from kernels.reference import norm as ref_norm
 from kernels.reference import ssd as ref_ssd
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernels not built: {native.why_not()}")
@@ -123,10 +126,10 @@ def test_calls_the_kernels_cannot_read_are_left_to_the_torch_ops(seed, monkeypat
     monkeypatch.setenv("HYBRIDSERVE_KERNELS", "reference")
     assert not ops.mamba_decode_(*args, y)
     monkeypatch.setenv("HYBRIDSERVE_KERNELS", "fast")
-    monkeypatch.setenv(native.ENV, "0")
+    monkeypatch.setattr(native, "ENABLED", False)          # HYBRIDSERVE_NATIVE=0
     assert not ops.mamba_decode_(*args, y) and not ops.mamba_verify_(
         L["conv"], L["ssm"], L["scratch"], [1], [0], 2, *args[4:], y)
-    monkeypatch.delenv(native.ENV)
+    monkeypatch.setattr(native, "ENABLED", True)
     with pytest.raises(IndexError):                                               # a slot outside the cache
         ops.mamba_decode_(L["conv"], L["ssm"], [9], [0], *args[4:], y)
 
@@ -151,3 +154,17 @@ def test_loading_the_kernels_leaves_subnormal_floats_alone():
     assert native.library() is not None
     assert torch.tensor(1e-40, dtype=torch.float32).mul(1.0).item() != 0.0
     assert np.float32(1e-40) * np.float32(1.0) != 0.0
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_norms_over_strided_rows_are_the_reference(seed, rows):
+    g = torch.Generator().manual_seed(seed)
+    zx = _nonzero(torch.randn(rows, 96 + 64 + 5, generator=g))
+    x, z = zx[:, 96:96 + 64], zx[:, :64]                          # row stride 165: views of a projection
+    w = _nonzero(torch.randn(64, generator=g))
+    got = native.rms_norm(x, w, 1e-5)
+    _close(got, ref_norm.rms_norm(x, w, 1e-5))
+    _close(fast_norm.rms_norm(x[None], w, 1e-5)[0], got)            # the op takes leading dims
+    got = native.gated_rms_norm(x, z, w, 16, 1e-5)
+    _close(got, ref_norm.gated_rms_norm(x, z, w, group_size=16, eps=1e-5))
+    assert native.rms_norm(x.to(torch.bfloat16), w, 1e-5) is None    # float32 only
