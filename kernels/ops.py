@@ -154,6 +154,18 @@ def mamba_verify_(conv, ssm, scratch, slots, rows0, T, xbc, dt, conv_w, conv_b, 
                                  dt_limit=dt_limit)
 
 
+def router_topk(x, router_weight, correction_bias, *, top_k: int, normalize: bool, scaling: float):
+    """The router's logits x @ router_weight^T (in float32), then `route`: one C call for float32 on a CPU
+    (kernels/fast/native/moe.c) when the kernels are "auto" or "fast", else the two steps in torch."""
+    forced = _forced()
+    if not x.is_cuda and forced in (None, "", "auto", "fast"):
+        out = _native.moe_route(x, router_weight, correction_bias, top_k, normalize, scaling)
+        if out is not None:
+            return out
+    logits = x.float() @ router_weight.float().t()
+    return route(logits, correction_bias, top_k=top_k, normalize=normalize, scaling=scaling)
+
+
 def ssd_verify(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf"))):
     return _pick("ssd_verify", x)(state, x, dt, A, B, C, D, dt_bias, dt_limit=dt_limit)
 

@@ -55,9 +55,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x (T, d) -> topk_weights float32 (T, k), topk_ids (T, k)."""
-        logits = x.float() @ self.weight.float().t()
-        return ops.route(logits, self.e_score_correction_bias, top_k=self.top_k, normalize=self.norm,
-                         scaling=self.scale)
+        return ops.router_topk(x, self.weight, self.e_score_correction_bias, top_k=self.top_k, normalize=self.norm,
+                               scaling=self.scale)
 
 
 class LatentMoE(nn.Module):

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..reference.moe import grouped_experts as _sorted_by_expert
-from .linear import FEW_ROWS, derived_weight, expert_linear, linear
+from . import native
+from .linear import FEW_ROWS, bf16_bits, derived_weight, expert_linear, linear
 
 # Every expert on every row costs E / k times the chosen experts' products, in two GEMMs and a few ops;
 # the schedule sorted by expert costs ~6 ops per expert. With few experts per choice and enough rows
@@ -34,6 +35,9 @@ def grouped_experts(x, topk_weights, topk_ids, up, down, *, first_expert: int = 
     if T > FEW_ROWS:
         return _sorted_by_expert(x, topk_weights, topk_ids, up, down, first_expert=first_expert,
                                   expert_linear=expert_linear)
+    bits = _exact_bf16(x, up, down, training)
+    if bits is not None:                                # one C call over the chosen experts' bfloat16 bits
+        return native.moe_experts(x, topk_weights, topk_ids, *bits, first_expert).to(x.dtype)
     weight: dict[int, list[float]] = {}                 # local expert -> routing weight of each row
     for t, (ids, ws) in enumerate(zip((topk_ids - first_expert).tolist(), topk_weights.tolist())):
         for e, w in zip(ids, ws):
@@ -50,6 +54,15 @@ def grouped_experts(x, topk_weights, topk_ids, up, down, *, first_expert: int = 
         else:
             out += expert_linear(h, down, e).float()
     return out.to(x.dtype)
+
+
+def _exact_bf16(x, up, down, training: bool):
+    """(up, down) as exact bfloat16 bits when the native experts kernel takes these rows; else None."""
+    if training or not (x.dtype is torch.float32 and x.is_cpu and x.stride(-1) == 1):
+        return None
+    up_bits = bf16_bits(up)
+    down_bits = bf16_bits(down) if up_bits is not None else None
+    return None if down_bits is None else (up_bits, down_bits)
 
 
 def _every_expert(x, topk_weights, topk_ids, up, down, first_expert: int):

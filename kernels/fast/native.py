@@ -30,7 +30,7 @@ import torch
 log = logging.getLogger("hybridserve.kernels")
 
 ENV = "HYBRIDSERVE_NATIVE"
-SOURCES = tuple(Path(__file__).with_name("native") / f for f in ("mamba.c", "linear.c", "norm.c"))
+SOURCES = tuple(Path(__file__).with_name("native") / f for f in ("mamba.c", "linear.c", "norm.c", "moe.c"))
 # -ffast-math lets the SiLU's expf vectorize (glibc's libmvec needs finite math) and the dot products
 # reassociate; so the kernel is never handed an infinity (an unbounded dt limit goes in as FLT_MAX). It is
 # given to the compile step only: linked with it, the library would set flush-to-zero for the whole
@@ -118,6 +118,10 @@ def _build() -> ctypes.CDLL:
     lib.rms_norm_f32.restype = None
     lib.gated_rms_norm_f32.argtypes = [_i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _f32, _ptr]
     lib.gated_rms_norm_f32.restype = None
+    lib.moe_route_f32.argtypes = [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, ctypes.c_int, _f32, _ptr, _ptr]
+    lib.moe_route_f32.restype = None
+    lib.moe_experts_bf16w_f32.argtypes = [_i64] * 6 + [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr]
+    lib.moe_experts_bf16w_f32.restype = None
     return lib
 
 
@@ -273,3 +277,32 @@ def gated_rms_norm(x, z, weight, group_size: int, eps: float):
     library().gated_rms_norm_f32(x2.shape[0], x2.shape[1], group_size, x2.data_ptr(), x2.stride(0), z2.data_ptr(),
                                  z2.stride(0), weight.data_ptr(), eps, out.data_ptr())
     return out.view(x.shape)
+
+
+def moe_route(x, router_weight, bias, top_k: int, normalize: bool, scaling: float):
+    """kernels/reference/moe.py route over router logits x @ router_weight^T, in one C call, for float32 on
+    a CPU: (topk_weights float32 (T, k), topk_ids int64 (T, k)); None where it does not apply."""
+    x2 = _rows(x) if _norm_eligible(x, router_weight) and router_weight.is_contiguous() else None
+    if x2 is None or x2.shape[0] == 0 or (bias is not None and not (bias.dtype is torch.float32 and bias.is_contiguous())):
+        return None
+    T, E = x2.shape[0], router_weight.shape[0]
+    ids = torch.empty(T, top_k, dtype=torch.int64)
+    weights = torch.empty(T, top_k, dtype=torch.float32)
+    library().moe_route_f32(T, E, x2.shape[1], x2.data_ptr(), x2.stride(0), router_weight.data_ptr(),
+                            None if bias is None else bias.data_ptr(), top_k, int(normalize), scaling,
+                            ids.data_ptr(), weights.data_ptr())
+    return weights, ids
+
+
+def moe_experts(x, topk_weights, topk_ids, up_bits, down_bits, first_expert: int):
+    """sum_k w_k down_e(relu(up_e x)^2) over this shard's chosen experts, with the experts' exact bfloat16
+    bits up (E, I, D) and down (E, D, I) (kernels/fast/linear.py bf16_bits): (T, D) float32. The caller
+    checks eligibility."""
+    T, D = x.shape
+    E, I = up_bits.shape[0], up_bits.shape[1]
+    ids, w = topk_ids.contiguous(), topk_weights.float().contiguous()
+    out = torch.empty(T, D, dtype=torch.float32)
+    library().moe_experts_bf16w_f32(T, ids.shape[1], D, I, E, first_expert, x.data_ptr(), x.stride(0),
+                                    ids.data_ptr(), w.data_ptr(), up_bits.data_ptr(), down_bits.data_ptr(),
+                                    out.data_ptr())
+    return out

@@ -14,7 +14,9 @@ from kernels import ops
 from kernels.fast import native
 from kernels.fast import ssd as fast_ssd
 from kernels.fast import norm as fast_norm
+from kernels.fast import moe as fast_moe
 from kernels.reference import conv1d as ref_conv
+from kernels.reference import moe as ref_moe
 from kernels.reference import norm as ref_norm
 from kernels.reference import ssd as ref_ssd
 
@@ -168,3 +170,34 @@ def test_norms_over_strided_rows_are_the_reference(seed, rows):
     got = native.gated_rms_norm(x, z, w, 16, 1e-5)
     _close(got, ref_norm.gated_rms_norm(x, z, w, group_size=16, eps=1e-5))
     assert native.rms_norm(x.to(torch.bfloat16), w, 1e-5) is None    # float32 only
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 8, 2), (5, 16, 4), (8, 6, 1)])
+@pytest.mark.parametrize("normalize,with_bias", [(True, True), (False, False)])
+def test_router_top_k_is_the_reference_route(seed, T, E, k, normalize, with_bias):
+    g = torch.Generator().manual_seed(seed)
+    x, w = _nonzero(torch.randn(T, 32, generator=g)), _nonzero(torch.randn(E, 32, generator=g) * 0.3)
+    bias = torch.randn(E, generator=g) * 0.1 if with_bias else None
+    got_w, got_ids = ops.router_topk(x, w, bias, top_k=k, normalize=normalize, scaling=2.5)
+    ref_w, ref_ids = ref_moe.route(x @ w.t(), bias, top_k=k, normalize=normalize, scaling=2.5)
+    assert torch.equal(got_ids, ref_ids) and got_ids.dtype == torch.int64
+    _close(got_w, ref_w)
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("first_expert,E_local", [(0, 8), (4, 4)])          # a whole layer, or one shard of it
+def test_few_rows_of_exact_bf16_experts_are_the_reference(seed, T, first_expert, E_local):
+    g = torch.Generator().manual_seed(seed)
+    D, I, k = 24, 40, 3
+
+    def exact(*shape):
+        return torch.nn.Parameter(_nonzero(torch.randn(*shape, generator=g) * 0.2).to(torch.bfloat16).float(),
+                                  requires_grad=False)
+    up, down = exact(E_local, I, D), exact(E_local, D, I)
+    x = _nonzero(torch.randn(T, D, generator=g))
+    ids = torch.stack([torch.randperm(8, generator=g)[:k] for _ in range(T)])   # some outside this shard
+    w = torch.rand(T, k, generator=g) + 0.1
+    with torch.inference_mode():
+        got = fast_moe.grouped_experts(x, w, ids, up, down, first_expert=first_expert)
+    _close(got, ref_moe.grouped_experts(x, w, ids, up, down, first_expert=first_expert))
+    assert fast_moe._exact_bf16(x, up, down, False) is not None                # the native kernel took it
