@@ -186,6 +186,16 @@ def paged_attention(q, k_cache, v_cache, block_table, *, start_pos):
     return _pick("paged_attention", q)(q, k_cache, v_cache, block_table, start_pos=start_pos)
 
 
+def decode_attention_(q, k, v, k_cache, v_cache, rows, block_tables, positions, out) -> bool:
+    """Every decode step of a pass (the sequences at `rows`) in one C call (kernels/fast/native.py) when the
+    kernels are "auto" or "fast" on a CPU; False when it did not take the call (decode_attention or
+    paged_attention then serve)."""
+    forced = _forced()
+    if q.is_cuda or forced not in (None, "", "auto", "fast"):
+        return False
+    return _native.decode_attention_(q, k, v, k_cache, v_cache, rows, block_tables, positions, out)
+
+
 def decode_attention(q, k, v, k_cache, v_cache, block_tables, positions):
     return _pick("decode_attention", q)(q, k, v, k_cache, v_cache, block_tables, positions)
 

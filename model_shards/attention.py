@@ -29,6 +29,9 @@ class Attention(nn.Module):
         v = self.v_proj(h).view(T, self.Hkv, self.Dh)
         out = torch.empty_like(q)
         steps = [s for s in batch.seqs if s.num_tokens == 1]
+        if steps and ops.decode_attention_(q, k, v, cache.k, cache.v, [s.offset for s in steps],
+                                           [s.block_table for s in steps], [s.start_pos for s in steps], out):
+            steps = []                                     # all of them in one fused call
         if len(steps) > 1:                                 # decode steps of all sequences at once
             rows = torch.tensor([s.offset for s in steps], device=h.device)
             out.index_copy_(0, rows, ops.decode_attention(
