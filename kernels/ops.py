@@ -186,14 +186,15 @@ def paged_attention(q, k_cache, v_cache, block_table, *, start_pos):
     return _pick("paged_attention", q)(q, k_cache, v_cache, block_table, start_pos=start_pos)
 
 
-def decode_attention_(q, k, v, k_cache, v_cache, rows, block_tables, positions, out) -> bool:
-    """Every decode step of a pass (the sequences at `rows`) in one C call (kernels/fast/native.py) when the
-    kernels are "auto" or "fast" on a CPU; False when it did not take the call (decode_attention or
-    paged_attention then serve)."""
+def paged_attention_(q, k, v, k_cache, v_cache, rows0, lens, starts, block_tables, out) -> bool:
+    """Short chunks of several sequences (decode steps, verification, MTP catch-ups: rows rows0[s].. of the
+    pass, lens[s] of them, at positions starts[s]..), k/v written and attended, in one C call
+    (kernels/fast/native.py) when the kernels are "auto" or "fast" on a CPU; False when it did not take
+    the call (write_kv with decode_attention, paged_attention or prefill_attention then serve)."""
     forced = _forced()
     if q.is_cuda or forced not in (None, "", "auto", "fast"):
         return False
-    return _native.decode_attention_(q, k, v, k_cache, v_cache, rows, block_tables, positions, out)
+    return _native.paged_attention_(q, k, v, k_cache, v_cache, rows0, lens, starts, block_tables, out)
 
 
 def decode_attention(q, k, v, k_cache, v_cache, block_tables, positions):

@@ -11,6 +11,11 @@ from .cache import PagedKVCache
 from .config import ModelConfig
 from .linear import Linear
 
+# Chunks of up to this many tokens (decode steps, verification, MTP catch-ups) go to the fused paged
+# attention of all such sequences at once where it is available (ops.paged_attention_); longer prompt
+# chunks use the prefill attention (torch's fused SDPA), which is bound by compute.
+FUSED_MAX_TOKENS = 8
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -28,10 +33,13 @@ class Attention(nn.Module):
         k = self.k_proj(h).view(T, self.Hkv, self.Dh)
         v = self.v_proj(h).view(T, self.Hkv, self.Dh)
         out = torch.empty_like(q)
-        steps = [s for s in batch.seqs if s.num_tokens == 1]
-        if steps and ops.decode_attention_(q, k, v, cache.k, cache.v, [s.offset for s in steps],
-                                           [s.block_table for s in steps], [s.start_pos for s in steps], out):
-            steps = []                                     # all of them in one fused call
+        seqs = batch.seqs
+        short = [s for s in seqs if s.num_tokens <= FUSED_MAX_TOKENS]
+        if short and ops.paged_attention_(q, k, v, cache.k, cache.v, [s.offset for s in short],
+                                          [s.num_tokens for s in short], [s.start_pos for s in short],
+                                          [s.block_table for s in short], out):
+            seqs = [s for s in seqs if s.num_tokens > FUSED_MAX_TOKENS]   # the short ones: one fused call
+        steps = [s for s in seqs if s.num_tokens == 1]
         if len(steps) > 1:                                 # decode steps of all sequences at once
             rows = torch.tensor([s.offset for s in steps], device=h.device)
             out.index_copy_(0, rows, ops.decode_attention(
@@ -42,7 +50,7 @@ class Attention(nn.Module):
             rows = slice(s.offset, s.end)
             ops.write_kv(cache.k, cache.v, k[rows], v[rows], s.block_table, s.start_pos)
             out[rows] = ops.paged_attention(q[rows], cache.k, cache.v, s.block_table, start_pos=s.start_pos)
-        multi = [s for s in batch.seqs if s.num_tokens > 1]
+        multi = [s for s in seqs if s.num_tokens > 1]
         if multi:                                          # prefill chunks, verification passes: one call
             for s in multi:
                 ops.write_kv(cache.k, cache.v, k[s.offset:s.end], v[s.offset:s.end], s.block_table, s.start_pos)

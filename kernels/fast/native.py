@@ -123,9 +123,9 @@ def _build() -> ctypes.CDLL:
     lib.moe_route_f32.restype = None
     lib.moe_experts_bf16w_f32.argtypes = [_i64] * 6 + [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr]
     lib.moe_experts_bf16w_f32.restype = None
-    lib.decode_attention_f32.argtypes = [_i64] * 5 + [_ptr] * 3 + [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr,
-                                                                  _f32, _ptr, _i64]
-    lib.decode_attention_f32.restype = ctypes.c_int
+    lib.paged_attention_f32.argtypes = [_i64] * 5 + [_ptr] * 4 + [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr,
+                                                                 _f32, _ptr, _i64]
+    lib.paged_attention_f32.restype = ctypes.c_int
     return lib
 
 
@@ -312,13 +312,15 @@ def moe_experts(x, topk_weights, topk_ids, up_bits, down_bits, first_expert: int
     return out
 
 
-def decode_attention_(q, k, v, k_cache, v_cache, rows: list[int], block_tables, positions: list[int], out) -> bool:
-    """One new token of each sequence at `rows` of the pass: its k, v written into the paged cache at its
-    position, then attention over positions 0..position into `out` at those rows, in one C call.
-    q, out (T, H, Dh); k, v (T, H_kv, Dh) (each row contiguous); k_cache, v_cache (num_blocks, block_size,
-    H_kv, Dh) contiguous; block_tables: int64 tensors. False (nothing done) where it does not apply."""
+def paged_attention_(q, k, v, k_cache, v_cache, rows0: list[int], lens: list[int], starts: list[int],
+                     block_tables, out) -> bool:
+    """Short chunks of several sequences (decode steps: lens 1; verification; MTP catch-ups): sequence s's
+    rows rows0[s] .. rows0[s]+lens[s]-1 of the pass, at positions starts[s] ..; their k, v written into the
+    paged cache, then causal attention into `out` at those rows, in one C call. q, out (T, H, Dh); k, v
+    (T, H_kv, Dh) (each row contiguous); k_cache, v_cache (num_blocks, block_size, H_kv, Dh) contiguous;
+    block_tables: int64 tensors. False (nothing done) where it does not apply."""
     lib = library()
-    if lib is None or not rows or not _f32_on_cpu(q, k, v, k_cache, v_cache, out):
+    if lib is None or not rows0 or not _f32_on_cpu(q, k, v, k_cache, v_cache, out):
         return False
     T, H, Dh = q.shape
     nb, bs, hkv, _ = k_cache.shape
@@ -326,15 +328,16 @@ def decode_attention_(q, k, v, k_cache, v_cache, rows: list[int], block_tables, 
             and out.stride()[1:] == (Dh, 1) and k.stride()[1:] == (Dh, 1) and v.stride()[1:] == (Dh, 1)
             and H % hkv == 0 and all(t.dtype is torch.int64 and t.is_contiguous() for t in block_tables)):
         return False
-    for t, pos in zip(block_tables, positions):
-        if not (0 <= pos < t.shape[0] * bs):
-            raise IndexError(f"decode_attention_: position {pos} outside its {t.shape[0]} blocks of {bs}")
-    S = len(rows)
+    for t, row, n, start in zip(block_tables, rows0, lens, starts):
+        if not (start >= 0 and n >= 1 and start + n <= t.shape[0] * bs and 0 <= row and row + n <= T):
+            raise IndexError(f"paged_attention_: positions {start}..{start + n - 1} (rows {row}..) outside "
+                             f"{t.shape[0]} blocks of {bs} or the pass")
+    S = len(rows0)
     tables = (_ptr * S)(*[t.data_ptr() for t in block_tables])
-    rc = lib.decode_attention_f32(S, H, hkv, Dh, bs, (_i64 * S)(*rows), tables, (_i64 * S)(*positions),
-                                  q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-                                  k_cache.data_ptr(), v_cache.data_ptr(), 1.0 / math.sqrt(Dh), out.data_ptr(),
-                                  out.stride(0))
+    rc = lib.paged_attention_f32(S, H, hkv, Dh, bs, (_i64 * S)(*rows0), (_i64 * S)(*lens), (_i64 * S)(*starts),
+                                 tables, q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
+                                 v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), 1.0 / math.sqrt(Dh),
+                                 out.data_ptr(), out.stride(0))
     if rc != 0:
-        raise MemoryError("decode_attention_: out of memory for the scores")
+        raise MemoryError("paged_attention_: out of memory for the scores")
     return True

@@ -205,21 +205,25 @@ def test_few_rows_of_exact_bf16_experts_are_the_reference(seed, T, first_expert,
 
 
 @pytest.mark.parametrize("H,Hkv,Dh,bs", [(8, 2, 32, 4), (4, 4, 16, 8), (6, 1, 8, 3)])
-def test_decode_attention_of_several_sequences_is_each_sequence_alone(seed, H, Hkv, Dh, bs):
-    """Scattered blocks, positions at a block's first and last row, rows out of order in the pass."""
+@pytest.mark.parametrize("lens", [(1, 1, 1), (4, 1, 3)])          # decode steps; verification and catch-ups
+def test_paged_attention_of_several_short_chunks_is_each_sequence_alone(seed, H, Hkv, Dh, bs, lens):
+    """Scattered blocks, positions at a block's first and last row, chunks out of order in the pass."""
     g = torch.Generator().manual_seed(seed)
-    nb, T = 24, 7
+    nb, T = 24, 12
     k_cache, v_cache = _nonzero(torch.randn(nb, bs, Hkv, Dh, generator=g)), _nonzero(torch.randn(nb, bs, Hkv, Dh, generator=g))
     q = _nonzero(torch.randn(T, H, Dh, generator=g))
     k, v = _nonzero(torch.randn(T, Hkv, Dh, generator=g)), _nonzero(torch.randn(T, Hkv, Dh, generator=g))
     perm = torch.randperm(nb, generator=g).tolist()
-    tables = [torch.tensor(perm[0:5]), torch.tensor(perm[5:7]), torch.tensor(perm[7:16])]
-    positions, rows = [4 * bs, 2 * bs - 1, 0], [5, 1, 3]
+    tables = [torch.tensor(perm[0:6]), torch.tensor(perm[6:9]), torch.tensor(perm[9:18])]
+    starts, rows0 = [4 * bs, 2 * bs - 1, 0], [7, 0, 3]
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     out = torch.full((T, H, Dh), POISON)
-    assert ops.decode_attention_(q, k, v, k_cache, v_cache, rows, tables, positions, out)
-    for row, table, pos in zip(rows, tables, positions):
-        ref_attn.write_kv(ref_k, ref_v, k[row:row + 1], v[row:row + 1], table, pos)
-        _close(out[row], ref_attn.paged_attention(q[row:row + 1], ref_k, ref_v, table, start_pos=pos)[0])
+    assert ops.paged_attention_(q, k, v, k_cache, v_cache, rows0, list(lens), starts, tables, out)
+    written = []
+    for row, n, table, start in zip(rows0, lens, tables, starts):
+        rows = slice(row, row + n)
+        ref_attn.write_kv(ref_k, ref_v, k[rows], v[rows], table, start)
+        _close(out[rows], ref_attn.paged_attention(q[rows], ref_k, ref_v, table, start_pos=start))
+        written += range(row, row + n)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)   # the new k, v where they belong
-    assert torch.all(out[[r for r in range(T) if r not in rows]] == POISON)
+    assert torch.all(out[[r for r in range(T) if r not in written]] == POISON)
