@@ -1,7 +1,7 @@
 """Side by side: hybridserve against llama.cpp's C++ `llama-server` and transformers' batched `generate`,
 on the same prompts, at 1, 8, 32 and 64 concurrent streams, on the default model and on a larger
 random-weight model of the same layer mix (the `hybrid-280m` preset: 281M parameters, 68M active, with
-hybrid-mini's tokenizer).
+hybrid-mini's tokenizer; its weights stored in bfloat16, as released checkpoints and the shipped one are).
 
     python -m benchmarks.peers                      # the full run (docs/BENCHMARKS.md): ~15 min on 2 cores
     python -m benchmarks.peers --quick              # a smoke run (~2 min): default model, 1 and 8 streams
@@ -95,15 +95,31 @@ def resolve(name: str) -> Path:
     if name != "large":
         return resolve_checkpoint(name)
     weights = resolve_checkpoint(LARGE_PRESET)
-    folder = OUT_DIR / "models" / LARGE_PRESET
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in weights.iterdir():
-        if not (folder / f.name).exists():
-            (folder / f.name).symlink_to(f.resolve())
+    folder = OUT_DIR / "models" / f"{LARGE_PRESET}-bf16"
+    if not (folder / "config.json").exists():
+        _bfloat16_copy(weights, folder)
     for f in TOKENIZER_FILES:
         if (DEFAULT_CHECKPOINT / f).exists() and not (folder / f).exists():
             (folder / f).write_bytes((DEFAULT_CHECKPOINT / f).read_bytes())
     return folder
+
+
+def _bfloat16_copy(weights: Path, folder: Path) -> None:
+    """The preset's random float32 weights written in bfloat16 (what a released checkpoint holds; every
+    server then computes with the same, bfloat16-exact, values), config.json last (the folder's marker)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in sorted(weights.iterdir()):
+        if f.suffix == ".safetensors":
+            tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(str(f)).items()}
+            save_file(tensors, str(folder / f.name), metadata={"format": "pt"})
+        elif f.name != "config.json":
+            (folder / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((weights / "config.json").read_text())
+    cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
 def model_facts(folder: Path) -> dict:
@@ -261,7 +277,7 @@ def run(a) -> dict:
     for key in a.models:
         folder = resolve(key)
         facts = results["models"][key] = model_facts(folder)
-        facts["weights"] = "random, hybrid-mini's tokenizer" if key == "large" else (
+        facts["weights"] = "random, stored in bfloat16, hybrid-mini's tokenizer" if key == "large" else (
             "trained" if folder.resolve() == resolve("default").resolve() else "as in the folder")
         tok = load_tokenizer(folder)
         n = max(a.min_prompts, max(a.concurrency), a.parity_prompts)

@@ -154,6 +154,16 @@ def mamba_verify_(conv, ssm, scratch, slots, rows0, T, xbc, dt, conv_w, conv_b, 
                                  dt_limit=dt_limit)
 
 
+def mamba_commit_(conv, ssm, scratch, slots, indices) -> bool:
+    """The commit of verified Mamba states of several sequences, every layer, in one C call
+    (kernels/fast/native.py) when the kernels are "auto" or "fast" on a CPU; False when it did not take
+    the call (the caller runs ssd_advance_ per sequence)."""
+    forced = _forced()
+    if ssm.is_cuda or forced not in (None, "", "auto", "fast"):
+        return False
+    return _native.mamba_commit_(conv, ssm, scratch, slots, indices)
+
+
 def router_topk(x, router_weight, correction_bias, *, top_k: int, normalize: bool, scaling: float):
     """The router's logits x @ router_weight^T (in float32), then `route`: one C call for float32 on a CPU
     (kernels/fast/native/moe.c) when the kernels are "auto" or "fast", else the two steps in torch."""

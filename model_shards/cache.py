@@ -70,6 +70,9 @@ class MambaStateCache:
         if self.ssm.is_cuda and len(slots) > 1:            # one launch sequence for all (per-sequence: S)
             self._commit_gathered(slots, indices)
             return
+        if ops.mamba_commit_(self.conv, self.ssm, (self.scratch_conv, self.scratch_cum, self.scratch_dtx,
+                                                   self.scratch_B), list(slots), list(indices)):
+            return                                         # every sequence and layer in one C call
         # On a CPU, per sequence, every layer at once, in place on the slot's views: gathering the slots'
         # states (L, S, H, P, N) for one batched ssd_state_at and scattering them back moves three times
         # the state's bytes, and was the slower of the two at every batch size timed (2 to 32).

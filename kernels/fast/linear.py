@@ -49,11 +49,20 @@ ONEDNN = _onednn_works()
 ONEDNN_MIN_ROWS = 8    # below, W @ x^T (the few-rows product) was faster in the engine (cold weights, k=3 verification)
 
 
+def weight_key(weight: torch.Tensor) -> tuple[int, int]:
+    """(data pointer, version counter): what changes when the weight does. A tensor made in inference mode
+    has no version counter (it can only change inside inference mode): its pointer alone."""
+    try:
+        return weight.data_ptr(), weight._version
+    except RuntimeError:
+        return weight.data_ptr(), -1
+
+
 def derived_weight(weight: torch.nn.Parameter, name: str, make) -> torch.nn.Parameter:
     """make(weight) (a reshaped copy the product wants), kept on the Parameter under `name` and remade when
     the weight changes; itself a Parameter (no grad), so linear() keeps its oneDNN copy too. Inference
     only: autograd does not flow through it."""
-    key = (weight.data_ptr(), weight._version)
+    key = weight_key(weight)
     cached = getattr(weight, name, None)
     if cached is None or cached[0] != key:
         with torch.no_grad():
@@ -65,7 +74,7 @@ def derived_weight(weight: torch.nn.Parameter, name: str, make) -> torch.nn.Para
 def packed_weight(weight: torch.nn.Parameter) -> torch.Tensor:
     """The Parameter's oneDNN copy, made on first use and remade when the weight changes (in-place
     updates bump its version; a new .data changes its pointer)."""
-    key = (weight.data_ptr(), weight._version)
+    key = weight_key(weight)
     cached = getattr(weight, "_onednn_packed", None)
     if cached is None or cached[0] != key:
         with torch.no_grad():
@@ -90,7 +99,7 @@ def bf16_bits(weight: torch.Tensor) -> torch.Tensor | None:
     if not (isinstance(weight, torch.nn.Parameter) and weight.dtype == torch.float32 and weight.device.type == "cpu"
             and native.library() is not None):
         return None
-    key = (weight.data_ptr(), weight._version)
+    key = weight_key(weight)
     cached = getattr(weight, "_bf16_bits", None)
     if cached is None or cached[0] != key:
         with torch.no_grad():
@@ -134,7 +143,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def packed_expert(stacked: torch.nn.Parameter, e: int) -> torch.Tensor:
     """Expert e's oneDNN copy of a stacked (E, out, in) Parameter, all experts reordered on first use."""
-    key = (stacked.data_ptr(), stacked._version)
+    key = weight_key(stacked)
     cached = getattr(stacked, "_onednn_packed", None)
     if cached is None or cached[0] != key:
         with torch.no_grad():

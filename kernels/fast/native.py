@@ -113,6 +113,8 @@ def _build() -> ctypes.CDLL:
     lib.mamba_decode_f32.restype = None
     lib.mamba_verify_f32.argtypes = _VERIFY_SIGNATURE
     lib.mamba_verify_f32.restype = None
+    lib.mamba_commit_f32.argtypes = [_i64] * 10 + [_ptr] * 8
+    lib.mamba_commit_f32.restype = None
     lib.linear_bf16w_f32.argtypes = [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64]
     lib.linear_bf16w_f32.restype = None
     lib.rms_norm_f32.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _f32, _ptr]
@@ -340,4 +342,28 @@ def paged_attention_(q, k, v, k_cache, v_cache, rows0: list[int], lens: list[int
                                  out.data_ptr(), out.stride(0))
     if rc != 0:
         raise MemoryError("paged_attention_: out of memory for the scores")
+    return True
+
+
+def mamba_commit_(conv, ssm, scratch, slots: list[int], indices: list[int]) -> bool:
+    """For each sequence, the state after its verified position indices[s] becomes slot slots[s]'s state, in
+    every layer of the stack: conv (L, num_slots, C, K-1), ssm (L, num_slots, H, P, N) and the scratch
+    (conv (L, num_slots, Tmax, C, K-1), cum (L, num_slots, H, Tmax), dtx (L, num_slots, H, Tmax, P),
+    B (L, num_slots, Tmax, G, N)) of model_shards/cache.py, in one C call. False (nothing done) where it
+    does not apply; the caller checked the indices."""
+    lib = library()
+    s_conv, s_cum, s_dtx, s_B = scratch
+    if lib is None or not slots or not _f32_on_cpu(conv, ssm, *scratch):
+        return False
+    if not all(t.is_contiguous() for t in (conv, ssm, *scratch)):
+        return False
+    L, num_slots, C, W = conv.shape
+    _, _, H, P, N = ssm.shape
+    G, Tmax = s_B.shape[3], s_cum.shape[3]
+    if not (0 <= min(slots) and max(slots) < num_slots and 0 <= min(indices) and max(indices) < Tmax):
+        raise IndexError(f"mamba_commit_: slots {slots} / indices {indices} outside the cache")
+    S = len(slots)
+    lib.mamba_commit_f32(S, L, num_slots, C, W + 1, H, P, N, G, Tmax, (_i64 * S)(*slots), (_i64 * S)(*indices),
+                         conv.data_ptr(), ssm.data_ptr(), s_conv.data_ptr(), s_cum.data_ptr(), s_dtx.data_ptr(),
+                         s_B.data_ptr())
     return True

@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 static inline float softplus_f(float v) { return v > 20.0f ? v : log1pf(expf(v)); }   /* torch's threshold */
 static inline float silu_f(float v) { return v / (1.0f + expf(-v)); }
@@ -156,6 +157,51 @@ void mamba_verify_f32(int64_t S, int64_t T, int64_t C, int64_t K, int64_t H, int
                         acc += v * Cg[n];
                     }
                     y[(rows0[s] + t) * y_stride + h * P + p] = acc + D[h] * xv;
+                }
+            }
+        }
+    }
+}
+
+/* The commit after verification, for S sequences and all L Mamba layers of a stage in one call
+ * (model_shards/cache.py MambaStateCache.commit; kernels/fast/ssd.py ssd_advance_ is the torch form): each
+ * slot's state becomes the state after its verified position `index`:
+ *   conv = the window kept after that position;
+ *   ssm  = exp(cum[index]) ssm + sum_{j<=index} exp(cum[index] - cum[j]) dtx_j B_j^T
+ * All tensors whole and contiguous: conv (L, num_slots, C, K-1), ssm (L, num_slots, H, P, N), and the
+ * scratch: conv (L, num_slots, Tmax, C, K-1), cum (L, num_slots, H, Tmax), dtx (L, num_slots, H, Tmax, P),
+ * B (L, num_slots, Tmax, G, N). */
+void mamba_commit_f32(int64_t S, int64_t L, int64_t num_slots, int64_t C, int64_t K, int64_t H, int64_t P,
+                      int64_t N, int64_t G, int64_t Tmax, const int64_t *slots, const int64_t *indices,
+                      float *conv, float *ssm, const float *s_conv, const float *s_cum, const float *s_dtx,
+                      const float *s_B)
+{
+    const int64_t W = K - 1, R = H / G;
+    for (int64_t s = 0; s < S; ++s) {
+        const int64_t slot = slots[s], index = indices[s];
+        for (int64_t l = 0; l < L; ++l) {
+            const int64_t ls = l * num_slots + slot;
+            memcpy(conv + ls * C * W, s_conv + (ls * Tmax + index) * C * W, sizeof(float) * (size_t)(C * W));
+            float *state = ssm + ls * H * P * N;
+            for (int64_t h = 0; h < H; ++h) {
+                const float *cum = s_cum + (ls * H + h) * Tmax;
+                const float last = cum[index], decay = expf(last);
+                float w[Tmax];
+                for (int64_t j = 0; j <= index; ++j)
+                    w[j] = expf(last - cum[j]);
+                const int64_t g = h / R;
+                for (int64_t p = 0; p < P; ++p) {
+                    float *sp = state + (h * P + p) * N;
+#pragma omp simd
+                    for (int64_t n = 0; n < N; ++n)
+                        sp[n] *= decay;
+                    for (int64_t j = 0; j <= index; ++j) {
+                        const float u = s_dtx[((ls * H + h) * Tmax + j) * P + p] * w[j];
+                        const float *Bj = s_B + ((ls * Tmax + j) * G + g) * N;
+#pragma omp simd
+                        for (int64_t n = 0; n < N; ++n)
+                            sp[n] += u * Bj[n];
+                    }
                 }
             }
         }

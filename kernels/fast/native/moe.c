@@ -5,7 +5,8 @@
  *                times `scaling`. ids sorted by choice value, largest first (torch.topk(sorted=True)).
  *   moe_experts: out (T, D) = sum over row t's choices of this shard's experts (first .. first+E-1)
  *                w * down_e(relu(up_e x_t)^2), with up (E, I, D) and down (E, D, I) as bfloat16 bits
- *                (exact: a checkpoint stored in bfloat16), float32 products and sums. */
+ *                (exact: a checkpoint stored in bfloat16), float32 products and sums; expert by expert,
+ *                each weight row widened once for all the rows that chose the expert. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -59,34 +60,48 @@ void moe_experts_bf16w_f32(int64_t T, int64_t k, int64_t D, int64_t I, int64_t E
                            const float *x, int64_t x_stride, const int64_t *ids, const float *weights,
                            const uint16_t *up, const uint16_t *down, float *out)
 {
-    float h[I];
-    for (int64_t t = 0; t < T; ++t) {
-        const float *xr = x + t * x_stride;
-        float *o = out + t * D;
-        for (int64_t d = 0; d < D; ++d)
-            o[d] = 0.0f;
-        for (int64_t j = 0; j < k; ++j) {
-            const int64_t e = ids[t * k + j] - first;
-            if (e < 0 || e >= E)
-                continue;                                  /* another shard's expert */
-            const float w = weights[t * k + j];
-            const uint16_t *u = up + e * I * D, *dn = down + e * D * I;
-            for (int64_t i = 0; i < I; ++i) {
-                const uint16_t *ur = u + i * D;
+    float wrow[D > I ? D : I];                            /* one weight row, widened once for all its rows */
+    float h[T * I];
+    int64_t rows[T];
+    float gate[T];
+    for (int64_t i = 0; i < T * D; ++i)
+        out[i] = 0.0f;
+    for (int64_t e = 0; e < E; ++e) {
+        int64_t n = 0;                                     /* the rows that chose expert e */
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t j = 0; j < k; ++j)
+                if (ids[t * k + j] - first == e) {
+                    rows[n] = t;
+                    gate[n++] = weights[t * k + j];
+                }
+        if (n == 0)
+            continue;
+        const uint16_t *u = up + e * I * D, *dn = down + e * D * I;
+        for (int64_t i = 0; i < I; ++i) {
+#pragma omp simd
+            for (int64_t c = 0; c < D; ++c)
+                wrow[c] = bf16_f(u[i * D + c]);
+            for (int64_t m = 0; m < n; ++m) {
+                const float *xr = x + rows[m] * x_stride;
                 float acc = 0.0f;
 #pragma omp simd reduction(+:acc)
                 for (int64_t c = 0; c < D; ++c)
-                    acc += bf16_f(ur[c]) * xr[c];
+                    acc += wrow[c] * xr[c];
                 acc = acc > 0.0f ? acc : 0.0f;
-                h[i] = acc * acc * w;
+                h[m * I + i] = acc * acc * gate[m];
             }
-            for (int64_t d = 0; d < D; ++d) {
-                const uint16_t *dr = dn + d * I;
+        }
+        for (int64_t d = 0; d < D; ++d) {
+#pragma omp simd
+            for (int64_t i = 0; i < I; ++i)
+                wrow[i] = bf16_f(dn[d * I + i]);
+            for (int64_t m = 0; m < n; ++m) {
+                const float *hm = h + m * I;
                 float acc = 0.0f;
 #pragma omp simd reduction(+:acc)
                 for (int64_t i = 0; i < I; ++i)
-                    acc += bf16_f(dr[i]) * h[i];
-                o[d] += acc;
+                    acc += wrow[i] * hm[i];
+                out[rows[m] * D + d] += acc;
             }
         }
     }

@@ -93,3 +93,12 @@ def test_autograd_and_the_switch_keep_the_torch_product(seed, calls, monkeypatch
     with torch.no_grad():
         fast_linear.linear(x, w)
     assert calls[0] == 0
+
+
+def test_a_weight_made_in_inference_mode_has_no_version_counter_and_still_works(seed, calls):
+    g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        w = _weight(g, 32, 16)
+        x = _nonzero(torch.randn(2, 16, generator=g))
+        torch.testing.assert_close(fast_linear.linear(x, w), F.linear(x, w), atol=2e-5, rtol=2e-5)
+    assert calls[0] == 1

@@ -227,3 +227,26 @@ def test_paged_attention_of_several_short_chunks_is_each_sequence_alone(seed, H,
         written += range(row, row + n)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)   # the new k, v where they belong
     assert torch.all(out[[r for r in range(T) if r not in written]] == POISON)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_commit_of_several_sequences_and_layers_is_ssd_advance_of_each(seed, T):
+    """The fused commit equals the torch commit (conv window copied, ssd_advance_) per sequence and layer,
+    and leaves other slots alone."""
+    g = torch.Generator().manual_seed(seed)
+    L, slots_n, Tmax, C, W, H, P, N, G = 3, 6, 5, 20, 3, 4, 8, 16, 2
+
+    def rand(*shape, scale=1.0):
+        return _nonzero(torch.randn(*shape, generator=g) * scale)
+    conv, ssm = rand(L, slots_n, C, W), rand(L, slots_n, H, P, N)
+    scratch = (rand(L, slots_n, Tmax, C, W), -torch.rand(L, slots_n, H, Tmax, generator=g).cumsum(-1),
+               rand(L, slots_n, H, Tmax, P, scale=0.3), rand(L, slots_n, Tmax, G, N))
+    slots, indices = [4, 1], [T - 1, 0]
+    ref_conv_, ref_ssm = conv.clone(), ssm.clone()
+    for slot, index in zip(slots, indices):
+        ref_conv_[:, slot] = scratch[0][:, slot, index]
+        fast_ssd.ssd_advance_(ref_ssm[:, slot], scratch[1][:, slot, :, :T], scratch[2][:, slot, :, :T],
+                              scratch[3][:, slot, :T], index)
+    assert ops.mamba_commit_(conv, ssm, scratch, slots, indices)
+    assert torch.equal(conv, ref_conv_)
+    torch.testing.assert_close(ssm, ref_ssm, atol=1e-5, rtol=1e-5)
