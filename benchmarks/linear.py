@@ -1,7 +1,9 @@
-"""The CPU product x @ W^T at the model's shapes, three ways side by side: `python -m benchmarks.linear`.
+"""The CPU product x @ W^T at the model's shapes, four ways side by side: `python -m benchmarks.linear`.
 
-torch's F.linear (MKL), W @ x^T (kernels/fast/linear.py's few-rows product) and oneDNN on the weight
-reordered once (the engine's path from ONEDNN_MIN_ROWS rows up), one torch thread, each timed
+torch's F.linear (MKL), W @ x^T (kernels/fast/linear.py's few-rows product), oneDNN on the weight
+reordered once (the engine's path from ONEDNN_MIN_ROWS rows up) and, up to FEW_ROWS rows, the native
+kernel reading the weight's bfloat16 bits (kernels/fast/native/linear.c; the weights here are bfloat16
+values, as a released checkpoint's are), one torch thread, each timed
 alternately over repeated rounds (median), weights warm in cache. Prints a table and writes
 docs/BENCHMARKS.md (section "linear"). Not a test.
 """
@@ -47,7 +49,9 @@ def run(models: list[str], rows: list[int]) -> list[list]:
     out = []
     for model in models:
         for name, din, dout in shapes(model):
-            w = torch.nn.Parameter(torch.rand(dout, din, generator=g) - 0.5, requires_grad=False)
+            w = torch.nn.Parameter((torch.rand(dout, din, generator=g) - 0.5).to(torch.bfloat16).float(),
+                                   requires_grad=False)
+            bits = fast_linear.bf16_bits(w)
             for m in rows:
                 x = torch.rand(m, din, generator=g) - 0.5
                 reps = max(5, int(2e8 / (2 * m * din * dout + 1e5)))
@@ -60,9 +64,12 @@ def run(models: list[str], rows: list[int]) -> list[list]:
                                        reps)
                     else:
                         onednn = float("nan")
+                    native = float("nan")
+                    if bits is not None and m <= fast_linear.FEW_ROWS:
+                        native = _time(lambda: fast_linear._bf16_product(x, bits, m), reps)
                 flops = 2 * m * din * dout
                 out.append([model, name, f"{m}x{din} @ {din}x{dout}", 1e6 * mkl, 1e6 * few, 1e6 * onednn,
-                            flops / onednn / 1e9, mkl / onednn])
+                            1e6 * native, flops / onednn / 1e9, mkl / onednn])
     return out
 
 
@@ -77,11 +84,15 @@ def main() -> None:
     body = (f"## The CPU product x @ W^T (`python -m benchmarks.linear`)\n\n"
             f"Machine: {machine()}, one torch thread, float32, weights warm in cache, median of 5 rounds. "
             "MKL = `F.linear`; W @ x^T = the few-rows product; oneDNN = `torch.ops.mkldnn._linear_pointwise` on "
-            "the weight reordered once (`_reorder_linear_weight`). The engine uses oneDNN from "
-            f"{fast_linear.ONEDNN_MIN_ROWS} rows, W @ x^T for 2-{fast_linear.ONEDNN_MIN_ROWS - 1}, MKL for one "
-            "row (kernels/fast/linear.py says why).\n\n"
-            + table(["model", "product", "shape", "MKL us", "W @ x^T us", "oneDNN us", "oneDNN GFLOP/s",
-                     "MKL / oneDNN"], rows) + "\n")
+            "the weight reordered once (`_reorder_linear_weight`); bf16 native = the C kernel reading the "
+            "weight's bfloat16 bits (the weights are bfloat16 values). The engine uses oneDNN from "
+            f"{fast_linear.ONEDNN_MIN_ROWS} rows and, below, the native kernel for weights that are exactly "
+            f"bfloat16 (up to {fast_linear.FEW_ROWS} rows without oneDNN), otherwise W @ x^T for 2-"
+            f"{fast_linear.ONEDNN_MIN_ROWS - 1} rows and MKL for one (kernels/fast/linear.py, docs/KERNELS.md). "
+            "Warm weights favour the compute-bound paths; in a decode step the weights come from memory, where "
+            "the bfloat16 kernel reads half the bytes.\n\n"
+            + table(["model", "product", "shape", "MKL us", "W @ x^T us", "oneDNN us", "bf16 native us",
+                     "oneDNN GFLOP/s", "MKL / oneDNN"], rows) + "\n")
     publish("linear", body, write=not args.no_write)
 
 

@@ -137,7 +137,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def draft_dtype_bytes(draft_dtype: str, weight_dtype_bytes: int, on_cpu: bool) -> int:
     """Bytes per weight of the drafter's copy, as `model_shards.drafter.resolve_draft_dtype` picks the dtype
-    (EngineConfig.draft_dtype): "auto" is float16 on a CPU when the model is float32, else the model's."""
+    (EngineConfig.draft_dtype): "auto" is float16 on a CPU when the model is float32, else the model's. (On a
+    CPU with exactly-bfloat16 weights and the native kernels, auto keeps the model's weights: this estimate
+    is then an upper bound; the plan counts neither that nor the CPU kernels' weight copies, docs/KERNELS.md.)"""
     if draft_dtype == "auto":
         return 2 if on_cpu and weight_dtype_bytes == 4 else weight_dtype_bytes
     if draft_dtype == "model":

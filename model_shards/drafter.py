@@ -78,9 +78,13 @@ class Drafter:
             return ops.linear(normed, head).float()
         n = len(self.vocab)
         parts = self._parts.get(head.data_ptr())
-        if parts is None:       # weights of their own (Parameters), so ops.linear keeps its fast copies of them
-            parts = self._parts[head.data_ptr()] = (nn.Parameter(head[:n].clone(), requires_grad=False),
-                                                    nn.Parameter(head[n:].clone(), requires_grad=False))
+        if parts is None:
+            if head.is_cuda:    # views: a copy of a large vocabulary's head would cost GPU memory
+                parts = (head[:n], head[n:])
+            else:               # on a CPU, Parameters of their own, so ops.linear keeps its fast copies of them
+                parts = (nn.Parameter(head[:n].clone(), requires_grad=False),
+                         nn.Parameter(head[n:].clone(), requires_grad=False))
+            self._parts[head.data_ptr()] = parts
         out = normed.new_full((normed.shape[0], self.vocab_size), float("-inf"), dtype=torch.float32)
         out.index_copy_(1, self.vocab, ops.linear(normed, parts[0]).float())
         if full_rows:

@@ -30,7 +30,7 @@ class EngineConfig:
     expert_parallel_size: int = 1
     num_speculative_tokens: int | str = "auto"   # MTP drafts per step at most; auto: 3 with MTP, else 0; 0: off
     speculative_policy: str = "adaptive"   # adaptive: drafts per sequence per step chosen as it runs; fixed: k always
-    draft_dtype: str = "auto"              # the MTP drafter's dtype (model_shards/drafter.py); auto: float16 on CPU
+    draft_dtype: str = "auto"              # the MTP drafter's dtype (model_shards/drafter.py resolve_draft_dtype)
     draft_vocab: bool = True               # greedy drafts only from the checkpoint's draft_vocab.json (if any)
     dtype: str = "auto"                    # weights + KV cache (Mamba states: float32); auto: model_dtype()
     max_num_seqs: int = 16

@@ -32,7 +32,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="adaptive: each step drafts per sequence what pays on this deployment (router/spec_policy.py); "
                         "fixed: k drafts every step")
     m.add_argument("--draft-dtype", default="auto", choices=["auto", "model", "float32", "float16", "bfloat16"],
-                   help="dtype the MTP drafter computes in; auto: float16 on a CPU (verification keeps the "
+                   help="dtype the MTP drafter computes in; auto: on a CPU the model's own weights where they "
+                        "are exactly bfloat16 (read at half the bytes), else float16 (verification keeps the "
                         "model's dtype, so outputs do not change)")
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV cache (Mamba states stay float32); auto: float32 on a CPU, the "
