@@ -4,8 +4,9 @@ On a machine the serving path shares with the model (the ingress, the model repl
 own processes, often the load generator), every millisecond the model process waits for a core is a
 millisecond of every sequence's pass. On the 2-core CI machine at 32 streams (`hybridserve bench`
 against `hybridserve serve --model-niceness -10` and `0`, side by side) the higher priority served more
-tokens/s; docs/BENCHMARKS.md ("Where a served request's time goes") records the served runs. llama.cpp's server offers the same knob (`--prio`). Raising priority needs root or CAP_SYS_NICE; without
-them the process keeps its priority and says so once in the log.
+tokens/s; docs/BENCHMARKS.md ("Where a served request's time goes") records the served runs. llama.cpp's
+server offers the same knob (`--prio`). Raising priority needs root or CAP_SYS_NICE; without them the
+process keeps its priority and says so once in the log.
 """
 from __future__ import annotations
 

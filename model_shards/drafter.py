@@ -7,11 +7,11 @@ outside the draft vocabulary get q = 0). On a CPU a decode-sized drafting step i
 weights (the MTP block and lm_head, 4 MB of it in float32 for hybrid-mini):
 - dtype: a checkpoint stored in bfloat16 (loaded as float32) is read through the bfloat16-weight kernel
   (kernels/fast/native/linear.c) at half the bytes and with the model's exact weights: "auto" keeps the
-  model's dtype there. Otherwise float16 weights halve those reads, and with one row at a time float16 products cost no more
-  than float32 ones here; with many rows (a large batch drafting) the CPU's float16 GEMM is slower than
-  float32. So "auto" drafts in float16 on a CPU when the model is float32, for MTP calls of up to
-  AUTO_MAX_ROWS rows (one or a few sequences), and in the model's dtype otherwise (a GPU model is
-  already 16-bit).
+  model's dtype there. Otherwise float16 weights halve those reads, and with one row at a time float16
+  products cost no more than float32 ones here; with many rows (a large batch drafting) the CPU's float16
+  GEMM is slower than float32. So "auto" then drafts in float16 on a CPU when the model is float32, for
+  MTP calls of up to AUTO_MAX_ROWS rows (one or a few sequences), and in the model's dtype otherwise (a
+  GPU model is already 16-bit).
 - vocabulary: the checkpoint's `draft_vocab.json` (training/draft_vocab.py: its most frequent tokens)
   makes the head of greedy drafts a fraction of lm_head (random sampling drafts from every token).
 `benchmarks/engine_profile.py` times drafting per pass through the engine at one sequence, k=3

@@ -31,7 +31,8 @@ import torch
 log = logging.getLogger("hybridserve.kernels")
 
 ENV = "HYBRIDSERVE_NATIVE"
-SOURCES = tuple(Path(__file__).with_name("native") / f for f in ("mamba.c", "linear.c", "norm.c", "moe.c", "attention.c"))
+SOURCES = tuple(Path(__file__).with_name("native") / f
+                for f in ("mamba.c", "linear.c", "norm.c", "moe.c", "attention.c"))
 # -ffast-math lets the SiLU's expf vectorize (glibc's libmvec needs finite math) and the dot products
 # reassociate; so the kernel is never handed an infinity (an unbounded dt limit goes in as FLT_MAX). It is
 # given to the compile step only: linked with it, the library would set flush-to-zero for the whole
@@ -289,7 +290,9 @@ def moe_route(x, router_weight, bias, top_k: int, normalize: bool, scaling: floa
     """kernels/reference/moe.py route over router logits x @ router_weight^T, in one C call, for float32 on
     a CPU: (topk_weights float32 (T, k), topk_ids int64 (T, k)); None where it does not apply."""
     x2 = _rows(x) if _norm_eligible(x, router_weight) and router_weight.is_contiguous() else None
-    if x2 is None or x2.shape[0] == 0 or (bias is not None and not (bias.dtype is torch.float32 and bias.is_contiguous())):
+    if x2 is None or x2.shape[0] == 0:
+        return None
+    if bias is not None and not (bias.dtype is torch.float32 and bias.is_contiguous()):
         return None
     T, E = x2.shape[0], router_weight.shape[0]
     ids = torch.empty(T, top_k, dtype=torch.int64)
