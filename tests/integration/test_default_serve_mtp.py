@@ -27,13 +27,15 @@ def test_serve_without_arguments_accepts_mtp_drafts(served):
     s = served
     before = s.metrics()
     details = []
-    for _ in range(3):
+    for i in range(8):      # a few; the adaptive policy may draft nothing near break-even at one sequence
         r = httpx.post(s.url + "/v1/completions", timeout=120,
                        json={"prompt": PROMPT, "max_tokens": 32, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200, r.text
         usage = r.json()["usage"]
         assert usage["completion_tokens"] == 32
-        details.append(usage["completion_tokens_details"])
+        details.append(usage["completion_tokens_details"] or {"accepted_prediction_tokens": 0})
+        if i >= 2 and any(d["accepted_prediction_tokens"] for d in details):
+            break
     name = "spec_decode_num_accepted_tokens_per_pos_total"      # summed over positions
 
     def accepted(m: dict) -> float:
@@ -61,16 +63,25 @@ def test_logprobs_and_echo_equal_the_reference_with_mtp_as_without(served):
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
     model, tok = load_checkpoint(FOLDER, dtype=torch.float32), load_tokenizer(FOLDER)
     msgs = [{"role": "user", "content": "Write a function that reads a file."}]
-    r = client.chat.completions.create(model=client.models.list().data[0].id, messages=msgs, max_tokens=16,
-                                       temperature=0, logprobs=True, top_logprobs=5,
-                                       extra_body={"ignore_eos": True, "return_token_ids": True})
-    ids, items = r.choices[0].model_extra["token_ids"], r.choices[0].logprobs.model_dump()["content"]
     prompt = tok.encode_chat(msgs)
-    assert ids == generate(model, prompt, SamplingParams(max_tokens=16, ignore_eos=True)).tokens   # MTP off
-    assert r.usage.completion_tokens_details.accepted_prediction_tokens > 0
-    ref = teacher_forced(model, prompt + ids)[len(prompt) - 1:-1]
-    for item, row, t in zip(items, ref, ids, strict=True):
-        check_item(item, row, t, tok)
+    expected = generate(model, prompt, SamplingParams(max_tokens=16, ignore_eos=True)).tokens   # MTP off
+    ref = teacher_forced(model, prompt + expected)[len(prompt) - 1:-1]
+    # The adaptive policy chooses per step whether drafting pays; near break-even at one sequence it may
+    # draft nothing for a request. Every response must equal the reference; one with accepted drafts must come.
+    accepted = 0
+    for _ in range(6):
+        r = client.chat.completions.create(model=client.models.list().data[0].id, messages=msgs, max_tokens=16,
+                                           temperature=0, logprobs=True, top_logprobs=5,
+                                           extra_body={"ignore_eos": True, "return_token_ids": True})
+        ids, items = r.choices[0].model_extra["token_ids"], r.choices[0].logprobs.model_dump()["content"]
+        assert ids == expected
+        for item, row, t in zip(items, ref, ids, strict=True):
+            check_item(item, row, t, tok)
+        details = r.usage.completion_tokens_details
+        accepted = details.accepted_prediction_tokens if details is not None else 0
+        if accepted > 0:
+            break
+    assert accepted > 0
     chunks = list(client.completions.create(model=r.model, prompt=PROMPT, max_tokens=8, temperature=0, echo=True,
                                             logprobs=2, stream=True))
     assert chunks[0].choices[0].text == PROMPT
