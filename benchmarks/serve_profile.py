@@ -1,14 +1,16 @@
 """Where a served request's time goes: `python -m benchmarks.serve_profile`.
 
 The same closed-loop workload (prompts of --input-len tokens, --output-len new tokens each, greedy, EOS
-ignored, at most C in flight) runs twice, side by side in one run:
+ignored, at most C in flight) runs on two sides, both up at once, in timed rounds that alternate between
+them (so a change in a shared machine's speed falls on both; the ratio is per round):
   1. in-process: the AsyncEngine with the whole model in this process, fed directly;
   2. served: `hybridserve serve` with the same engine settings, driven over HTTP by `hybridserve bench`
      (streaming /v1/completions) from its own process.
-For the served run it reports the CPU time each process of the server (and the bench client) spent per
+For the served runs it reports the CPU time each process of the server (and the bench client) spent per
 output token, the engine's steps and tokens per step (from /metrics), and, when py-spy is installed, from
-a second, untimed run of the same workload (py-spy's sampling takes CPU), a sampled split of the model replica's and the ingress's time into pieces (model forward, tail, engine
-loop, Ray Serve streaming, HTTP and SSE, ...). Prints tables and writes docs/BENCHMARKS.md
+a further, untimed run (py-spy's sampling takes CPU), a sampled split of the model replica's and the
+ingress's time into pieces (model forward, tail, engine loop, Ray Serve streaming, HTTP and SSE, ...).
+Prints tables and writes docs/BENCHMARKS.md
 ("serve-profile"). Not a test: the numbers depend on the machine.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,92 +93,137 @@ def bench_prompt_ids(folder, n: int, input_len: int, output_len: int, seed: int)
 
 
 # ---- in-process ------------------------------------------------------------------------------------------
-async def in_process(model: str, k: int, concurrency: int, num_prompts: int, input_len: int, output_len: int,
-                     max_num_seqs: int, max_model_len: int, seed: int) -> dict:
-    from model_shards.sampling_params import SamplingParams
-    from router.engine import AsyncEngine
-    from router.engine_config import EngineConfig
+class InProcess:
+    """The AsyncEngine (its default executor: the model in this process) fed directly by C workers."""
 
-    engine = AsyncEngine(EngineConfig(model=model, num_speculative_tokens=k, max_num_seqs=max_num_seqs,
-                                      max_model_len=max_model_len, speculative_policy="fixed"))
-    await engine.start()
-    prompts = bench_prompt_ids(engine.folder, num_prompts, input_len, output_len, seed)
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
-    try:
-        async def run(batch, tag):
-            todo, done = list(enumerate(batch)), [0]
+    def __init__(self, model: str, k: int, max_num_seqs: int, max_model_len: int):
+        from router.engine import AsyncEngine
+        from router.engine_config import EngineConfig
 
-            async def worker():
-                while todo:
-                    i, p = todo.pop(0)
-                    async for out in engine.generate(f"{tag}{i}", p, params):
-                        done[0] += len(out.new_token_ids)
-            t0 = time.perf_counter()
-            await asyncio.gather(*[worker() for _ in range(concurrency)])
-            return done[0], time.perf_counter() - t0
-        await run(prompts[:max(2, concurrency)], "warm")
-        steps0, busy0 = engine.stats_.steps, engine.executor.worker.busy_s
-        toks, secs = await run(prompts, "p")
-        steps = engine.stats_.steps - steps0
-        return dict(tok_s=toks / secs, steps=steps, tokens_per_step=toks / max(steps, 1),
-                    busy=(engine.executor.worker.busy_s - busy0) / secs)
-    finally:
-        await engine.shutdown()
+        self.engine = AsyncEngine(EngineConfig(model=model, num_speculative_tokens=k, max_num_seqs=max_num_seqs,
+                                               max_model_len=max_model_len, speculative_policy="fixed"))
+
+    async def run(self, prompts: list[list[int]], concurrency: int, output_len: int, tag: str) -> dict:
+        from model_shards.sampling_params import SamplingParams
+
+        params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+        todo, toks, ttfts, tpots = list(enumerate(prompts)), [0], [], []
+
+        async def worker():
+            while todo:
+                i, p = todo.pop(0)
+                t0, first = time.perf_counter(), None
+                async for out in self.engine.generate(f"{tag}{i}", p, params):
+                    first = first or time.perf_counter()
+                    toks[0] += len(out.new_token_ids)
+                ttfts.append(first - t0)
+                tpots.append((time.perf_counter() - first) / max(1, output_len - 1))
+        steps0, t0 = self.engine.stats_.steps, time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        secs, steps = time.perf_counter() - t0, self.engine.stats_.steps - steps0
+        return dict(tok_s=toks[0] / secs, tokens_per_step=toks[0] / max(steps, 1),
+                    ttft_ms=1e3 * statistics.median(ttfts), tpot_ms=1e3 * statistics.median(tpots))
 
 
 # ---- served ----------------------------------------------------------------------------------------------
-def served(model: str, k: int, concurrency: int, num_prompts: int, input_len: int, output_len: int,
-           max_num_seqs: int, max_model_len: int, seed: int, spy_seconds: float) -> dict:
+class Served:
+    """`hybridserve bench` runs against a ServedCluster, each from its own process, with the CPU time every
+    process of the server (and the client) spent."""
+
+    def __init__(self, s: ServedCluster, model: str, concurrency: int, input_len: int, output_len: int,
+                 seed: int, tmp: Path):
+        from router.engine_config import resolve_checkpoint
+
+        self.s, self.tmp = s, tmp
+        self.bench = [sys.executable, "-m", "router.cli", "bench", "--base-url", s.url, "--input-len",
+                      str(input_len), "--tokenizer", str(resolve_checkpoint(model)), "--output-len", str(output_len),
+                      "--seed", str(seed), "--disable-tqdm", "--repeats", "1", "--num-warmups", "0",
+                      "--concurrency", str(concurrency)]
+        self.cpu_s: dict[str, float] = collections.defaultdict(float)     # summed over the timed runs
+        self.tokens = 0
+
+    def warm(self, num_prompts: int) -> None:
+        subprocess.run(self.bench + ["--num-prompts", str(num_prompts)], check=True, capture_output=True)
+
+    def run(self, num_prompts: int) -> dict:
+        m0, c0 = self.s.metrics(), cpu_seconds(self.s.proc.pid)
+        out = self.tmp / "b.json"
+        with open(self.tmp / "bench.log", "w+") as client_log:
+            client = subprocess.Popen(self.bench + ["--num-prompts", str(num_prompts), "--json", str(out)],
+                                      stdout=subprocess.DEVNULL, stderr=client_log)
+            client_cpu = 0.0
+            while client.poll() is None:            # the client's own CPU, read before it exits
+                try:
+                    t = psutil.Process(client.pid).cpu_times()
+                    client_cpu = t.user + t.system
+                except psutil.Error:
+                    pass
+                time.sleep(0.2)
+            if client.returncode:
+                client_log.seek(0)
+                raise RuntimeError(f"bench failed: {client_log.read()[-2000:]}")
+        c1 = cpu_seconds(self.s.proc.pid)
+        fig = {key: v["median"] for key, v in json.loads(out.read_text())["figures"].items()}
+        for name in c1:
+            self.cpu_s[name] += c1[name] - c0.get(name, 0.0)
+        self.cpu_s["bench client (hybridserve bench)"] += client_cpu
+        self.tokens += fig["total_output_tokens"]
+        self.s.wait_until(lambda m: m.get("engine_steps_total", 0) > m0.get("engine_steps_total", 0) and
+                          m.get("engine_generation_tokens_total", 0) - m0.get("engine_generation_tokens_total", 0)
+                          >= fig["total_output_tokens"], 30, "the replica's report of this run")
+        m1 = self.s.metrics()
+        steps = m1.get("engine_steps_total", 0) - m0.get("engine_steps_total", 0)
+        return dict(tok_s=fig["output_throughput"], ttft_ms=fig["ttft_median_ms"], tpot_ms=fig["tpot_median_ms"],
+                    tokens_per_step=fig["total_output_tokens"] / max(steps, 1))
+
+    def cpu_ms_per_token(self) -> dict[str, float]:
+        return {name: 1e3 * secs / max(1, self.tokens) for name, secs in self.cpu_s.items()}
+
+    def spy(self, num_prompts: int, seconds: float) -> dict[str, dict[str, float]]:
+        """py-spy's split of a further, untimed run (its sampling takes CPU a timed run must not lose)."""
+        spies = start_spies(self.s, self.tmp, seconds)
+        if not spies:
+            return {}
+        subprocess.run(self.bench + ["--num-prompts", str(num_prompts)], check=True, capture_output=True)
+        for p in spies.values():
+            p.wait(timeout=seconds + 30)
+        pieces = {}
+        for cls in spies:
+            if Path(self.tmp, f"{cls}.txt").exists():
+                pieces[cls] = spy_pieces(Path(self.tmp, f"{cls}.txt"))
+            else:
+                print(f"[serve_profile] py-spy of {cls} gave nothing", file=sys.stderr)
+        return pieces
+
+
+async def measure_point(model: str, k: int, concurrency: int, num_prompts: int, input_len: int, output_len: int,
+                        max_num_seqs: int, max_model_len: int, seed: int, rounds: int, spy_seconds: float) -> dict:
+    """Both sides up at once, timed rounds alternating between them (in-process first, then served
+    first, ...), so a change in the machine's speed falls on both; per-round ratios and medians."""
+    ip = InProcess(model, k, max_num_seqs, max_model_len)
+    await ip.engine.start()
     args = ("--model", model, "--num-speculative-tokens", str(k), "--speculative-policy", "fixed",
             "--max-num-seqs", str(max_num_seqs),
             "--max-model-len", str(max_model_len), "--max-queued-requests", str(max(64, num_prompts)))
-    with ServedCluster(*args) as s, tempfile.TemporaryDirectory() as tmp:
-        from router.engine_config import resolve_checkpoint
-
-        bench = [sys.executable, "-m", "router.cli", "bench", "--base-url", s.url, "--input-len", str(input_len),
-                 "--tokenizer", str(resolve_checkpoint(model)),
-                 "--output-len", str(output_len), "--seed", str(seed), "--disable-tqdm", "--repeats", "1",
-                 "--num-warmups", "0", "--concurrency", str(concurrency)]
-        subprocess.run(bench + ["--num-prompts", str(max(2, concurrency))], check=True, capture_output=True)
-        m0, c0 = s.metrics(), cpu_seconds(s.proc.pid)
-        client_log = open(Path(tmp, "bench.log"), "w+")
-        client = subprocess.Popen(bench + ["--num-prompts", str(num_prompts), "--json", f"{tmp}/b.json"],
-                                  stdout=subprocess.DEVNULL, stderr=client_log)
-        client_cpu = 0.0
-        while client.poll() is None:            # the client's own CPU, read before it exits
-            try:
-                t = psutil.Process(client.pid).cpu_times()
-                client_cpu = t.user + t.system
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-        if client.returncode:
-            client_log.seek(0)
-            raise RuntimeError(f"bench failed: {client_log.read()[-2000:]}")
-        c1 = cpu_seconds(s.proc.pid)
-        time.sleep(1.2)                          # replicas report their counters twice a second
-        m1 = s.metrics()
-        if spy_seconds > 0:                      # the sampled pieces come from a second, untimed run: py-spy
-            spies = start_spies(s, Path(tmp), spy_seconds)   # takes CPU the timed run must not lose
-            subprocess.run(bench + ["--num-prompts", str(num_prompts)], check=True, capture_output=True)
-            for p in spies.values():
-                p.wait(timeout=spy_seconds + 30)
-        else:
-            spies = {}
-        result = json.loads(Path(tmp, "b.json").read_text())
-        fig = {key: v["median"] for key, v in result["figures"].items()}
-        toks = fig["total_output_tokens"]
-        cpu = {name: 1e3 * (c1[name] - c0.get(name, 0.0)) / toks for name in c1}
-        cpu["bench client (hybridserve bench)"] = 1e3 * client_cpu / toks
-        steps = m1.get("engine_steps_total", 0) - m0.get("engine_steps_total", 0)
-        pieces = {}
-        for cls, p in spies.items():
-            if Path(tmp, f"{cls}.txt").exists():
-                pieces[cls] = spy_pieces(Path(tmp, f"{cls}.txt"))
-            else:
-                print(f"[serve_profile] py-spy of {cls} gave nothing", file=sys.stderr)
-        return dict(tok_s=fig["output_throughput"], ttft_ms=fig["ttft_median_ms"], tpot_ms=fig["tpot_median_ms"],
-                    steps=steps, tokens_per_step=toks / max(steps, 1), cpu_ms_per_token=cpu, pieces=pieces)
+    try:
+        prompts = bench_prompt_ids(ip.engine.folder, num_prompts, input_len, output_len, seed)
+        with ServedCluster(*args) as s, tempfile.TemporaryDirectory() as tmp:
+            sv = Served(s, model, concurrency, input_len, output_len, seed, Path(tmp))
+            await ip.run(prompts[:max(2, concurrency)], concurrency, output_len, "warm")
+            await asyncio.to_thread(sv.warm, max(2, concurrency))
+            ips, svs = [], []
+            for r in range(rounds):
+                for side in (("in", "served") if r % 2 == 0 else ("served", "in")):
+                    if side == "in":
+                        ips.append(await ip.run(prompts, concurrency, output_len, f"r{r}-"))
+                    else:
+                        svs.append(await asyncio.to_thread(sv.run, num_prompts))
+            pieces = await asyncio.to_thread(sv.spy, num_prompts, spy_seconds) if spy_seconds > 0 else {}
+    finally:
+        await ip.engine.shutdown()
+    med = lambda runs: {key: statistics.median(r[key] for r in runs) for key in runs[0]}    # noqa: E731
+    return dict(in_process=med(ips), served=dict(med(svs), cpu_ms_per_token=sv.cpu_ms_per_token(), pieces=pieces),
+                ratios=[b["tok_s"] / a["tok_s"] for a, b in zip(ips, svs)], rounds_tok_s=(ips, svs))
 
 
 def start_spies(s: ServedCluster, folder: Path, seconds: float) -> dict[str, subprocess.Popen]:
@@ -198,16 +246,21 @@ def start_spies(s: ServedCluster, folder: Path, seconds: float) -> dict[str, sub
 def report(points: list[dict], cmd: str) -> str:
     rows = []
     for p in points:
-        i, s = p["in_process"], p["served"]
-        rows.append([p["label"], i["tok_s"], s["tok_s"], s["tok_s"] / i["tok_s"], i["tokens_per_step"],
-                     s["tokens_per_step"], s["ttft_ms"], s["tpot_ms"]])
+        i, s, r = p["in_process"], p["served"], p["ratios"]
+        rows.append([p["label"], i["tok_s"], s["tok_s"], f"{statistics.median(r):.3f} ({min(r):.3f}-{max(r):.3f})",
+                     i["tokens_per_step"], s["tokens_per_step"], i["ttft_ms"], s["ttft_ms"], i["tpot_ms"],
+                     s["tpot_ms"]])
+    rounds = len(points[0]["ratios"]) if points else 0
     out = [f"## Where a served request's time goes (`{cmd}`)", "",
            f"Machine: {machine()}. Closed loop: each point sends its prompts with at most C in flight, greedy, "
            "EOS ignored; in-process = the AsyncEngine fed directly in one process; served = `hybridserve serve` "
            "(Ray Serve: the ingress replica serving HTTP, the model replica, its model process) driven by "
-           "`hybridserve bench` over HTTP from its own process.", "",
-           table(["point", "in-process tok/s", "served tok/s", "served / in-process", "in-process tokens per step",
-                  "served tokens per step", "served TTFT p50 ms", "served TPOT p50 ms"], rows), ""]
+           "`hybridserve bench` over HTTP from its own process. Both sides are up at once and their timed "
+           f"rounds alternate ({rounds} each, in-process first in even rounds, served first in odd ones); "
+           "figures are medians over rounds, the ratio is per round (median, min-max).", "",
+           table(["point", "in-process tok/s", "served tok/s", "served / in-process, per round",
+                  "in-process tokens per step", "served tokens per step", "in-process TTFT p50 ms",
+                  "served TTFT p50 ms", "in-process TPOT p50 ms", "served TPOT p50 ms"], rows), ""]
     by_k = {p["k"]: p for p in points if p["c"] == 1}
     if 0 in by_k and len(by_k) > 1:
         k = max(by_k)
@@ -243,8 +296,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,32")
     ap.add_argument("--mtp", default="0,3", help="num_speculative_tokens values; MTP runs at one stream only")
     ap.add_argument("--input-len", type=int, default=64)
-    ap.add_argument("--output-len", type=int, default=48)
+    ap.add_argument("--output-len", type=int, default=128, help="new tokens per request (issue 12's workload)")
     ap.add_argument("--prompts-per-stream", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each side, alternating")
     ap.add_argument("--spy-seconds", type=float, default=6.0, help="py-spy sampling per served point (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true")
@@ -257,13 +311,11 @@ def main() -> None:
     for k in ks:
         for c in (conc if k == 0 else [1]):
             n = max(8, a.prompts_per_stream * c)
-            common = (a.model, k, c, n, a.input_len, a.output_len, max_seqs, max_len, a.seed)
             label = f"{c} stream{'s' if c > 1 else ''}" + (f", MTP k={k}" if k else "")
-            print(f"[serve_profile] {label}: in-process ...", flush=True)
-            ip = asyncio.run(in_process(*common))
-            print(f"[serve_profile] {label}: served ...", flush=True)
-            sv = served(*common, a.spy_seconds)
-            points.append(dict(label=label, k=k, c=c, in_process=ip, served=sv))
+            print(f"[serve_profile] {label}: {a.rounds} rounds of each side ...", flush=True)
+            point = asyncio.run(measure_point(a.model, k, c, n, a.input_len, a.output_len, max_seqs, max_len,
+                                              a.seed, a.rounds, a.spy_seconds))
+            points.append(dict(label=label, k=k, c=c, **point))
     cmd = "python -m benchmarks.serve_profile" + "".join(f" {x}" for x in sys.argv[1:] if x != "--no-write")
     publish("serve-profile", report(points, cmd), not a.no_write)
 
