@@ -1,4 +1,4 @@
-"""Where a pass's time goes inside the running engine, MTP off vs k = 3, at one sequence:
+"""Where a pass's time goes inside the running engine, MTP off vs k = 3, fused blocks on and off, at one sequence:
 `python -m benchmarks.engine_profile`.
 
 pass_anatomy.py times pieces alone with warm weights; this wraps the engine worker's own methods (a
@@ -17,6 +17,7 @@ import functools
 import logging
 import time
 
+from model_shards import fused_blocks
 from model_shards.sampling_params import SamplingParams
 from router.engine import AsyncEngine
 from router.engine_config import EngineConfig, resolve_checkpoint
@@ -62,26 +63,39 @@ async def run(args) -> tuple[list[list], float]:
     try:
         _instrument(engine)
         greedy = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-        for k in (0, 3):                                           # warm both paths
-            await run_batch(engine, prompts[:1], greedy, k, f"warm{k}-")
-        per_pass, rate = {}, {}
-        for k in (0, 3):
-            TOTAL.clear()
-            steps0, tokens, seconds = engine.executor.worker.num_steps, 0, 0.0
-            for i, p in enumerate(prompts):
-                n, s, _ = await run_batch(engine, [p], greedy, k, f"k{k}-{i}-")
-                tokens, seconds = tokens + n, seconds + s
-            passes = engine.executor.worker.num_steps - steps0
-            per_pass[k] = {name: 1e3 * t / passes for name, t in TOTAL.items()}
-            per_pass[k]["engine wall per pass"] = 1e3 * seconds / passes
-            rate[k] = tokens / seconds
+        modes = [(0, True), (3, True), (0, False), (3, False)]    # (k, fused blocks)
+        for k, on in modes:                                        # warm every path
+            fused_blocks.ENABLED = on
+            await run_batch(engine, prompts[:1], greedy, k, f"warm{k}{on}-")
+        totals = {m: collections.defaultdict(float) for m in modes}
+        passes, tokens, seconds = dict.fromkeys(modes, 0), dict.fromkeys(modes, 0), dict.fromkeys(modes, 0.0)
+        for i, p in enumerate(prompts):                            # the modes interleaved, prompt by prompt
+            for k, on in (modes if i % 2 == 0 else modes[::-1]):
+                fused_blocks.ENABLED = on
+                TOTAL.clear()
+                steps0 = engine.executor.worker.num_steps
+                n, sec, _ = await run_batch(engine, [p], greedy, k, f"k{k}{on}-{i}-")
+                passes[k, on] += engine.executor.worker.num_steps - steps0
+                tokens[k, on], seconds[k, on] = tokens[k, on] + n, seconds[k, on] + sec
+                for name, t in TOTAL.items():
+                    totals[k, on][name] += t
     finally:
+        fused_blocks.ENABLED = True
         await engine.shutdown()
+    per_pass = {m: {name: 1e3 * t / passes[m] for name, t in totals[m].items()} for m in modes}
+    for m in modes:
+        per_pass[m]["engine wall per pass"] = 1e3 * seconds[m] / passes[m]
+    rate = {m: tokens[m] / seconds[m] for m in modes}
     names = ["engine wall per pass", "whole pass (worker)", "Mamba layers", "MoE layers", "attention layers",
              "logits (norm_f + lm_head)", "MTP drafting (all of it)", "commit of last pass's Mamba states"]
-    step = per_pass[0]["whole pass (worker)"]
-    rows = [[n, per_pass[0].get(n, 0.0), per_pass[3].get(n, 0.0), per_pass[3].get(n, 0.0) / step] for n in names]
-    return rows, rate[3] / rate[0]
+    step = per_pass[0, True]["whole pass (worker)"]
+    rows = [[n, per_pass[0, True].get(n, 0.0), per_pass[3, True].get(n, 0.0), per_pass[3, True].get(n, 0.0) / step,
+             per_pass[0, False].get(n, 0.0), per_pass[3, False].get(n, 0.0)] for n in names]
+    ratios = {"k=3 over MTP off": rate[3, True] / rate[0, True],
+              "k=3 over MTP off, blocks unfused": rate[3, False] / rate[0, False],
+              "fused blocks over unfused, MTP off": rate[0, True] / rate[0, False],
+              "fused blocks over unfused, k=3": rate[3, True] / rate[3, False]}
+    return rows, ratios
 
 
 def main() -> None:
@@ -93,14 +107,18 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows, speedup = asyncio.run(run(args))
+    rows, ratios = asyncio.run(run(args))
     body = (f"## Inside an engine pass (`python -m benchmarks.engine_profile --model {args.model}`)\n\n"
             f"Machine: {machine()}; one sequence at a time, {args.prompts} held-out prompts of {args.prompt_len} "
             f"tokens, {args.max_tokens} new tokens, greedy; ms per pass (a request's prefill is one of its "
-            "passes), timers around the engine worker's own methods.\n\n"
-            + table(["piece", "MTP off: ms per pass", "k=3: ms per pass", "k=3: in decode steps (MTP-off passes)"], rows)
-            + f"\n\nSpeedup k=3 over MTP off in this run (tokens/s ratio, the same {args.prompts} prompts): "
-            f"{speedup:.2f}x. Layers include their pre-norm and residual; MTP drafting includes the MTP "
+            "passes), timers around the engine worker's own methods. Four modes, interleaved prompt by prompt: "
+            "MTP off and k=3, each with the fused blocks (the default; docs/KERNELS.md) and with "
+            "`HYBRIDSERVE_FUSED_BLOCKS=0`'s unfused modules.\n\n"
+            + table(["piece", "MTP off: ms per pass", "k=3: ms per pass", "k=3: in decode steps (MTP-off passes)",
+                     "MTP off, unfused: ms per pass", "k=3, unfused: ms per pass"], rows)
+            + f"\n\nTokens/s ratios in this run (the same {args.prompts} prompts): "
+            + "; ".join(f"{name} {r:.2f}x" for name, r in ratios.items())
+            + ". Layers include their pre-norm and residual; MTP drafting includes the MTP "
             "catch-up over the settled tokens and k-1 recursive steps.\n")
     publish("engine-profile", body, write=not args.no_write)
 

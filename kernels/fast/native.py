@@ -32,7 +32,7 @@ log = logging.getLogger("hybridserve.kernels")
 
 ENV = "HYBRIDSERVE_NATIVE"
 SOURCES = tuple(Path(__file__).with_name("native") / f
-                for f in ("mamba.c", "linear.c", "norm.c", "moe.c", "attention.c"))
+                for f in ("mamba.c", "linear.c", "norm.c", "moe.c", "attention.c", "blocks.c"))
 # -ffast-math lets the SiLU's expf vectorize (glibc's libmvec needs finite math) and the dot products
 # reassociate; so the kernel is never handed an infinity (an unbounded dt limit goes in as FLT_MAX). It is
 # given to the compile step only: linked with it, the library would set flush-to-zero for the whole

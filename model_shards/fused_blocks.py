@@ -1,0 +1,176 @@
+"""A block as one C call when its rows are few (kernels/fast/blocks.py): the Block's fast path.
+
+Which blocks, at up to MAX_ROWS rows: a latent-MoE block (its math does not depend on the batch layout:
+decode steps, verification, MTP catch-ups alike); a Mamba block whose pass is S sequences of T tokens in
+rows s*T.. (decode steps, T = 1; or verifications), none its sequence's first; an attention block whose
+chunks are all short (what one paged-attention call takes). Anything else, and any call the C
+path cannot take (no compiler, HYBRIDSERVE_KERNELS other than auto/fast, autograd, weights that are not
+exact bfloat16, a GPU tensor), runs the modules as written: the fused path computes the same numbers
+(bit for bit), so it is purely a cost decision. HYBRIDSERVE_FUSED_BLOCKS=0 turns it off.
+
+The prepared kernel arguments are kept on the Block and remade when any weight changes (pointer or
+version counter), or when a module was swapped (expert parallelism replaces the routed experts).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import ops
+from kernels.fast import blocks as fused
+from kernels.fast import linear as fast_linear
+from kernels.fast import native
+
+from .attention import FUSED_MAX_TOKENS
+from .config import ATTENTION, MAMBA, MOE
+from .moe import LatentMoE, RoutedExperts
+
+ENABLED = os.environ.get("HYBRIDSERVE_FUSED_BLOCKS", "1") not in ("0", "false", "no", "off")
+_NOT_FUSABLE = "not fusable"
+
+
+def _fast_kernels() -> bool:
+    return native.ENABLED and fast_linear.BF16_WEIGHTS and ops._forced() in (None, "", "auto", "fast")
+
+
+def forward(block, h: torch.Tensor, batch, cache) -> torch.Tensor | None:
+    """block(h, batch, cache) in one C call, or None (the caller runs the modules)."""
+    if not (ENABLED and 0 < h.shape[0] <= fused.MAX_ROWS and h.dtype is torch.float32 and h.is_cpu
+            and h.dim() == 2 and h.is_contiguous() and not torch.is_grad_enabled() and _fast_kernels()):
+        return None
+    kind = block.kind
+    if kind == MOE:
+        if type(block.mixer.experts) is not RoutedExperts:   # expert parallelism: experts in other processes
+            return None
+        call = _prepared(block, _moe_tensors, _prepare_moe)
+        return None if call is None else call(h)
+    if kind == MAMBA:
+        layout = _mamba_layout(batch, h.shape[0])
+        if layout is None or not _plain(cache.conv, cache.ssm):
+            return None
+        T, slots = layout
+        scratch = None
+        if T > 1:                                           # verification: the commit's scratch too
+            scratch = cache.scratch
+            if not (_plain(*scratch) and T <= scratch[1].shape[2]):
+                return None
+        call = _prepared(block, _mamba_tensors, lambda b: _prepare_mamba(b, cache.conv, cache.ssm))
+        if call is None:
+            return None
+        out = call(h, T, slots, cache.conv, cache.ssm, scratch)
+        if T > 1:
+            cache.mark_kept(slots, T)
+        return out
+    if kind == ATTENTION:
+        if not _plain(cache.k, cache.v):
+            return None
+        chunks = _attention_chunks(batch, h.shape[0], cache.k.shape[1])
+        call = None if chunks is None else _prepared(block, _attention_tensors, _prepare_attention)
+        return None if call is None else call(h, chunks, cache.k, cache.v)
+    return None
+
+
+def _plain(*ts) -> bool:
+    return all(t.dtype is torch.float32 and t.is_contiguous() for t in ts)
+
+
+def _prepared(block, tensors_of, prepare):
+    """The block's prepared call, remade when a weight changed (pointer or version); None when it cannot be
+    fused. The weights are looked up again only then (attribute lookups through modules cost a decode step
+    as much as the check)."""
+    cached = block.__dict__.get("_fused_call")
+    if cached is not None and fused.weights_key(cached[0]) == cached[1]:
+        call = cached[2]
+    else:
+        tensors = tuple(t for t in tensors_of(block) if t is not None)
+        with torch.no_grad():
+            call = prepare(block)
+        call = _NOT_FUSABLE if call is None else call
+        block.__dict__["_fused_call"] = (tensors, fused.weights_key(tensors), call)
+    return None if call is _NOT_FUSABLE else call
+
+
+def _memo(batch, name: str, make):
+    """make(batch), remembered on the batch: every block of the pass asks the same question."""
+    memo = batch.__dict__.get(name)
+    if memo is None:
+        memo = make(batch)
+        batch.__dict__[name] = _NOT_FUSABLE if memo is None else memo
+    return None if memo is _NOT_FUSABLE else memo
+
+
+def _mamba_layout(batch, rows: int):
+    """(T, slots) when the pass is S sequences of T tokens in rows s*T.., none its sequence's first: decode
+    steps (T = 1) or verifications (T > 1, keep_states); None otherwise."""
+    def make(b):
+        seqs = b.seqs
+        T = seqs[0].num_tokens if seqs else 0
+        if not seqs or T * len(seqs) != rows:
+            return None
+        verify = T > 1
+        if not all(s.num_tokens == T and s.keep_states == verify and s.start_pos > 0 and s.offset == i * T
+                   for i, s in enumerate(seqs)):
+            return None
+        return T, [s.mamba_slot for s in seqs]
+    return _memo(batch, f"_fused_mamba_{rows}", make)
+
+
+def _attention_chunks(batch, rows: int, block_size: int):
+    """The pass's chunks as the attention block's arrays when every chunk is short (what the unfused path
+    sends to one paged-attention call) and they cover the pass's rows; None otherwise."""
+    def make(b):
+        seqs = b.seqs
+        if not seqs or any(s.num_tokens > FUSED_MAX_TOKENS for s in seqs) or sum(s.num_tokens for s in seqs) != rows:
+            return None
+        if any(s.offset < 0 or s.end > rows for s in seqs):
+            return None
+        return fused.attention_chunks([s.offset for s in seqs], [s.num_tokens for s in seqs],
+                                      [s.start_pos for s in seqs], [s.block_table for s in seqs], block_size)
+    return _memo(batch, f"_fused_attention_{rows}_{block_size}", make)
+
+
+# ---- the modules' tensors (model_shards/moe.py, mamba.py, layers.py) --------------------------------------
+def _moe_tensors(block):
+    m = block.mixer
+    lat = m.latent
+    return (block.norm.weight, m.gate.weight, m.gate.e_score_correction_bias,
+            m.fc1_latent_proj.weight if lat else None, m.fc2_latent_proj.weight if lat else None,
+            m.experts.up, m.experts.down, m.shared_experts.up_proj.weight, m.shared_experts.down_proj.weight)
+
+
+def _prepare_moe(block):
+    m = block.mixer
+    if type(m) is not LatentMoE:
+        return None
+    norm_w, router_w, bias, fc1, fc2, up, down, su, sd = _moe_tensors(block)
+    g = m.gate
+    return fused.prepare_moe(norm_w.detach(), block.norm.eps, router_w.detach(), bias, g.top_k, g.norm, g.scale,
+                             fc1, fc2, up, down, su, sd, m.experts.first_expert)
+
+
+def _mamba_tensors(block):
+    m = block.mixer
+    return (block.norm.weight, m.in_proj.weight, m.conv1d.weight, m.conv1d.bias, m.A_log, m.D, m.dt_bias,
+            m.norm.weight, m.out_proj.weight)
+
+
+def _attention_tensors(block):
+    m = block.mixer
+    return block.norm.weight, m.q_proj.weight, m.k_proj.weight, m.v_proj.weight, m.o_proj.weight
+
+
+def _prepare_attention(block):
+    m = block.mixer
+    return fused.prepare_attention(block.norm.weight.detach(), block.norm.eps, m.q_proj.weight, m.k_proj.weight,
+                                   m.v_proj.weight, m.o_proj.weight, m.H, m.Hkv, m.Dh)
+
+
+def _prepare_mamba(block, conv, ssm):
+    m = block.mixer
+    A = (-torch.exp(m.A_log.float())).contiguous()        # what Mamba2Mixer.forward computes each pass
+    conv_b = None if m.conv1d.bias is None else m.conv1d.bias.detach()
+    return fused.prepare_mamba(block.norm.weight.detach(), block.norm.eps, m.in_proj.weight,
+                                      m.conv1d.weight.detach()[:, 0, :], conv_b, A, m.D.detach().float(),
+                                      m.dt_bias.detach().float(), m.cfg.time_step_limit, m.norm.weight.detach(),
+                                      m.norm.group_size, m.norm.eps, m.out_proj.weight, (conv.shape, ssm.shape))
