@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--concurrency", default=None, help="comma-separated (default 1,8,32,64; --quick 1,8)")
     ap.add_argument("--skip", default="", help=f"any of {', '.join(SKIPPABLE)} (mtp/pp: those hybridserve setups)")
     ap.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 64; --quick 32)")
-    ap.add_argument("--output-len", type=int, default=None, help="tokens per request (default 48; --quick 24)")
+    ap.add_argument("--output-len", type=int, default=None,
+                    help="tokens per request (default 128, issue 12's workload; --quick 24)")
     ap.add_argument("--min-prompts", type=int, default=None,
                     help="requests per point: max(this, concurrency) (default 8; --quick 4)")
     ap.add_argument("--parity-prompts", type=int, default=None, help="prompts compared token by token (8; --quick 4)")
@@ -77,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.concurrency = R.parse_ints(a.concurrency or ("1,8" if q else "1,8,32,64"))
     a.skip = R.parse_names(a.skip, SKIPPABLE)
     a.input_len = a.input_len or (32 if q else 64)
-    a.output_len = a.output_len or (24 if q else 48)
+    a.output_len = a.output_len or (24 if q else 128)
     a.min_prompts = a.min_prompts or (4 if q else 8)
     a.parity_prompts = a.parity_prompts or (4 if q else 8)
     return a
