@@ -33,6 +33,7 @@ log = logging.getLogger("hybridserve.kernels")
 ENV = "HYBRIDSERVE_NATIVE"
 SOURCES = tuple(Path(__file__).with_name("native") / f
                 for f in ("mamba.c", "linear.c", "norm.c", "moe.c", "attention.c", "blocks.c"))
+HEADERS = (Path(__file__).with_name("native") / "bf16.h",)
 # -ffast-math lets the SiLU's expf vectorize (glibc's libmvec needs finite math) and the dot products
 # reassociate; so the kernel is never handed an infinity (an unbounded dt limit goes in as FLT_MAX). It is
 # given to the compile step only: linked with it, the library would set flush-to-zero for the whole
@@ -90,7 +91,7 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc, gcc, or $CC)")
-    src = b"".join(p.read_bytes() for p in SOURCES)
+    src = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     key = hashlib.sha256(src + " ".join((cc, *COMPILE_FLAGS, *LINK_FLAGS, platform.machine(), _cpu_flags())).encode()
                          ).hexdigest()[:16]
     d = _cache_dir()

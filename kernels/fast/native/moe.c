@@ -11,13 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_f(uint16_t b)
-{
-    const uint32_t bits = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+#include "bf16.h"
 
 void moe_route_f32(int64_t T, int64_t E, int64_t D, const float *x, int64_t x_stride, const float *Wr,
                    const float *bias, int64_t k, int normalize, float scaling, int64_t *ids, float *weights)
@@ -60,7 +54,6 @@ void moe_experts_bf16w_f32(int64_t T, int64_t k, int64_t D, int64_t I, int64_t E
                            const float *x, int64_t x_stride, const int64_t *ids, const float *weights,
                            const uint16_t *up, const uint16_t *down, float *out)
 {
-    float wrow[D > I ? D : I];                            /* one weight row, widened once for all its rows */
     float h[T * I];
     int64_t rows[T];
     float gate[T];
@@ -77,32 +70,27 @@ void moe_experts_bf16w_f32(int64_t T, int64_t k, int64_t D, int64_t I, int64_t E
         if (n == 0)
             continue;
         const uint16_t *u = up + e * I * D, *dn = down + e * D * I;
-        for (int64_t i = 0; i < I; ++i) {
-#pragma omp simd
-            for (int64_t c = 0; c < D; ++c)
-                wrow[c] = bf16_f(u[i * D + c]);
-            for (int64_t m = 0; m < n; ++m) {
-                const float *xr = x + rows[m] * x_stride;
-                float acc = 0.0f;
-#pragma omp simd reduction(+:acc)
-                for (int64_t c = 0; c < D; ++c)
-                    acc += wrow[c] * xr[c];
-                acc = acc > 0.0f ? acc : 0.0f;
-                h[m * I + i] = acc * acc * gate[m];
-            }
+        const float *xs[n], *hs[n];
+        for (int64_t m = 0; m < n; ++m) {
+            xs[m] = x + rows[m] * x_stride;
+            hs[m] = h + m * I;
         }
-        for (int64_t d = 0; d < D; ++d) {
-#pragma omp simd
-            for (int64_t i = 0; i < I; ++i)
-                wrow[i] = bf16_f(dn[d * I + i]);
-            for (int64_t m = 0; m < n; ++m) {
-                const float *hm = h + m * I;
-                float acc = 0.0f;
-#pragma omp simd reduction(+:acc)
-                for (int64_t i = 0; i < I; ++i)
-                    acc += wrow[i] * hm[i];
-                out[rows[m] * D + d] += acc;
+        float acc[4];
+        for (int64_t i = 0; i < I; ++i)                    /* h = relu(up_e x)^2 * gate, four rows at a time */
+            for (int64_t m0 = 0; m0 < n; m0 += 4) {
+                const int64_t nn = n - m0 < 4 ? n - m0 : 4;
+                dots_bf16(u + i * D, D, xs + m0, nn, acc);
+                for (int64_t q = 0; q < nn; ++q) {
+                    const float a = acc[q] > 0.0f ? acc[q] : 0.0f;
+                    h[(m0 + q) * I + i] = a * a * gate[m0 + q];
+                }
             }
-        }
+        for (int64_t d = 0; d < D; ++d)                    /* out += down_e h */
+            for (int64_t m0 = 0; m0 < n; m0 += 4) {
+                const int64_t nn = n - m0 < 4 ? n - m0 : 4;
+                dots_bf16(dn + d * I, I, hs + m0, nn, acc);
+                for (int64_t q = 0; q < nn; ++q)
+                    out[rows[m0 + q] * D + d] += acc[q];
+            }
     }
 }
