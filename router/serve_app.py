@@ -41,7 +41,7 @@ from .engine_config import EngineConfig
 from .errors import APIError, Overloaded, Unavailable
 from .outputs import EngineStats, RequestOutput
 from .request_stream import RequestStream
-from .stream_pacing import paced, tokens_per_message
+from .stream_pacing import min_interval_s, paced, tokens_per_message
 
 log = logging.getLogger("hybridserve.serve")
 
@@ -168,7 +168,8 @@ class ModelServer:
         async with stream:
             yield {"admitted": self.replica_id}
             running, setting = self.engine.scheduler.running, self.stream_interval
-            async for out in paced(stream, lambda: tokens_per_message(setting, len(running))):
+            want = lambda: tokens_per_message(setting, len(running))       # noqa: E731
+            async for out in paced(stream, want, min_interval_s(setting)):
                 yield dataclasses.asdict(out)
 
     async def info(self) -> dict:

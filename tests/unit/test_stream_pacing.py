@@ -8,7 +8,7 @@ import pytest
 
 from router.outputs import RequestOutput
 from router.request_stream import RequestStream
-from router.stream_pacing import AUTO_MAX_TOKENS, paced, tokens_per_message
+from router.stream_pacing import AUTO_MAX_TOKENS, AUTO_MIN_INTERVAL_S, min_interval_s, paced, tokens_per_message
 
 
 def _stream(outputs: list[RequestOutput]) -> RequestStream:
@@ -82,3 +82,47 @@ def test_choices_are_never_merged_into_each_other():
         by.setdefault(o.index, []).extend(o.new_token_ids)
     assert by == {0: [10, 11, 12], 1: [20, 21]}
     assert got[-1].finished
+
+
+# ---- at most one message per interval (auto mode) --------------------------------------------------------
+def _live_stream(outputs: list[RequestOutput], gap_s: float) -> RequestStream:
+    """An engine-like stream: outputs made one per `gap_s` into a queue, readable as they are made, and
+    what queued is taken by coalesce (the engine's RequestStream has next_ready)."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def produce():
+        for o in outputs:
+            await asyncio.sleep(gap_s)
+            q.put_nowait(o)
+
+    task = asyncio.get_running_loop().create_task(produce())
+
+    def ready():
+        return None if q.empty() else q.get_nowait()
+    return RequestStream("r", q.get, cancel=task.cancel, next_ready=ready)
+
+
+def _run_live(outputs, gap_s, min_interval):
+    async def go():
+        loop = asyncio.get_running_loop()
+        return [(o, loop.time()) async for o in paced(_live_stream(outputs, gap_s), lambda: 1, min_interval)]
+    return asyncio.run(go())
+
+
+def test_auto_mode_sends_at_most_one_message_per_interval_and_takes_along_what_came_meanwhile():
+    assert min_interval_s(None) == AUTO_MIN_INTERVAL_S > 0 and min_interval_s(1) == 0.0 == min_interval_s(4)
+    sent = _run_live(_steps([1] * 40), gap_s=0.0, min_interval=0.05)   # tokens far faster than the interval
+    outs = [o for o, _ in sent]
+    assert [t for o in outs for t in o.new_token_ids] == list(range(40))          # all, in order
+    assert outs[0].new_token_ids == [0] and outs[-1].finish_reason == "length"
+    assert len(outs) <= 4                       # the first token, then what came during each wait, the last
+    times = [t for _, t in sent]
+    assert all(b - a >= 0.05 - 1e-3 for a, b in zip(times[1:-1], times[2:-1]))   # none sooner than the interval
+
+
+def test_a_stream_slower_than_the_interval_is_not_held_and_a_fixed_setting_is_never_held():
+    outs = [o for o, _ in _run_live(_steps([1] * 8), gap_s=0.02, min_interval=0.005)]
+    assert [o.new_token_ids for o in outs] == [[i] for i in range(8)]              # a message per token
+    outs = [o for o, _ in _run_live(_steps([1] * 30), gap_s=0.0, min_interval=0.0)]
+    assert [t for o in outs for t in o.new_token_ids] == list(range(30))
+    assert len(outs) > 4                        # no interval: only what queued at each read is merged
