@@ -57,8 +57,9 @@ class RequestStream:
 
     def coalesce(self, out: RequestOutput) -> RequestOutput:
         """`out` merged with the outputs already queued behind it (none are waited for): one message
-        instead of several when the reader fell a step or more behind, as a busy replica does."""
-        while self._ready is not None and out.finish_reason is None:
+        instead of several when the reader fell a step or more behind, as a busy replica does. Nothing is
+        read while another choice's output waits to go next (it would be overwritten)."""
+        while self._ready is not None and self._held is None and out.finish_reason is None:
             more = self._ready()
             if more is None:
                 break

@@ -126,3 +126,18 @@ def test_a_stream_slower_than_the_interval_is_not_held_and_a_fixed_setting_is_ne
     outs = [o for o, _ in _run_live(_steps([1] * 30), gap_s=0.0, min_interval=0.0)]
     assert [t for o in outs for t in o.new_token_ids] == list(range(30))
     assert len(outs) > 4                        # no interval: only what queued at each read is merged
+
+
+def test_interleaved_choices_lose_nothing_when_messages_wait_for_the_interval():
+    """n > 1: outputs of three choices interleaved, faster than the interval: every choice gets all its tokens,
+    in order (a second read behind a held choice must not overwrite it)."""
+    outs = []
+    for t in range(10):
+        for i in range(3):
+            last = t == 9
+            outs.append(RequestOutput("r", [100 * i + t], "length" if last else None, num_output_tokens=t + 1,
+                                      index=i, open_choices=2 - i if last else 3))
+    got: dict[int, list[int]] = {}
+    for o, _ in _run_live(outs, gap_s=0.0, min_interval=0.02):
+        got.setdefault(o.index, []).extend(o.new_token_ids)
+    assert got == {i: [100 * i + t for t in range(10)] for i in range(3)}
