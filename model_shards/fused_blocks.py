@@ -8,8 +8,10 @@ path cannot take (no compiler, HYBRIDSERVE_KERNELS other than auto/fast, autogra
 exact bfloat16, a GPU tensor), runs the modules as written: the fused path computes the same numbers
 (bit for bit), so it is purely a cost decision. HYBRIDSERVE_FUSED_BLOCKS=0 turns it off.
 
-The prepared kernel arguments are kept on the Block and remade when any weight changes (pointer or
-version counter), or when a module was swapped (expert parallelism replaces the routed experts).
+The prepared kernel arguments are kept on the Block and remade when a weight they were made from changes
+(in place: its version counter; new storage: its pointer). A routed-experts module swapped for another
+kind (expert parallelism) is seen at every call; a Parameter replaced by a new object after the first
+pass is not (weights load before it; `forget(block)` drops what was prepared).
 """
 from __future__ import annotations
 
@@ -69,6 +71,11 @@ def forward(block, h: torch.Tensor, batch, cache) -> torch.Tensor | None:
         call = None if chunks is None else _prepared(block, _attention_tensors, _prepare_attention)
         return None if call is None else call(h, chunks, cache.k, cache.v)
     return None
+
+
+def forget(block) -> None:
+    """Drop the block's prepared call (made again on its next pass)."""
+    block.__dict__.pop("_fused_call", None)
 
 
 def _plain(*ts) -> bool:
