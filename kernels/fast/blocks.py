@@ -62,8 +62,8 @@ class MoEBlock:
 
     def __init__(self, lib, tensors, bits, dims, norm_eps, normalize, scaling):
         self.lib, self.tensors, self.bits = lib, tensors, bits      # kept alive: the call reads their memory
-        self.D, self.L, self.I, self.E, self.k, self.Is, self.first = dims
-        self.head = (self.D, self.L, self.I, self.E, self.k, self.Is, self.first)
+        self.head = dims                                            # (D, L, I, E, k, Is, first)
+        self.D, self.L, self.k, self.Is = dims[0], dims[1], dims[4], dims[5]
         norm_w, router_w, bias = tensors[:3]
         fc1, fc2, up, down, su, sd = bits
         self.mid = (norm_w.data_ptr(), norm_eps, router_w.data_ptr(), None if bias is None else bias.data_ptr(),
@@ -106,11 +106,11 @@ class MambaBlock:
 
     def __init__(self, lib, tensors, bits, dims, norm_eps, dt_limit, group_size, gnorm_eps):
         self.lib, self.tensors, self.bits = lib, tensors, bits
-        self.D, self.Di, self.C, self.K, self.H, self.P, self.N, self.G = dims
+        self.head = dims                                            # (D, Di, C, K, H, P, N, G)
+        self.D, self.Di, self.C, self.H = dims[0], dims[1], dims[2], dims[4]
         norm_w, conv_w, conv_b, A, Dp, dt_bias, gnorm_w = tensors
         win, wout = bits
         lo, hi = dt_limit
-        self.head = dims
         self.norm = (norm_w.data_ptr(), norm_eps, win.data_ptr())
         self.params = (conv_w.data_ptr(), None if conv_b is None else conv_b.data_ptr(), A.data_ptr(),
                        Dp.data_ptr(), dt_bias.data_ptr(), float(lo), min(float(hi), native.FLT_MAX),
