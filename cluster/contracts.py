@@ -20,11 +20,17 @@ def kv_positions(num_tokens: int, k: int) -> int:
     return num_tokens - 1 + k
 
 
+# A look-ahead step's input (router/scheduler.py): the token this sequence's previous pass samples, which
+# the worker fills in. Only for executors that run passes one after another on one model (runs_in_order).
+SAMPLED_TOKEN = -1
+
+
 @dataclasses.dataclass
 class SeqStep:
     """One sequence's work in a step.
 
-    input_ids:    tokens of this pass; the last len(drafts) are drafts under verification
+    input_ids:    tokens of this pass; the last len(drafts) are drafts under verification; [SAMPLED_TOKEN]:
+                  the one token the previous pass samples for this sequence (a look-ahead step)
     start_pos:    tokens the caches already hold for this sequence
     mamba_slot:   its Mamba state row on every stage
     block_table:  KV block ids covering every position this pass may write (drafting included)

@@ -13,6 +13,8 @@ from .contracts import StepPlan, StepResult
 
 @runtime_checkable
 class Executor(Protocol):
+    # Optional: `runs_in_order = True` where passes run one after another on one model in the order they
+    # were submitted (the in-process and child-process executors); the scheduler's look-ahead needs it.
 
     def submit(self, plan: StepPlan) -> Awaitable[StepResult]:
         """Start the pass now (the model computes while the engine streams the last pass's tokens) and

@@ -14,6 +14,7 @@ from .worker import StageWorker
 
 class LocalExecutor:
     num_stages = 1
+    runs_in_order = True      # passes one after another, in the order sent: look-ahead may follow a pass
 
     def __init__(self, folder, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int,
                  torch_threads: int | None = None, draft_dtype: str = "auto",

@@ -72,6 +72,7 @@ def _child_main(conn, folder: str, torch_threads: int | None, worker_kw: dict, d
 
 class ProcessExecutor:
     num_stages = 1
+    runs_in_order = True      # passes one after another, in the order sent: look-ahead may follow a pass
 
     def __init__(self, folder, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int,
                  torch_threads: int | None = None, draft_dtype: str = "auto", draft_vocab: bool = True,

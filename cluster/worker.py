@@ -6,6 +6,7 @@ hidden states (not last) or a StepResult (last stage): token ids and counts only
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -16,7 +17,7 @@ from model_shards.drafter import resolve_draft_dtype
 from model_shards.model import HybridModel
 from model_shards.sampling_params import SamplingParams
 from model_shards.tail import DraftStore, TailRequest, run_tail
-from cluster.contracts import SeqOutput, StepPlan, StepResult
+from cluster.contracts import SAMPLED_TOKEN, SeqOutput, StepPlan, StepResult
 
 log = logging.getLogger("hybridserve.worker")
 
@@ -37,17 +38,48 @@ class StageWorker:
         self.store = DraftStore()
         self.device = device
         self._params: dict[int, SamplingParams] = {}   # per running sequence, parsed once
+        # Per sequence, the token its last pass here sampled (None: that pass failed): a look-ahead step's
+        # input (SAMPLED_TOKEN). Kept on the last stage, which is also the first in in-order executors.
+        self._sampled: dict[int, int | None] = {}
         self.busy_s = 0.0                      # time spent computing, for overhead measurements
         self.num_steps = 0
 
     @torch.no_grad()
     def execute(self, plan: StepPlan, hidden: torch.Tensor | None = None):
         """plan -> hidden states (T, d) for the next stage, or a StepResult on the last stage."""
+        try:
+            return self._execute(plan, hidden)
+        except BaseException:
+            for s in plan.seqs:                # a look-ahead step after this pass has no token to read
+                self._sampled[s.seq_id] = None
+            raise
+
+    def _fill_sampled(self, plan: StepPlan) -> StepPlan:
+        """The plan with look-ahead steps' inputs filled in: the token their sequence's previous pass
+        sampled (a copy: in-process the plan is the scheduler's). After a failed pass there is none: the
+        scheduler has dropped that step's output already (it applied the failure first), so any token
+        does; it only writes caches the sequence no longer holds."""
+        if not any(s.input_ids == [SAMPLED_TOKEN] for s in plan.seqs):
+            return plan
+        seqs = []
+        for s in plan.seqs:
+            if s.input_ids == [SAMPLED_TOKEN]:
+                if s.seq_id not in self._sampled:
+                    raise ValueError(f"seq {s.seq_id}: a look-ahead step, but no pass here sampled for it")
+                token = self._sampled[s.seq_id]
+                s = dataclasses.replace(s, input_ids=[0 if token is None else token])
+            seqs.append(s)
+        return dataclasses.replace(plan, seqs=seqs)
+
+    def _execute(self, plan: StepPlan, hidden: torch.Tensor | None):
         t0 = time.perf_counter()
         self._fork(plan)                       # before `released`: a forked parent is released in the same plan
         for seq_id in plan.released:
             self.store.drop(seq_id)
             self._params.pop(seq_id, None)
+            self._sampled.pop(seq_id, None)
+        if self.model.first and self.model.last:
+            plan = self._fill_sampled(plan)
         commits = [(s.mamba_slot, s.commit_index) for s in plan.seqs if s.commit_index >= 0]
         self.cache.commit_many([c[0] for c in commits], [c[1] for c in commits])
         layout = self.layout(plan)
@@ -66,6 +98,9 @@ class StageWorker:
                              [SeqOutput(r.seq_id, r.new_tokens, r.num_accepted, r.drafts, r.logprobs,
                                         r.prompt_logprobs) for r in res],
                              draft_s=timings.get("draft_s", 0.0), draft_rows=timings.get("draft_rows", 0))
+            for r in res:
+                if r.new_tokens:
+                    self._sampled[r.seq_id] = r.new_tokens[-1]
         self.busy_s += time.perf_counter() - t0
         self.num_steps += 1
         return out

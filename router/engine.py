@@ -97,6 +97,10 @@ class AsyncEngine:
         self.set_speculative_policy(config.speculative_policy)
         t0 = time.perf_counter()
         self.executor = executor or make_executor(config, self.folder, self.plan, num_blocks, num_slots)
+        # Look-ahead (router/scheduler.py) needs passes run in order on one model, one micro-batch at a time.
+        self.look_ahead = (config.async_scheduling and config.microbatches == 1
+                           and getattr(self.executor, "runs_in_order", False))
+        self.scheduler.config = dataclasses.replace(self.scheduler.config, look_ahead=self.look_ahead)
         log.info("engine ready: model %s (%s), pp=%d ep=%d mtp k=%d (%s), %d KV blocks x %d, %d Mamba slots (%.1fs)",
                  self.model_config.name, self.folder, config.pipeline_parallel_size, config.expert_parallel_size,
                  config.num_speculative_tokens, config.speculative_policy, num_blocks, config.block_size, num_slots,
@@ -116,6 +120,7 @@ class AsyncEngine:
         self.loop_overhead_s = 0.0             # engine-loop time spent scheduling and applying results
         self._finish_times: collections.deque[float] = collections.deque(maxlen=32)
         self._last_progress = time.monotonic()  # when a pass last returned (or the loop last idled)
+        self._last_return = 0.0                 # perf_counter of the last pass back: a queued pass starts then
         self.broken = False                     # the executor could not be rebuilt: restart the replica
 
     def _plan(self):
@@ -309,10 +314,12 @@ class AsyncEngine:
                     break
 
     def _fill_pipeline(self) -> None:
-        P = self.config.microbatches
-        while len(self._in_flight) < P and self.scheduler.has_work:
-            idle = sum(not s.in_flight for s in self.scheduler.running) + len(self.scheduler.waiting)
-            per_mb = max(1, math.ceil(idle / (P - len(self._in_flight))))
+        """P micro-batches of disjoint sequences; with look-ahead, one pass and the next queued behind it."""
+        P, sched = self.config.microbatches, self.scheduler
+        most = 2 if self.look_ahead else P
+        while len(self._in_flight) < most and (sched.has_work or (self._in_flight and sched.can_look_ahead)):
+            idle = sum(not s.in_flight for s in sched.running) + len(sched.waiting)
+            per_mb = None if self.look_ahead else max(1, math.ceil(idle / (P - len(self._in_flight))))
             t0 = time.perf_counter()
             try:
                 plan = self.scheduler.schedule(max_seqs=per_mb, microbatch=len(self._in_flight))
@@ -363,9 +370,11 @@ class AsyncEngine:
             return True
         t0 = time.perf_counter()
         self._last_progress = time.monotonic()
-        self.step_times.append(t0 - fut.t0)
+        seconds = t0 - max(fut.t0, self._last_return)      # a pass queued behind another starts when that ends
+        self._last_return = t0
+        self.step_times.append(seconds)
         if self.adaptive_policy is not None:
-            observe_pass(self.adaptive_policy, plan, result, t0 - fut.t0)
+            observe_pass(self.adaptive_policy, plan, result, seconds)
         try:
             self._account_mtp(plan, result)
             self._deliver(self.scheduler.update(result))

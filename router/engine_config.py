@@ -46,6 +46,8 @@ class EngineConfig:
                                            # 0 leaves it (a library does not reprioritise its host); `hybridserve
                                            # serve` asks for -10 (--model-niceness)
     num_microbatches: int | None = None    # None: pipeline_parallel_size micro-batches in flight
+    async_scheduling: bool = True          # plan a decode step while the one before it runs (look-ahead,
+                                           # router/scheduler.py), where passes run in order on one model
     placement_strategy: str = "PACK"       # Ray placement group strategy for the replica's actors
     transport: str = "auto"                # hidden states + expert tokens: auto, ray, gloo, nccl, nccl4py
     stage_resources: list[dict] | None = None   # extra Ray resources per stage (pins stages to nodes)

@@ -7,8 +7,9 @@ come back in any order.
 
 Correct by construction, not by care at each call:
 - a sequence is in one place: `waiting` (no blocks, no slot, in arrival order), `running` (a slot
-  and blocks) or finished (gone from `seqs`). It is in flight only while running, in one plan:
-  `seq.pending` names that plan's step, and only that step's result or failure lands on it.
+  and blocks) or finished (gone from `seqs`). It is in flight only while running: `seq.pending`
+  names the plan's step, and only that step's result or failure lands on it. With look-ahead, a
+  second plan may hold it too (`seq.ahead`, below).
 - a plan re-checks each sequence when it reaches it, so one preempted to make room for an older one
   is not planned from a stale list.
 - making room preempts only idle sequences that arrived after the one that needs it, and only when
@@ -16,6 +17,15 @@ Correct by construction, not by care at each call:
 - add() refuses a sequence whose worst case does not fit the whole cache alone. So with nothing in
   flight the oldest running sequence (or, none running, the first waiting one) can always be
   planned: work pending with nothing in flight and nothing plannable cannot happen.
+
+Look-ahead (SchedulerConfig.look_ahead; vLLM calls it async scheduling), for executors that run passes
+one after another on one model: a sequence whose pass in flight samples one token and drafts nothing
+gets its next decode step planned at once, its input the token that pass samples (SAMPLED_TOKEN, which
+the worker fills in). So the model starts the next pass while this loop applies and streams the last
+one, instead of waiting for it. If the first pass ends the sequence (EOS, a stop, an abort, a failure),
+the look-ahead pass's output for it is dropped when it lands; it wrote only caches the sequence held,
+and an in-order executor finishes it before any later plan can reuse them. A look-ahead step never
+preempts, and takes a new KV block only when no other sequence is waiting for room.
 
 How many MTP drafts each sequence verifies and proposes is the speculation policy's choice
 (router/spec_policy.py), made once per plan for the sequences it will likely hold; it only ever lowers
@@ -28,7 +38,7 @@ import dataclasses
 import logging
 from typing import Iterable
 
-from cluster.contracts import SeqOutput, SeqStep, StepPlan, StepResult, kv_positions
+from cluster.contracts import SAMPLED_TOKEN, SeqOutput, SeqStep, StepPlan, StepResult, kv_positions
 from model_shards.sampling_params import check_stop, drafts_to_verify
 
 from .block_manager import BlockManager
@@ -55,6 +65,7 @@ class SchedulerConfig:
     max_model_len: int = 2048
     max_queued_requests: int = 64          # waiting sequences before add() refuses
     eos_token_id: int | None = 2
+    look_ahead: bool = False               # plan a decode step while the one before it is in flight (above)
 
 
 class Scheduler:
@@ -72,6 +83,9 @@ class Scheduler:
         self.open_choices = OpenChoices()         # n > 1 (router/fork.py): choices per request not ended
         self.forker = Forker(self)
         self.num_prefilled = 0                    # prompt tokens computed, all passes together (n > 1: once)
+        self._dropped: set[tuple[int, int]] = set()   # (step, seq): look-ahead outputs to drop when they land
+        self.num_looked_ahead = 0                 # look-ahead steps planned
+        self.num_dropped_ahead = 0                # ... whose sequence ended before them (their token unused)
 
     # ---- requests in and out -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -130,9 +144,10 @@ class Scheduler:
         """The pipeline died: its passes are gone and every admitted sequence fails (its caches are
         gone too); waiting ones stay unless the pipeline cannot be rebuilt either."""
         self._plans.clear()
+        self._dropped.clear()
         outs = []
         for seq in list(self.running) + (list(self.waiting) if include_waiting else []):
-            seq.pending = None
+            seq.pending = seq.ahead = None
             seq.error = seq.error or message
             outs.append(self._end(seq))
         return outs
@@ -155,6 +170,19 @@ class Scheduler:
     @property
     def num_in_flight(self) -> int:
         return sum(s.in_flight for s in self.running)
+
+    @property
+    def can_look_ahead(self) -> bool:
+        """A sequence in flight may get its next step planned now (look-ahead)."""
+        return self.config.look_ahead and any(self._may_look_ahead(s) for s in self.running)
+
+    def _may_look_ahead(self, seq: Sequence) -> bool:
+        """Its pass in flight samples one token, verifies and proposes no draft, and that token will not
+        be its last by length: so its next step is one token, known but for that token's value."""
+        p, c = seq.pending, self.config
+        return (p is not None and seq.ahead is None and p.samples and not p.num_verified and not p.num_proposed
+                and seq.status is SeqStatus.RUNNING and not (seq.aborted or seq.error or seq.suspect or seq.fork_ids)
+                and len(seq.output_ids) + 2 <= seq.params.max_tokens and seq.num_tokens + 2 <= c.max_model_len)
 
     # ---- building a pass -----------------------------------------------------------------------
     def schedule(self, max_seqs: int | None = None, microbatch: int = 0) -> StepPlan | None:
@@ -189,7 +217,9 @@ class Scheduler:
             return len(steps) < limit and budget > 0 and not alone
 
         idle = sorted((s for s in self.running if not s.in_flight), key=_priority)
-        self._choice = self._choose_drafts(idle, limit, budget) if self.policy.adaptive else None
+        ahead = sorted((s for s in self.running if self._may_look_ahead(s)), key=_priority) \
+            if self.config.look_ahead else []
+        self._choice = self._choose_drafts(idle, ahead, limit, budget) if self.policy.adaptive else None
         # 0. A suspect waiting ahead of every idle running sequence has its turn first (alone).
         head = self.waiting[0] if self.waiting else None
         if head is not None and head.suspect and (not idle or _priority(head) < _priority(idle[0])):
@@ -205,6 +235,11 @@ class Scheduler:
                     take(step, self.seqs[step.seq_id])
             else:
                 take(self._plan_seq(seq, budget, step_id, may_preempt=True), seq)
+        # 1b. Look-ahead: sequences in flight, their next decode step.
+        for seq in ahead:
+            if not room():
+                break
+            take(self._plan_ahead(seq, budget, step_id), seq)
         # 2. Admit waiting ones in order while a slot, blocks and budget remain; never by preempting,
         #    nor in a plan that just preempted (that would undo it).
         while self.waiting and room() and self.num_preemptions == preemptions \
@@ -222,11 +257,12 @@ class Scheduler:
         self._plans[step_id] = plan
         return plan
 
-    def _choose_drafts(self, idle: list[Sequence], limit: int, budget: int) -> Choice:
+    def _choose_drafts(self, idle: list[Sequence], ahead: list[Sequence], limit: int, budget: int) -> Choice:
         """The policy's drafts for the sequences this plan will likely hold (spec_policy.candidates)."""
         room = max(0, self.config.max_num_seqs - len(self.running))
-        likely = [s for s in idle + list(self.waiting)[:room] if not s.fork_ids]   # parents never sample
-        cands, extra, extra_seqs = candidates(likely, limit, budget, self.config.max_model_len)
+        likely = [s for s in idle + ahead + list(self.waiting)[:room] if not s.fork_ids]   # parents never sample
+        cands, extra, extra_seqs = candidates(likely, limit, budget, self.config.max_model_len,
+                                              ahead={s.seq_id for s in ahead})
         return self.policy.choose(cands, extra, self.config.max_num_batched_tokens, extra_seqs)
 
     def _admit(self, seq: Sequence, budget: int, step_id: int) -> SeqStep | None:
@@ -270,7 +306,31 @@ class Scheduler:
             next_token=None if final else seq.tokens[seq.num_computed + n],
             commit_index=seq.commit_index, params=seq.params_dict, seed=seq.seed,
             num_drafts=propose, prompt_len=len(seq.prompt_ids), mtp_context=bool(seq.fork_ids and seq.num_speculative))
-        seq.pending = InFlight(step_id, len(ids), len(drafts), final)       # last: the step exists
+        seq.pending = InFlight(step_id, len(ids), len(drafts), final, propose)   # last: the step exists
+        return step
+
+    def _plan_ahead(self, seq: Sequence, budget: int, step_id: int) -> SeqStep | None:
+        """Its next decode step while its pass in flight samples the input: one token after that pass's,
+        proposing the drafts the policy chose (it holds none to verify)."""
+        self._planning = seq.seq_id
+        propose = seq.num_speculative                # fixed: k every step
+        if self._choice is not None:                # adaptive: the policy's proposals (none held to verify)
+            chosen = self._choice.get(seq.seq_id)
+            propose = chosen if chosen is not None else seq.num_speculative if pinned(seq) else 0
+        left = min(seq.params.max_tokens - len(seq.output_ids), self.config.max_model_len - seq.num_tokens) - 2
+        propose = max(0, min(propose, left))        # draft_cap once the pass in flight has sampled
+        start = seq.num_computed + seq.pending.num_tokens
+        positions = start + 1 + propose
+        grows = self.blocks.blocks_for(positions) > len(seq.block_table)
+        if budget < 1 or not self.blocks.can_hold(seq, positions) or \
+                (grows and (self.waiting or any(not s.in_flight for s in self.running))):
+            return None
+        self.blocks.grow(seq, positions)
+        step = SeqStep(seq_id=seq.seq_id, input_ids=[SAMPLED_TOKEN], start_pos=start, mamba_slot=seq.mamba_slot,
+                       block_table=list(seq.block_table), params=seq.params_dict, seed=seq.seed,
+                       num_drafts=propose, prompt_len=len(seq.prompt_ids))
+        seq.ahead = InFlight(step_id, 1, 0, True, propose)
+        self.num_looked_ahead += 1
         return step
 
     def _make_room(self, seq: Sequence, positions: int, may_preempt: bool) -> bool:
@@ -295,6 +355,7 @@ class Scheduler:
 
     def _requeue(self, seq: Sequence) -> None:
         """Back to waiting with its caches dropped: it recomputes prompt + outputs from position 0."""
+        self._drop_passes(seq)
         self.blocks.free(seq)
         self.running.remove(seq)
         seq.reset_for_recompute()
@@ -315,6 +376,8 @@ class Scheduler:
             return []
         outs, bad = [], []
         for o in result.outputs:
+            if (result.step_id, o.seq_id) in self._dropped:
+                continue
             landed = self._land(o.seq_id, result.step_id)
             if landed is None:
                 log.warning("step %d: output for seq %d, not in that step: ignored", result.step_id, o.seq_id)
@@ -326,7 +389,20 @@ class Scheduler:
         if bad or missing:
             outs += self._failed(bad + missing, f"pass {plan.step_id} returned no valid output for it",
                                  alone=len(plan.seqs) == 1)
+        self._forget_dropped(plan.step_id)
         return outs
+
+    def _drop_passes(self, seq: Sequence) -> None:
+        """`seq` leaves `running` (ends, or is requeued) with a look-ahead pass of it still out: that pass's
+        output for it is dropped when it lands."""
+        if seq.pending is not None:
+            self._dropped.add((seq.pending.step_id, seq.seq_id))
+            self.num_dropped_ahead += 1
+        seq.pending = seq.ahead = None
+
+    def _forget_dropped(self, step_id: int) -> None:
+        if self._dropped:
+            self._dropped = {d for d in self._dropped if d[0] != step_id}
 
     def pass_failed(self, plan: StepPlan, message: str) -> list[RequestOutput]:
         """A pass raised (an actor that died is fail_all's): its sequences' stage-side state may be
@@ -336,6 +412,7 @@ class Scheduler:
         update() of the same plan (only sequences still in flight in it are touched)."""
         if self._plans.pop(plan.step_id, None) is not None:
             self.released += plan.released      # the stages may not have seen them
+        self._forget_dropped(plan.step_id)
         seqs = [x[0] for x in (self._land(s.seq_id, plan.step_id) for s in plan.seqs) if x]
         return self._failed(seqs, message, alone=len(plan.seqs) == 1)
 
@@ -353,11 +430,12 @@ class Scheduler:
         return outs
 
     def _land(self, seq_id: int, step_id: int) -> tuple[Sequence, InFlight] | None:
-        """The sequence and what its pass held, if it is in flight in `step_id`; it is no longer."""
+        """The sequence and what its pass held, if it is in flight in `step_id`; it is no longer in that
+        pass (its look-ahead pass, if any, is now the one it is in)."""
         seq = self.seqs.get(seq_id)
         if seq is None or seq.pending is None or seq.pending.step_id != step_id:
             return None
-        pending, seq.pending = seq.pending, None
+        pending, seq.pending, seq.ahead = seq.pending, seq.ahead, None
         return seq, pending
 
     @staticmethod
@@ -401,12 +479,13 @@ class Scheduler:
         return self._finish(seq, "abort") if seq.aborted else self._finish(seq, "error", error=seq.error)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
+        self._drop_passes(seq)
         self.blocks.free(seq)
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
-        seq.status, seq.finish_reason, seq.pending = SeqStatus.FINISHED, reason, None
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
         self.released.append(seq.seq_id)
         self.seqs.pop(seq.seq_id, None)
         self.policy.release(seq.seq_id)

@@ -23,6 +23,7 @@ class InFlight(NamedTuple):
     num_tokens: int          # input ids, drafts included
     num_verified: int        # drafts under verification
     samples: bool            # the pass produces a token (decode, or a prompt's last chunk)
+    num_proposed: int = 0    # drafts the pass proposes (its result holds them for the next pass to verify)
 
 
 @dataclasses.dataclass(eq=False)
@@ -35,6 +36,8 @@ class Sequence:
     drafts:       tokens the MTP block proposed after the newest one, to verify in the next pass
     commit_index: the accepted count of the last verification, for the stages to commit (-1: none)
     pending:      the pass it is in (None: between passes); the scheduler's only "in flight" flag
+    ahead:        a second pass planned before `pending` returned, whose input is the token `pending`
+                  samples (router/scheduler.py, look-ahead); it becomes `pending` when that lands
     suspect:      it was in a pass that raised; it runs alone until one of its passes succeeds
     fork_ids:     (n > 1) the seq ids of the request's n choices: this sequence is their parent, it computes
                   the prompt but its last token, never samples, then forks into them (router/fork.py)
@@ -60,6 +63,7 @@ class Sequence:
     finish_reason: str | None = None
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     pending: InFlight | None = None
+    ahead: InFlight | None = None
     num_emitted: int = 0                 # output tokens already handed to the request's stream
     num_verified_drafts: int = 0         # MTP drafts verified for it, all passes together
     num_accepted_drafts: int = 0         # ... and accepted

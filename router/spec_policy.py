@@ -342,15 +342,18 @@ def pinned(seq) -> bool:
     return seq.params.seed is not None and not seq.params.greedy
 
 
-def draft_cap(seq, max_model_len: int) -> int:
-    """Drafts worth proposing or verifying for a Sequence: k, fewer near max_tokens or the context limit."""
-    left = min(seq.params.max_tokens - len(seq.output_ids), max_model_len - seq.num_tokens) - 1
+def draft_cap(seq, max_model_len: int, early: int = 0) -> int:
+    """Drafts worth proposing or verifying for a Sequence: k, fewer near max_tokens or the context limit.
+    early: output tokens it will have by then that it does not hold yet (a look-ahead step's 1)."""
+    left = min(seq.params.max_tokens - len(seq.output_ids), max_model_len - seq.num_tokens) - 1 - early
     return max(0, min(seq.num_speculative, left))
 
 
-def candidates(seqs, limit: int, budget: int, max_model_len: int) -> tuple[list[Candidate], int, int]:
+def candidates(seqs, limit: int, budget: int, max_model_len: int,
+               ahead: frozenset | set = frozenset()) -> tuple[list[Candidate], int, int]:
     """The sequences a plan will likely hold, in the order the scheduler takes them, each with its tokens
-    within the budget: (those that sample, tokens and count of the prompt chunks that do not)."""
+    within the budget: (those that sample, tokens and count of the prompt chunks that do not). `ahead`:
+    ids of sequences planned by look-ahead (router/scheduler.py): one token, no draft held, one more output."""
     cands, extra, extra_seqs = [], 0, 0
     for seq in seqs:
         if len(cands) >= limit or budget <= 0:
@@ -359,8 +362,9 @@ def candidates(seqs, limit: int, budget: int, max_model_len: int) -> tuple[list[
         if n < seq.num_uncomputed:
             extra, extra_seqs = extra + n, extra_seqs + 1
         else:
-            cap = draft_cap(seq, max_model_len)
-            held = len(drafts_to_verify(seq.drafts, len(seq.output_ids), seq.params)) if n == 1 else 0
+            early = seq.seq_id in ahead
+            cap = draft_cap(seq, max_model_len, early)
+            held = len(drafts_to_verify(seq.drafts, len(seq.output_ids), seq.params)) if n == 1 and not early else 0
             cands.append(Candidate(seq.seq_id, cap, n, pinned(seq), held))
             budget -= cap if pinned(seq) else 0
         budget -= n

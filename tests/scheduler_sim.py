@@ -18,7 +18,7 @@ import random
 
 from model_shards.sampling_params import SamplingParams
 from router.block_manager import BlockManager
-from cluster.contracts import SeqOutput, StepPlan, StepResult
+from cluster.contracts import SAMPLED_TOKEN, SeqOutput, StepPlan, StepResult
 from router.scheduler import Scheduler, SchedulerConfig
 from router.sequence import Sequence, SeqStatus, priority
 from router.spec_policy import AdaptivePolicy, draft_rows
@@ -57,6 +57,8 @@ class Workload:
     p_fail: float = 0.0          # any pass raises (Scheduler.pass_failed)
     adaptive: bool = False       # the adaptive speculation policy chooses the drafts (else k every step)
     cost: tuple[float, float, float] = (0.01, 0.001, 0.001)   # simulated pass seconds: fixed, per token, per MTP row
+    look_ahead: bool = False     # the scheduler's look-ahead: one micro-batch and the next queued behind it, results
+                                 # back in order (an in-order executor), stage reads checked when a pass runs
 
 
 def worst_positions(r: Request, max_model_len: int) -> int:
@@ -94,7 +96,8 @@ class Sim:
         # Probing and exploring often, so that short runs go through those paths too.
         self.policy = AdaptivePolicy(k, probe_every=2, explore_every=3) if w.adaptive and k else None
         self.sched = Scheduler(SchedulerConfig(max_num_seqs=w.max_num_seqs, max_num_batched_tokens=w.budget,
-                                               max_model_len=w.max_model_len, eos_token_id=EOS), self.blocks,
+                                               max_model_len=w.max_model_len, eos_token_id=EOS,
+                                               look_ahead=w.look_ahead), self.blocks,
                                self.policy)
         self.rng = random.Random(w.seed)
         self.turn = 0
@@ -142,7 +145,7 @@ class Sim:
                     break
                 self.turn = max(self.turn + 1, arrivals[0][1].arrival)
                 continue
-            self._complete(self.in_flight.pop(self.rng.randrange(len(self.in_flight))))
+            self._complete(self.in_flight.pop(0 if self.w.look_ahead else self.rng.randrange(len(self.in_flight))))
             self.turn += 1
             _check(self.turn <= max_turns, f"livelock: not done after {max_turns} turns ({self._state()})")
         self._check_end()
@@ -180,10 +183,11 @@ class Sim:
                     self.check(f"abort({j})")
 
     def _fill(self) -> None:
-        P = self.w.microbatches
-        while len(self.in_flight) < P and self.sched.has_work:
+        P, sched = self.w.microbatches, self.sched
+        most = 2 if self.w.look_ahead else P
+        while len(self.in_flight) < most and (sched.has_work or (self.in_flight and sched.can_look_ahead)):
             idle = sum(not s.in_flight for s in self.sched.running) + len(self.sched.waiting)
-            per_mb = max(1, math.ceil(idle / (P - len(self.in_flight))))
+            per_mb = self.w.max_num_seqs if self.w.look_ahead else max(1, math.ceil(idle / (P - len(self.in_flight))))
             before = {q.seq_id: (_age(q), len(q.block_table)) for q in self.sched.running}
             plan = self.sched.schedule(max_seqs=per_mb, microbatch=len(self.in_flight))
             self._check_preemptions(before, plan)
@@ -212,7 +216,9 @@ class Sim:
             self._record(outs)
             self.check(f"pass_failed(step {plan.step_id})")
             return
-        result = StepResult(plan.step_id, plan.microbatch, [self._execute(s) for s in plan.seqs])
+        if self.w.look_ahead:
+            self._forks([st for st in plan.seqs if st.fork_of >= 0])
+        result = StepResult(plan.step_id, plan.microbatch, [self._run_step(plan.step_id, s) for s in plan.seqs])
         if self.policy is not None:                     # what the engine measures of a pass
             fixed, per_token, per_row = self.w.cost
             rows = draft_rows(plan, result)
@@ -226,7 +232,22 @@ class Sim:
         self.check(f"update(step {plan.step_id})")
 
     # ---- the stages --------------------------------------------------------------------------------
-    def _execute(self, s) -> SeqOutput:
+    def _run_step(self, step_id: int, s) -> SeqOutput:
+        """Look-ahead: the stages fill in a step's input (the token they last sampled for it) and find its
+        state as they run it; a step whose output the scheduler will drop (its sequence ended or was
+        requeued after it was planned) reads anything and samples nothing that counts."""
+        if not self.w.look_ahead:
+            return self._execute(s)
+        dropped = (step_id, s.seq_id) in self.sched._dropped
+        if not dropped:
+            self._check_stage_reads(s)
+        if s.input_ids == [SAMPLED_TOKEN] and not dropped:  # the token its last pass sampled, now its newest
+            q = self.sched.seqs[s.seq_id]
+            _check(s.start_pos == q.num_tokens - 1 and q.tokens[-1] == self.generated[s.seq_id][-1],
+                   f"seq {s.seq_id}: look-ahead step at {s.start_pos}, its newest token is at {q.num_tokens - 1}")
+        return self._execute(s, record=not dropped)
+
+    def _execute(self, s, record: bool = True) -> SeqOutput:
         """What the stages do with one sequence's step: sample, verify, draft, and remember."""
         rng, eos = self.rng, lambda: EOS if rng.random() < self.w.p_eos else rng.randrange(3, 60)
         new, acc, drafts = [], 0, []
@@ -234,7 +255,8 @@ class Sim:
             acc = rng.randint(0, len(s.drafts))
             new = s.drafts[:acc] + [eos()]
             drafts = [eos() for _ in range(s.num_drafts)]
-            self.generated[s.seq_id].extend(new)
+            if record:
+                self.generated[s.seq_id].extend(new)
         n_settled = s.num_tokens - len(s.drafts) + acc if s.sample else s.num_tokens
         commit = acc if s.drafts else -1
         self.stage[s.seq_id] = (s.mamba_slot, s.start_pos + n_settled, commit, list(s.block_table))
@@ -338,11 +360,19 @@ class Sim:
         planned = {}
         for plan in self.in_flight:
             for st in plan.seqs:
-                _check(st.seq_id not in planned, f"seq {st.seq_id} in flight in two plans{where}")
-                planned[st.seq_id] = st
+                if (plan.step_id, st.seq_id) in s._dropped:   # look-ahead: ended while it was out
+                    _check(st.seq_id not in s.seqs or s.seqs[st.seq_id].pending is None
+                           or s.seqs[st.seq_id].pending.step_id != plan.step_id,
+                           f"seq {st.seq_id}: its output in step {plan.step_id} is both dropped and awaited{where}")
+                    continue
                 q = s.seqs.get(st.seq_id)
-                _check(q is not None and q.status is SeqStatus.RUNNING and q.in_flight
-                       and q.mamba_slot == st.mamba_slot and q.block_table == st.block_table,
+                steps = [x.step_id for x in (q.pending, q.ahead) if x is not None] if q is not None else []
+                _check(st.seq_id not in planned or (w.look_ahead and len(steps) == 2),
+                       f"seq {st.seq_id} in flight in two plans{where}")
+                planned[st.seq_id] = st
+                _check(q is not None and q.status is SeqStatus.RUNNING and plan.step_id in steps
+                       and q.mamba_slot == st.mamba_slot
+                       and (q.block_table[:len(st.block_table)] if w.look_ahead else q.block_table) == st.block_table,
                        f"seq {st.seq_id} was preempted or changed while in flight{where}")
         flying = {q.seq_id for q in running if q.in_flight}
         _check(flying == set(planned), f"seqs {sorted(flying ^ set(planned))} in flight here, "
@@ -370,9 +400,15 @@ class Sim:
         _check(0 < len(ids) <= max(limit, len(forks)), f"{len(ids)} sequences planned, max_seqs {limit}{where}")
         _check(len(set(ids)) == len(ids), f"a sequence is planned twice: {ids}{where}")
         _check(plan.num_tokens <= w.budget, f"{plan.num_tokens} tokens > budget {w.budget}{where}")
-        others = {b for p in self.in_flight for st in p.seqs for b in st.block_table}
-        others_write = {b for p in self.in_flight for st in p.seqs for b in self._written(st)}
-        self._forks(forks)
+        # Look-ahead: a sequence's own passes run in order, and a dropped step (its sequence ended) runs
+        # before any later plan reuses its blocks; its writes are never read.
+        mine, dropped = {st.seq_id for st in plan.seqs}, self.sched._dropped
+        flying = [st for p in self.in_flight for st in p.seqs
+                  if st.seq_id not in mine and (p.step_id, st.seq_id) not in dropped]
+        others = {b for st in flying for b in st.block_table}
+        others_write = {b for st in flying for b in self._written(st)}
+        if not self.w.look_ahead:                       # else when the pass runs, as the stages do
+            self._forks(forks)
         for st in plan.seqs:
             q = self.sched.seqs.get(st.seq_id)
             _check(q is not None and q in self.sched.running,
@@ -398,6 +434,11 @@ class Sim:
                            w.max_model_len - q.num_tokens - 1)
                 _check(len(st.drafts) == full or plan.num_tokens == w.budget,
                        f"seeded seq {st.seq_id} verifies {len(st.drafts)} of {len(q.drafts)} drafts{where}")
+            if st.input_ids == [SAMPLED_TOKEN]:         # look-ahead: after the pass in flight samples
+                _check(q.ahead is not None and q.ahead.step_id == plan.step_id and q.pending is not None
+                       and st.start_pos == q.num_tokens and st.sample and not st.drafts and st.commit_index == -1,
+                       f"seq {st.seq_id}: look-ahead step at {st.start_pos} of {q.num_tokens} tokens{where}")
+                continue
             tokens = q.tokens
             _check(st.input_ids[:st.num_tokens - len(st.drafts)] ==
                    tokens[st.start_pos:st.start_pos + st.num_tokens - len(st.drafts)],
@@ -406,7 +447,8 @@ class Sim:
             _check(st.sample == (settled == len(tokens)), f"seq {st.seq_id}: sample={st.sample} at {settled}/"
                                                           f"{len(tokens)}{where}")
             _check(st.sample or st.next_token == tokens[settled], f"seq {st.seq_id}: wrong next_token{where}")
-            self._check_stage_reads(st)
+            if not self.w.look_ahead:                   # else when the pass runs (passes before it are queued)
+                self._check_stage_reads(st)
 
     def _record(self, outs) -> None:
         for o in outs:

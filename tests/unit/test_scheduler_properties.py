@@ -50,7 +50,7 @@ def _mostly(draw, likely: st.SearchStrategy, otherwise: st.SearchStrategy, odds:
 
 @st.composite
 def workloads(draw, fail: bool = False, oversized: bool = False, adaptive: bool = False,
-              choices: bool = False) -> Workload:
+              choices: bool = False, look_ahead: bool = False) -> Workload:
     """A cache of a few blocks and requests each of which fits it alone (unless `oversized`), most of
     them long enough that two together do not, most arriving at once: the cache runs short often."""
     block_size, num_blocks = draw(st.integers(1, 4)), draw(st.integers(1, 8))
@@ -74,11 +74,11 @@ def workloads(draw, fail: bool = False, oversized: bool = False, adaptive: bool 
     return Workload(
         num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
         max_num_seqs=_mostly(draw, st.integers(2, num_slots + 1), st.integers(1, num_slots + 1)), budget=draw(st.integers(k_max + 1, k_max + 12)),
-        max_model_len=max_model_len, microbatches=draw(st.integers(1, 3)), requests=tuple(reqs),
+        max_model_len=max_model_len, microbatches=1 if look_ahead else draw(st.integers(1, 3)), requests=tuple(reqs),
         seed=draw(st.integers(0, 2 ** 32 - 1)), p_eos=draw(st.sampled_from([0.0, 0.0, 0.05, 0.3])),
         p_fail=draw(st.sampled_from([0.0, 0.1, 0.3])) if fail else 0.0, adaptive=adaptive,
         cost=(draw(st.sampled_from([0.0005, 0.01, 0.05])), draw(st.sampled_from([0.0, 0.0002, 0.002, 0.02])),
-              draw(st.sampled_from([0.0, 0.001, 0.01]))))
+              draw(st.sampled_from([0.0, 0.001, 0.01]))), look_ahead=look_ahead)
 
 
 @PROFILE
@@ -131,6 +131,41 @@ def test_choices_sharing_a_prefill_finish_each_with_refcounts_equal_to_holders(w
     sim = Sim(w).run()
     forked = sum(r.n > 1 and r.prompt_len > 1 for i, r in sim.reqs.items() if i < len(w.requests))
     event(f"forked requests: {min(forked, 3)}; preempted: {sim.sched.num_preemptions > 0}")
+
+
+@PROFILE
+@given(workloads(look_ahead=True), st.booleans(), st.booleans())
+def test_look_ahead_keeps_every_invariant_with_failures_and_adaptive_drafts(w, fail, adaptive):
+    """Look-ahead (a decode step planned while the one before it is in flight, its input the token that
+    one samples; results in order): all of the above holds, a look-ahead step starts one past its
+    sequence's newest token and finds the stages there when it runs, and an ended or requeued
+    sequence's look-ahead output is dropped, never streamed."""
+    import dataclasses
+    w = dataclasses.replace(w, p_fail=0.1 if fail else 0.0, adaptive=adaptive and any(r.k for r in w.requests))
+    sim = Sim(w).run()
+    event(f"looked ahead: {sim.sched.num_looked_ahead > 0}; dropped: {sim.sched.num_dropped_ahead > 0}")
+
+
+@PROFILE
+@given(workloads(choices=True, look_ahead=True))
+def test_look_ahead_with_choices_sharing_a_prefill(w):
+    Sim(w).run()
+
+
+def test_look_ahead_plans_each_decode_step_before_the_last_returns_and_drops_what_follows_a_stop():
+    """Two requests with room to spare: after each one's first pass, every decode step is planned while
+    the one before it is in flight; a request that stops on EOS has the step planned after it dropped."""
+    w = Workload(num_blocks=16, block_size=4, num_slots=2, max_num_seqs=2, budget=16, max_model_len=64,
+                 microbatches=1, requests=(Request(0, 3, 20), Request(0, 5, 20)), seed=3, p_eos=0.1, look_ahead=True)
+    sim = Sim(w).run()
+    ends = [o[-1] for o in sim.outputs.values()]
+    tokens = sum(e.num_output_tokens for e in ends)
+    stopped_early = sum(e.finish_reason == "stop" and e.num_output_tokens < 20 for e in ends)
+    assert stopped_early >= 1
+    # Each request's first token comes from its prompt pass, each later one from a look-ahead step; a step
+    # was planned after each early stop too (not after a last token by max_tokens), its output dropped.
+    assert sim.sched.num_dropped_ahead == stopped_early
+    assert sim.sched.num_looked_ahead == tokens - 2 + stopped_early
 
 
 # ---- the case of the issue, deterministic ------------------------------------------------------------------
