@@ -56,17 +56,16 @@ class StageWorker:
 
     def _fill_sampled(self, plan: StepPlan) -> StepPlan:
         """The plan with look-ahead steps' inputs filled in: the token their sequence's previous pass
-        sampled (a copy: in-process the plan is the scheduler's). After a failed pass there is none: the
-        scheduler has dropped that step's output already (it applied the failure first), so any token
-        does; it only writes caches the sequence no longer holds."""
+        sampled (a copy: in-process the plan is the scheduler's). After a failed pass (here, or one that
+        never got here) there is none, or a stale one: the scheduler has dropped that step's output
+        already (it applied the failure first), so any token does; it only writes caches the sequence no
+        longer holds."""
         if not any(s.input_ids == [SAMPLED_TOKEN] for s in plan.seqs):
             return plan
         seqs = []
         for s in plan.seqs:
             if s.input_ids == [SAMPLED_TOKEN]:
-                if s.seq_id not in self._sampled:
-                    raise ValueError(f"seq {s.seq_id}: a look-ahead step, but no pass here sampled for it")
-                token = self._sampled[s.seq_id]
+                token = self._sampled.get(s.seq_id)
                 s = dataclasses.replace(s, input_ids=[0 if token is None else token])
             seqs.append(s)
         return dataclasses.replace(plan, seqs=seqs)

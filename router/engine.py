@@ -308,7 +308,7 @@ class AsyncEngine:
                     self._last_progress = time.monotonic()
                 continue
             done, _ = await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
-            for fut in done:
+            for fut in sorted(done, key=lambda f: f.plan.step_id):    # look-ahead: a pass after the one before it
                 self._in_flight.discard(fut)
                 if not await self._apply(fut):
                     break
