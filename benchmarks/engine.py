@@ -5,7 +5,9 @@ Measures (same model, same prompts, greedy, ignore_eos):
   2. per-step orchestration overhead: engine-loop time (schedule + apply result) per pass, and for
      the Ray replica the transport share of a pass (pass wall time minus the stages' compute);
   3. MTP on (k=3) vs off, single process;
-  4. pipeline degree 2 with one vs two micro-batches in flight.
+  4. pipeline degree 2 with one vs two micro-batches in flight;
+  5. single process without look-ahead (`async_scheduling=False`: each pass planned after the last
+     one's result is applied).
 Prints a table and writes it to docs/BENCHMARKS.md. Not a test: the numbers depend on the machine.
 """
 from __future__ import annotations
@@ -117,6 +119,7 @@ def main() -> None:
                 num_speculative_tokens=0)
 
     single = asyncio.run(measure(EngineConfig(**base), conc, args.max_tokens))
+    no_ahead = asyncio.run(measure(EngineConfig(**base, async_scheduling=False), conc, args.max_tokens))
     ray22 = asyncio.run(measure(EngineConfig(**base, use_ray=True, pipeline_parallel_size=2,
                                              expert_parallel_size=2), conc, args.max_tokens))
     big = max(conc)
@@ -129,11 +132,14 @@ def main() -> None:
     plain_ms, compiled_ms = actor_call_overhead()
     ray.shutdown()
 
-    same = all(single[n]["outs"] == ray22[n]["outs"] for n in conc) and mtp[big]["outs"] == single[big]["outs"]
+    same = all(single[n]["outs"] == ray22[n]["outs"] == no_ahead[n]["outs"] for n in conc) and mtp[big]["outs"] == single[big]["outs"]
     rows = []
     for n in conc:
         rows.append([f"single process, {n} seqs", single[n]["tok_s"], 1.0, single[n]["loop_ms"], single[n]["pass_ms"],
                      single[n]["pass_ms"] - single[n]["busy_ms"]])
+        rows.append([f"single process without look-ahead, {n} seqs", no_ahead[n]["tok_s"],
+                     no_ahead[n]["tok_s"] / single[n]["tok_s"], no_ahead[n]["loop_ms"], no_ahead[n]["pass_ms"],
+                     no_ahead[n]["pass_ms"] - no_ahead[n]["busy_ms"]])
         rows.append([f"Ray pp=2 ep=2, {n} seqs", ray22[n]["tok_s"], ray22[n]["tok_s"] / single[n]["tok_s"],
                      ray22[n]["loop_ms"], ray22[n]["pass_ms"], ray22[n]["pass_ms"] - ray22[n]["busy_ms"] / 2])
     for n in (1, big):

@@ -96,12 +96,13 @@ def bench_prompt_ids(folder, n: int, input_len: int, output_len: int, seed: int)
 class InProcess:
     """The AsyncEngine (its default executor: the model in this process) fed directly by C workers."""
 
-    def __init__(self, model: str, k: int, max_num_seqs: int, max_model_len: int):
+    def __init__(self, model: str, k: int, max_num_seqs: int, max_model_len: int, async_scheduling: bool = True):
         from router.engine import AsyncEngine
         from router.engine_config import EngineConfig
 
         self.engine = AsyncEngine(EngineConfig(model=model, num_speculative_tokens=k, max_num_seqs=max_num_seqs,
-                                               max_model_len=max_model_len, speculative_policy="fixed"))
+                                               max_model_len=max_model_len, speculative_policy="fixed",
+                                               async_scheduling=async_scheduling))
 
     async def run(self, prompts: list[list[int]], concurrency: int, output_len: int, tag: str) -> dict:
         from model_shards.sampling_params import SamplingParams
@@ -197,12 +198,14 @@ class Served:
 
 
 async def measure_point(model: str, k: int, concurrency: int, num_prompts: int, input_len: int, output_len: int,
-                        max_num_seqs: int, max_model_len: int, seed: int, rounds: int, spy_seconds: float) -> dict:
+                        max_num_seqs: int, max_model_len: int, seed: int, rounds: int, spy_seconds: float,
+                        async_scheduling: bool = True) -> dict:
     """Both sides up at once, timed rounds alternating between them (in-process first, then served
     first, ...), so a change in the machine's speed falls on both; per-round ratios and medians."""
-    ip = InProcess(model, k, max_num_seqs, max_model_len)
+    ip = InProcess(model, k, max_num_seqs, max_model_len, async_scheduling)
     await ip.engine.start()
     args = ("--model", model, "--num-speculative-tokens", str(k), "--speculative-policy", "fixed",
+            "--async-scheduling" if async_scheduling else "--no-async-scheduling",
             "--max-num-seqs", str(max_num_seqs),
             "--max-model-len", str(max_model_len), "--max-queued-requests", str(max(64, num_prompts)))
     try:
@@ -301,6 +304,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each side, alternating")
     ap.add_argument("--spy-seconds", type=float, default=6.0, help="py-spy sampling per served point (0: off)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                    help="both sides without look-ahead (router/scheduler.py), to see what it does")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -314,7 +319,7 @@ def main() -> None:
             label = f"{c} stream{'s' if c > 1 else ''}" + (f", MTP k={k}" if k else "")
             print(f"[serve_profile] {label}: {a.rounds} rounds of each side ...", flush=True)
             point = asyncio.run(measure_point(a.model, k, c, n, a.input_len, a.output_len, max_seqs, max_len,
-                                              a.seed, a.rounds, a.spy_seconds))
+                                              a.seed, a.rounds, a.spy_seconds, a.async_scheduling))
             points.append(dict(label=label, k=k, c=c, **point))
     cmd = "python -m benchmarks.serve_profile" + "".join(f" {x}" for x in sys.argv[1:] if x != "--no-write")
     publish("serve-profile", report(points, cmd), not a.no_write)

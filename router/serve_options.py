@@ -56,6 +56,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--model-process", action=argparse.BooleanOptionalAction, default=True,
                    help="with -pp 1 -ep 1: compute in a child process of the replica, so the model and the "
                         "replica's token streaming do not share one GIL (--no-model-process: a thread)")
+    m.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="with -pp 1 -ep 1: plan each decode step while the one before it runs, its input the "
+                        "token that one samples, so the model never waits for the engine loop between passes "
+                        "(router/scheduler.py, look-ahead; tokens are the same either way)")
     m.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")
     m.add_argument("--max-queued-requests", type=int, default=64,
                    help="requests waiting per replica before new ones get 429 + Retry-After")
@@ -187,7 +191,7 @@ def serve_config_from_args(args):
                           num_kv_blocks=args.num_gpu_blocks_override,
                           gpu_memory_utilization=args.gpu_memory_utilization, use_ray=pp * ep > 1, seed=args.seed,
                           model_process=args.model_process, device=args.device, transport=args.transport,
-                          model_niceness=args.model_niceness)
+                          model_niceness=args.model_niceness, async_scheduling=args.async_scheduling)
     engine.validate()
     if not 0.0 < args.target_kv_cache_usage <= 1.0:
         raise ValueError(f"--target-kv-cache-usage: must be in (0, 1], got {args.target_kv_cache_usage}")
