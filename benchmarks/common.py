@@ -32,8 +32,17 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def machine() -> str:
+    """What the figures were measured on: tables from different machines differ by the CPU as well."""
     import os
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "CPU")
+    except OSError:
+        return platform.processor() or "CPU"
 
 
 def write_section(name: str, body: str) -> None:
