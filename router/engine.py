@@ -312,6 +312,8 @@ class AsyncEngine:
                 self._in_flight.discard(fut)
                 if not await self._apply(fut):
                     break
+                if self.look_ahead:             # the next step out before the loop applies a later pass
+                    self._fill_pipeline()
 
     def _fill_pipeline(self) -> None:
         """P micro-batches of disjoint sequences; with look-ahead, one pass and the next queued behind it."""

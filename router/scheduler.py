@@ -18,14 +18,9 @@ Correct by construction, not by care at each call:
   flight the oldest running sequence (or, none running, the first waiting one) can always be
   planned: work pending with nothing in flight and nothing plannable cannot happen.
 
-Look-ahead (SchedulerConfig.look_ahead; vLLM calls it async scheduling), for executors that run passes
-one after another on one model: a sequence whose pass in flight samples one token and drafts nothing
-gets its next decode step planned at once, its input the token that pass samples (SAMPLED_TOKEN, which
-the worker fills in). So the model starts the next pass while this loop applies and streams the last
-one, instead of waiting for it. If the first pass ends the sequence (EOS, a stop, an abort, a failure),
-the look-ahead pass's output for it is dropped when it lands; it wrote only caches the sequence held,
-and an in-order executor finishes it before any later plan can reuse them. A look-ahead step never
-preempts, and takes a new KV block only when no other sequence is waiting for room.
+Look-ahead (SchedulerConfig.look_ahead, router/look_ahead.py): with an executor that runs passes in
+order, a sequence in a pass that samples one token and drafts nothing gets its next decode step planned
+at once, its input the token that pass samples.
 
 How many MTP drafts each sequence verifies and proposes is the speculation policy's choice
 (router/spec_policy.py), made once per plan for the sequences it will likely hold; it only ever lowers
@@ -38,11 +33,12 @@ import dataclasses
 import logging
 from typing import Iterable
 
-from cluster.contracts import SAMPLED_TOKEN, SeqOutput, SeqStep, StepPlan, StepResult, kv_positions
+from cluster.contracts import SeqOutput, SeqStep, StepPlan, StepResult, kv_positions
 from model_shards.sampling_params import check_stop, drafts_to_verify
 
 from .block_manager import BlockManager
 from .fork import Forker, OpenChoices, ready
+from .look_ahead import LookAhead
 from .outputs import RequestOutput
 from .sequence import InFlight, SeqStatus, Sequence, priority as _priority
 from .spec_policy import Choice, FixedPolicy, candidates, feed_mtp, pinned
@@ -83,9 +79,7 @@ class Scheduler:
         self.open_choices = OpenChoices()         # n > 1 (router/fork.py): choices per request not ended
         self.forker = Forker(self)
         self.num_prefilled = 0                    # prompt tokens computed, all passes together (n > 1: once)
-        self._dropped: set[tuple[int, int]] = set()   # (step, seq): look-ahead outputs to drop when they land
-        self.num_looked_ahead = 0                 # look-ahead steps planned
-        self.num_dropped_ahead = 0                # ... whose sequence ended before them (their token unused)
+        self.ahead = LookAhead(self)              # look-ahead steps (router/look_ahead.py)
 
     # ---- requests in and out -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -144,7 +138,7 @@ class Scheduler:
         """The pipeline died: its passes are gone and every admitted sequence fails (its caches are
         gone too); waiting ones stay unless the pipeline cannot be rebuilt either."""
         self._plans.clear()
-        self._dropped.clear()
+        self.ahead.dropped.clear()
         outs = []
         for seq in list(self.running) + (list(self.waiting) if include_waiting else []):
             seq.pending = seq.ahead = None
@@ -174,15 +168,7 @@ class Scheduler:
     @property
     def can_look_ahead(self) -> bool:
         """A sequence in flight may get its next step planned now (look-ahead)."""
-        return self.config.look_ahead and any(self._may_look_ahead(s) for s in self.running)
-
-    def _may_look_ahead(self, seq: Sequence) -> bool:
-        """Its pass in flight samples one token, verifies and proposes no draft, and that token will not
-        be its last by length: so its next step is one token, known but for that token's value."""
-        p, c = seq.pending, self.config
-        return (p is not None and seq.ahead is None and p.samples and not p.num_verified and not p.num_proposed
-                and seq.status is SeqStatus.RUNNING and not (seq.aborted or seq.error or seq.suspect or seq.fork_ids)
-                and len(seq.output_ids) + 2 <= seq.params.max_tokens and seq.num_tokens + 2 <= c.max_model_len)
+        return self.ahead.on and any(self.ahead.eligible(s) for s in self.running)
 
     # ---- building a pass -----------------------------------------------------------------------
     def schedule(self, max_seqs: int | None = None, microbatch: int = 0) -> StepPlan | None:
@@ -217,8 +203,7 @@ class Scheduler:
             return len(steps) < limit and budget > 0 and not alone
 
         idle = sorted((s for s in self.running if not s.in_flight), key=_priority)
-        ahead = sorted((s for s in self.running if self._may_look_ahead(s)), key=_priority) \
-            if self.config.look_ahead else []
+        ahead = self.ahead.candidates()
         self._choice = self._choose_drafts(idle, ahead, limit, budget) if self.policy.adaptive else None
         # 0. A suspect waiting ahead of every idle running sequence has its turn first (alone).
         head = self.waiting[0] if self.waiting else None
@@ -239,7 +224,8 @@ class Scheduler:
         for seq in ahead:
             if not room():
                 break
-            take(self._plan_ahead(seq, budget, step_id), seq)
+            self._planning = seq.seq_id
+            take(self.ahead.plan(seq, budget, step_id, self._choice), seq)
         # 2. Admit waiting ones in order while a slot, blocks and budget remain; never by preempting,
         #    nor in a plan that just preempted (that would undo it).
         while self.waiting and room() and self.num_preemptions == preemptions \
@@ -309,30 +295,6 @@ class Scheduler:
         seq.pending = InFlight(step_id, len(ids), len(drafts), final, propose)   # last: the step exists
         return step
 
-    def _plan_ahead(self, seq: Sequence, budget: int, step_id: int) -> SeqStep | None:
-        """Its next decode step while its pass in flight samples the input: one token after that pass's,
-        proposing the drafts the policy chose (it holds none to verify)."""
-        self._planning = seq.seq_id
-        propose = seq.num_speculative                # fixed: k every step
-        if self._choice is not None:                # adaptive: the policy's proposals (none held to verify)
-            chosen = self._choice.get(seq.seq_id)
-            propose = chosen if chosen is not None else seq.num_speculative if pinned(seq) else 0
-        left = min(seq.params.max_tokens - len(seq.output_ids), self.config.max_model_len - seq.num_tokens) - 2
-        propose = max(0, min(propose, left))        # draft_cap once the pass in flight has sampled
-        start = seq.num_computed + seq.pending.num_tokens
-        positions = start + 1 + propose
-        grows = self.blocks.blocks_for(positions) > len(seq.block_table)
-        if budget < 1 or not self.blocks.can_hold(seq, positions) or \
-                (grows and (self.waiting or any(not s.in_flight for s in self.running))):
-            return None
-        self.blocks.grow(seq, positions)
-        step = SeqStep(seq_id=seq.seq_id, input_ids=[SAMPLED_TOKEN], start_pos=start, mamba_slot=seq.mamba_slot,
-                       block_table=list(seq.block_table), params=seq.params_dict, seed=seq.seed,
-                       num_drafts=propose, prompt_len=len(seq.prompt_ids))
-        seq.ahead = InFlight(step_id, 1, 0, True, propose)
-        self.num_looked_ahead += 1
-        return step
-
     def _make_room(self, seq: Sequence, positions: int, may_preempt: bool) -> bool:
         """Blocks for `seq` to cover `positions`: free ones, else (if it may) preempt by recompute idle
         sequences that arrived after it, newest first, when that is enough. Never one in flight,
@@ -355,7 +317,7 @@ class Scheduler:
 
     def _requeue(self, seq: Sequence) -> None:
         """Back to waiting with its caches dropped: it recomputes prompt + outputs from position 0."""
-        self._drop_passes(seq)
+        self.ahead.leave(seq)
         self.blocks.free(seq)
         self.running.remove(seq)
         seq.reset_for_recompute()
@@ -376,7 +338,7 @@ class Scheduler:
             return []
         outs, bad = [], []
         for o in result.outputs:
-            if (result.step_id, o.seq_id) in self._dropped:
+            if self.ahead.is_dropped(result.step_id, o.seq_id):
                 continue
             landed = self._land(o.seq_id, result.step_id)
             if landed is None:
@@ -389,20 +351,8 @@ class Scheduler:
         if bad or missing:
             outs += self._failed(bad + missing, f"pass {plan.step_id} returned no valid output for it",
                                  alone=len(plan.seqs) == 1)
-        self._forget_dropped(plan.step_id)
+        self.ahead.landed(plan.step_id)
         return outs
-
-    def _drop_passes(self, seq: Sequence) -> None:
-        """`seq` leaves `running` (ends, or is requeued) with a look-ahead pass of it still out: that pass's
-        output for it is dropped when it lands."""
-        if seq.pending is not None:
-            self._dropped.add((seq.pending.step_id, seq.seq_id))
-            self.num_dropped_ahead += 1
-        seq.pending = seq.ahead = None
-
-    def _forget_dropped(self, step_id: int) -> None:
-        if self._dropped:
-            self._dropped = {d for d in self._dropped if d[0] != step_id}
 
     def pass_failed(self, plan: StepPlan, message: str) -> list[RequestOutput]:
         """A pass raised (an actor that died is fail_all's): its sequences' stage-side state may be
@@ -412,7 +362,7 @@ class Scheduler:
         update() of the same plan (only sequences still in flight in it are touched)."""
         if self._plans.pop(plan.step_id, None) is not None:
             self.released += plan.released      # the stages may not have seen them
-        self._forget_dropped(plan.step_id)
+        self.ahead.landed(plan.step_id)
         seqs = [x[0] for x in (self._land(s.seq_id, plan.step_id) for s in plan.seqs) if x]
         return self._failed(seqs, message, alone=len(plan.seqs) == 1)
 
@@ -479,7 +429,7 @@ class Scheduler:
         return self._finish(seq, "abort") if seq.aborted else self._finish(seq, "error", error=seq.error)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
-        self._drop_passes(seq)
+        self.ahead.leave(seq)
         self.blocks.free(seq)
         if seq in self.running:
             self.running.remove(seq)

@@ -238,7 +238,7 @@ class Sim:
         requeued after it was planned) reads anything and samples nothing that counts."""
         if not self.w.look_ahead:
             return self._execute(s)
-        dropped = (step_id, s.seq_id) in self.sched._dropped
+        dropped = (step_id, s.seq_id) in self.sched.ahead.dropped
         if not dropped:
             self._check_stage_reads(s)
         if s.input_ids == [SAMPLED_TOKEN] and not dropped:  # the token its last pass sampled, now its newest
@@ -360,7 +360,7 @@ class Sim:
         planned = {}
         for plan in self.in_flight:
             for st in plan.seqs:
-                if (plan.step_id, st.seq_id) in s._dropped:   # look-ahead: ended while it was out
+                if (plan.step_id, st.seq_id) in s.ahead.dropped:   # look-ahead: ended while it was out
                     _check(st.seq_id not in s.seqs or s.seqs[st.seq_id].pending is None
                            or s.seqs[st.seq_id].pending.step_id != plan.step_id,
                            f"seq {st.seq_id}: its output in step {plan.step_id} is both dropped and awaited{where}")
@@ -402,7 +402,7 @@ class Sim:
         _check(plan.num_tokens <= w.budget, f"{plan.num_tokens} tokens > budget {w.budget}{where}")
         # Look-ahead: a sequence's own passes run in order, and a dropped step (its sequence ended) runs
         # before any later plan reuses its blocks; its writes are never read.
-        mine, dropped = {st.seq_id for st in plan.seqs}, self.sched._dropped
+        mine, dropped = {st.seq_id for st in plan.seqs}, self.sched.ahead.dropped
         flying = [st for p in self.in_flight for st in p.seqs
                   if st.seq_id not in mine and (p.step_id, st.seq_id) not in dropped]
         others = {b for st in flying for b in st.block_table}

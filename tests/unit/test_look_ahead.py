@@ -51,9 +51,9 @@ def test_tokens_are_the_same_with_and_without_look_ahead(preset_cache, k, model_
     assert with_it == without
     tokens = sum(len(t) for t, _ in with_it.values())
     if k == 0:      # every token but each request's first (its prompt pass) came from a look-ahead step
-        assert on.scheduler.num_looked_ahead == tokens - len(PROMPTS)
+        assert on.scheduler.ahead.num_planned == tokens - len(PROMPTS)
     else:           # seeded random sampling keeps k drafts every step: only greedy requests look ahead
-        assert on.scheduler.num_looked_ahead > 0
+        assert on.scheduler.ahead.num_planned > 0
 
 
 def test_look_ahead_is_off_where_passes_may_run_out_of_order():
@@ -76,7 +76,7 @@ def test_a_stop_with_a_look_ahead_step_out_ends_as_without_it_and_frees_everythi
     with_it = asyncio.run(outputs(on, stopping))
     assert with_it == asyncio.run(outputs(make_engine(False), stopping))
     assert all(reason == "stop" and len(toks) < 30 for toks, reason in with_it.values())
-    assert on.scheduler.num_dropped_ahead == len(PROMPTS)
+    assert on.scheduler.ahead.num_dropped == len(PROMPTS)
     stats = on.stats()
     assert (stats.running, stats.kv_blocks_used, stats.mamba_slots_used) == (0, 0, 0)
 
@@ -95,7 +95,7 @@ def test_an_abort_with_a_look_ahead_step_out_frees_the_request_within_a_pass(pre
                 if got >= 5 and seq.ahead is not None:
                     break
             assert seq.ahead is not None and engine.stats().running == 1
-            dropped = engine.scheduler.num_dropped_ahead
+            dropped = engine.scheduler.ahead.num_dropped
             await stream.aclose()                       # the client goes away
             for _ in range(500):                        # freed when the pass in flight returns
                 if engine.stats().running == 0:
@@ -104,7 +104,7 @@ def test_an_abort_with_a_look_ahead_step_out_frees_the_request_within_a_pass(pre
             stats = engine.stats()
             assert (stats.running, stats.kv_blocks_used, stats.mamba_slots_used) == (0, 0, 0)
             assert stats.requests_aborted == 1 and got < 100
-            assert engine.scheduler.num_dropped_ahead == dropped + 1
+            assert engine.scheduler.ahead.num_dropped == dropped + 1
             # ... and the engine goes on: a new request gets the same tokens as without look-ahead.
             again = await collect(engine, "next", PROMPTS["r1"], SamplingParams(max_tokens=12, ignore_eos=True))
         finally:

@@ -143,7 +143,7 @@ def test_look_ahead_keeps_every_invariant_with_failures_and_adaptive_drafts(w, f
     import dataclasses
     w = dataclasses.replace(w, p_fail=0.1 if fail else 0.0, adaptive=adaptive and any(r.k for r in w.requests))
     sim = Sim(w).run()
-    event(f"looked ahead: {sim.sched.num_looked_ahead > 0}; dropped: {sim.sched.num_dropped_ahead > 0}")
+    event(f"looked ahead: {sim.sched.ahead.num_planned > 0}; dropped: {sim.sched.ahead.num_dropped > 0}")
 
 
 @PROFILE
@@ -164,8 +164,8 @@ def test_look_ahead_plans_each_decode_step_before_the_last_returns_and_drops_wha
     assert stopped_early >= 1
     # Each request's first token comes from its prompt pass, each later one from a look-ahead step; a step
     # was planned after each early stop too (not after a last token by max_tokens), its output dropped.
-    assert sim.sched.num_dropped_ahead == stopped_early
-    assert sim.sched.num_looked_ahead == tokens - 2 + stopped_early
+    assert sim.sched.ahead.num_dropped == stopped_early
+    assert sim.sched.ahead.num_planned == tokens - 2 + stopped_early
 
 
 # ---- the case of the issue, deterministic ------------------------------------------------------------------
