@@ -148,7 +148,10 @@ class ModelServer:
         log.info("model replica %s: loading %r (torch threads %d)", self.replica_id, cfg.engine.model, threads)
         loop = asyncio.get_running_loop()
         # Weights load in a thread so the replica's event loop keeps answering Serve's health checks.
-        self.engine = await loop.run_in_executor(None, AsyncEngine, cfg.engine)
+        engine_cfg = cfg.engine
+        if cfg.torch_threads and not engine_cfg.use_ray:    # the model's own threads (its child process)
+            engine_cfg = dataclasses.replace(engine_cfg, torch_threads=cfg.torch_threads)
+        self.engine = await loop.run_in_executor(None, AsyncEngine, engine_cfg)
         await self.engine.start()
         self.backend = LocalBackend(self.engine, self.replica_id)
         self._reporter = asyncio.create_task(self._report_stats())

@@ -85,7 +85,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help='JSON overrides of Ray Serve\'s autoscaling_config, e.g. \'{"downscale_delay_s": 60}\'')
     a.add_argument("--num-cpus", type=float, default=None,
                    help="logical CPUs of the local Ray cluster (default: max(cores, what the replicas need))")
-    a.add_argument("--torch-threads", type=int, default=None, help="torch threads per replica (default: cores / max)")
+    a.add_argument("--torch-threads", type=int, default=None, help="torch threads of the replica process (default: cores / --max-replicas) and, when "
+                        "given, of its model at -pp 1 -ep 1 (its child process; default 1: on a small machine "
+                        "a second thread competes with the serving path, docs/SERVING.md)")
     a.add_argument("--replica-num-gpus", type=float, default=None,
                    help="GPUs a model replica asks Ray for (default: 1 at -pp 1 -ep 1 when the Ray cluster has "
                         "GPUs, else 0; stage and expert actors take one GPU each)")
