@@ -1,12 +1,15 @@
-"""Where a pass's time goes inside the running engine, MTP off vs k = 3, fused blocks on and off, at one sequence:
-`python -m benchmarks.engine_profile`.
+"""Where a pass's time goes inside the running engine, MTP off vs k = 3, fused blocks on and off, at one sequence,
+and op by op in a decode pass of many sequences: `python -m benchmarks.engine_profile`.
 
 pass_anatomy.py times pieces alone with warm weights; this wraps the engine worker's own methods (a
 timer around each call, ~1 us each) while the engine serves held-out prompts one at a time, so the
 figures include what a real pass pays: weights evicted by the rest of the model, the request's prefill,
 Python around each piece. Per pass = total over the run / passes (a request's prefill is one of them).
 It only wraps methods by name, so it also runs on earlier commits of this repo (copy the file there).
-Prints a table and writes docs/BENCHMARKS.md (section "engine-profile"). Not a test.
+The batch table times every kernel entry point the model calls (kernels/ops.py; the outermost call
+only, so nested ones are not counted twice) in the decode passes of --batch sequences decoding together,
+MTP off; what the pass spends outside them is Python and torch glue.
+Prints tables and writes docs/BENCHMARKS.md (section "engine-profile"). Not a test.
 """
 from __future__ import annotations
 
@@ -51,6 +54,69 @@ def _instrument(engine) -> None:
     kinds = {"M": "Mamba layers", "*": "attention layers", "E": "MoE layers"}
     for layer in model.backbone.layers.values():
         layer.forward = _timed(kinds[layer.kind], layer.forward)
+
+
+def _timed_op(name: str, fn, depth=[0]):
+    """Like _timed, for kernel entry points: only the outermost of nested calls counts."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if depth[0]:
+            return fn(*args, **kwargs)
+        depth[0] += 1
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            TOTAL[name] += time.perf_counter() - t0
+    return wrapper
+
+
+async def run_batch_profile(args) -> tuple[list[list], int, float]:
+    """ms per decode pass of `args.batch` sequences, by kernel entry point (rows), passes, tokens/s."""
+    from kernels import ops
+    folder = resolve_checkpoint(args.model)
+    prompts = heldout_prompts(folder, args.batch, args.prompt_len)
+    engine = AsyncEngine(EngineConfig(model=str(folder), num_speculative_tokens=0, max_model_len=1024,
+                                      max_num_seqs=args.batch, max_num_batched_tokens=4096, torch_threads=1))
+    await engine.start()
+    saved = {n: getattr(ops, n) for n in dir(ops) if not n.startswith("_") and callable(getattr(ops, n))
+             and getattr(getattr(ops, n), "__module__", "") == ops.__name__}
+    try:
+        greedy = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+        await run_batch(engine, prompts, SamplingParams(max_tokens=4, ignore_eos=True), 0, "warm-")
+        for n, fn in saved.items():
+            setattr(ops, n, _timed_op(f"ops.{n}", fn))
+        worker, counted = engine.executor.worker, [0]
+        inner = worker.execute
+
+        def execute(plan, hidden=None):              # count decode passes of the whole batch only
+            before = dict(TOTAL)
+            t0 = time.perf_counter()
+            try:
+                return inner(plan, hidden)
+            finally:
+                if len(plan.seqs) == args.batch and all(st.num_tokens == 1 for st in plan.seqs):
+                    TOTAL["whole pass (worker)"] += time.perf_counter() - t0
+                    counted[0] += 1
+                else:
+                    TOTAL.clear()
+                    TOTAL.update(before)
+        worker.execute = execute
+        TOTAL.clear()
+        n, sec, _ = await run_batch(engine, prompts, greedy, 0, "batch-")
+    finally:
+        for name, fn in saved.items():
+            setattr(ops, name, fn)
+        await engine.shutdown()
+    passes = max(1, counted[0])
+    whole = 1e3 * TOTAL.pop("whole pass (worker)", 0.0) / passes
+    rows = sorted(([name, 1e3 * t / passes, 1e3 * t / passes / whole] for name, t in TOTAL.items()),
+                  key=lambda r: -r[1])
+    rest = whole - sum(r[1] for r in rows)
+    rows = [["whole decode pass (worker)", whole, 1.0]] + rows + \
+        [["the rest: Python and torch glue (layer modules, views, the plan to tensors, sampling)", rest, rest / whole]]
+    return rows, passes, n / sec
 
 
 async def run(args) -> tuple[list[list], float]:
@@ -104,10 +170,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32, help="sequences decoding together in the op-by-op table")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows, ratios = asyncio.run(run(args))
+    batch_rows, batch_passes, batch_tok_s = asyncio.run(run_batch_profile(args))
     body = (f"## Inside an engine pass (`python -m benchmarks.engine_profile --model {args.model}`)\n\n"
             f"Machine: {machine()}; one sequence at a time, {args.prompts} held-out prompts of {args.prompt_len} "
             f"tokens, {args.max_tokens} new tokens, greedy; ms per pass (a request's prefill is one of its "
@@ -119,7 +187,14 @@ def main() -> None:
             + f"\n\nTokens/s ratios in this run (the same {args.prompts} prompts): "
             + "; ".join(f"{name} {r:.2f}x" for name, r in ratios.items())
             + ". Layers include their pre-norm and residual; MTP drafting includes the MTP "
-            "catch-up over the settled tokens and k-1 recursive steps.\n")
+            "catch-up over the settled tokens and k-1 recursive steps.\n\n"
+            f"Op by op, {args.batch} sequences decoding together (MTP off, {args.batch} held-out prompts at once, "
+            f"{args.max_tokens} new tokens each; {batch_passes} decode passes of all {args.batch} timed, prefill passes "
+            f"left out; {batch_tok_s:.0f} output tok/s over the whole run with the timers on). A kernel entry "
+            "point is a function of kernels/ops.py (`linear`: the dense products, MoE experts' included where "
+            "they go through it; `mamba_decode_`: conv + SSM state update of every sequence, one native call "
+            "per layer; `paged_attention_`: KV write + attention); one torch thread.\n\n"
+            + table(["piece", "ms per pass", "share of the pass"], batch_rows) + "\n")
     publish("engine-profile", body, write=not args.no_write)
 
 

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from model_shards import fused_blocks
 from model_shards.batch import BatchLayout
 from model_shards.config import MOE
 from model_shards.model import HybridModel
@@ -74,6 +75,7 @@ def experts_touched(model: HybridModel, prompts: list[list[int]], k: int) -> flo
         if output[1].shape[0] == k + 1:                  # the verification pass, not the prefill
             counts.append(int(output[1].unique().numel()))
     hooks = [r.register_forward_hook(count) for r in routers]
+    fused, fused_blocks.ENABLED = fused_blocks.ENABLED, False      # a fused block never calls the router module
     try:
         for prompt in prompts:
             head, tail = prompt[:-(k + 1)], prompt[-(k + 1):]
@@ -83,6 +85,7 @@ def experts_touched(model: HybridModel, prompts: list[list[int]], k: int) -> flo
             model(torch.tensor(head), BatchLayout.single(len(head), 0, table), cache)
             model(torch.tensor(tail), BatchLayout.single(k + 1, len(head), table, keep_states=True), cache)
     finally:
+        fused_blocks.ENABLED = fused
         for h in hooks:
             h.remove()
     return sum(counts) / max(len(counts), 1)

@@ -6,6 +6,7 @@ hidden states (not last) or a StepResult (last stage): token ids and counts only
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -66,7 +67,8 @@ class StageWorker:
         for s in plan.seqs:
             if s.input_ids == [SAMPLED_TOKEN]:
                 token = self._sampled.get(s.seq_id)
-                s = dataclasses.replace(s, input_ids=[0 if token is None else token])
+                s = copy.copy(s)                   # cheaper than dataclasses.replace, once per sequence
+                s.input_ids = [0 if token is None else token]
             seqs.append(s)
         return dataclasses.replace(plan, seqs=seqs)
 

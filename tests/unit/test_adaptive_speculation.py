@@ -124,9 +124,11 @@ def test_drafts_chosen_adaptively_or_at_random_leave_the_sampling_distribution_a
     random; temperature 0.4 is told apart."""
     engine = AsyncEngine(EngineConfig(model="default", max_model_len=64, max_num_seqs=16, max_queued_requests=N))
     # The adaptive policy with its pass costs frozen (the engine does not feed it timings), so its choices
-    # depend on the sequences' acceptance alone and the run repeats: cheap tokens make it draft, each
-    # sequence as its acceptance says; exploring and probing often make it vary more.
-    adaptive = AdaptivePolicy(3, per_token_s=5e-4, row_s=2e-4, probe_every=3, explore_every=5)
+    # depend on the sequences' acceptance alone and the run repeats: passes bound by a fixed cost and cheap
+    # tokens (a weight-bound pass) make it draft at every batch size up to 16, each sequence as its
+    # acceptance says; exploring and probing often make it vary more. (With a fixed cost of 0.01 s drafting
+    # paid only in small batches, which look-ahead's batches of 16 in lockstep hardly ever were.)
+    adaptive = AdaptivePolicy(3, fixed_s=0.05, per_token_s=5e-4, row_s=2e-4, probe_every=3, explore_every=5)
     monkeypatch.setattr(spec_policy, "FAR_FROM_DRAFTING", 1.0)    # explore at the same pace at every batch size
     engine.adaptive_policy = None
     arms = {"off": (0, None, SAMPLED, 1), "adaptive": (3, adaptive, SAMPLED, 2),
