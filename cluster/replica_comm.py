@@ -49,10 +49,10 @@ def resolve_transport(kind: str, *, gpus: bool, pp: int, ep: int, torch_nccl: bo
     if kind == "auto":
         if not gpus:
             return "ray"
+        if nccl4py:                  # the design's carrier (the 'gpu' extra); torch's own NCCL otherwise
+            return "nccl4py"
         if torch_nccl:
             return "nccl"
-        if nccl4py:
-            return "nccl4py"
         raise ValueError("--transport auto: the Ray cluster has GPUs but neither torch's NCCL nor nccl4py is "
                          "available here; install the 'gpu' extra or pass --transport gloo")
     if kind in ("nccl", "nccl4py") and not gpus:

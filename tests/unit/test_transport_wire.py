@@ -47,11 +47,12 @@ def _resolve(kind, gpus=False, pp=2, ep=2, torch_nccl=True, nccl4py=False):
     return resolve_transport(kind, gpus=gpus, pp=pp, ep=ep, torch_nccl=torch_nccl, nccl4py=nccl4py)
 
 
-def test_auto_transport_is_nccl_on_gpus_and_ray_on_cpus():
+def test_auto_transport_is_nccl4py_then_torch_nccl_on_gpus_and_ray_on_cpus():
     assert _resolve("auto") == "ray"
     assert _resolve("auto", pp=1, ep=2) == "ray" and _resolve("auto", pp=2, ep=1) == "ray"
-    assert _resolve("auto", gpus=True) == "nccl"
+    assert _resolve("auto", gpus=True, nccl4py=True) == "nccl4py"
     assert _resolve("auto", gpus=True, torch_nccl=False, nccl4py=True) == "nccl4py"
+    assert _resolve("auto", gpus=True) == "nccl"                 # nccl4py not installed: torch's NCCL
     assert _resolve("auto", pp=1, ep=1) == "ray" == _resolve("nccl", pp=1, ep=1)   # one actor: no carrier
     assert [_resolve(k) for k in ("ray", "gloo")] == ["ray", "gloo"]
     assert _resolve("gloo", gpus=True) == "gloo"
