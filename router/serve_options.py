@@ -48,8 +48,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--no-draft-vocab", dest="draft_vocab", action="store_false",
                    help="greedy requests draft from the whole vocabulary, not only the checkpoint's draft_vocab.json")
     m.add_argument("--transport", choices=TRANSPORTS, default="auto",
-                   help="how a Ray replica's actors move hidden states and expert tokens: auto (NCCL on GPUs, "
-                        "nccl4py where torch lacks NCCL; ray on CPUs), ray (object store, a Ray call per MoE "
+                   help="how a Ray replica's actors move hidden states and expert tokens: auto (nccl4py on GPUs, "
+                        "torch's NCCL where nccl4py is not installed; ray on CPUs), ray (object store, a Ray call per MoE "
                         "layer), or gloo / nccl / nccl4py collectives (docs/SERVING.md)")
     m.add_argument("--max-model-len", type=int, default=2048, help="context length (prompt + output)")
     m.add_argument("--max-num-seqs", type=int, default=16, help="sequences running at once per replica")
