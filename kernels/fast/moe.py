@@ -5,9 +5,11 @@ experts some row chose and runs each on every row, its output weighted by each r
 (0 for rows that did not choose it). That reads only the chosen experts' weights, as the reference does,
 without its sort-by-expert bookkeeping (argsort, bincount, gathers, index_add), which at a handful of
 rows costs more than the ~5 products (fewer ops; `benchmarks/engine_profile.py` times the MoE layers).
-More rows: where every expert is busy anyway (few experts per choice, T * k >= 2E; not training), every
-row goes through every expert in two GEMMs with a dense (T, E) gate (`_every_expert`); otherwise the
-reference's schedule sorted by expert, with the products of fast/linear.py.
+Exact bfloat16 weights (a checkpoint stored in bfloat16), up to NATIVE_MAX_ROWS rows: one C call that runs
+each chosen expert over the rows that chose it (kernels/fast/native/moe.c), reading its weights once.
+Otherwise, more rows: where every expert is busy anyway (few experts per choice, T * k >= 2E; not
+training), every row goes through every expert in two GEMMs with a dense (T, E) gate (`_every_expert`);
+otherwise the reference's schedule sorted by expert, with the products of fast/linear.py.
 Shapes: x (T, D_in); topk_weights (T, k) float32; topk_ids (T, k) global ids; up (E, I, D_in); down (E, D_in, I).
 """
 from __future__ import annotations
@@ -22,6 +24,10 @@ from .linear import FEW_ROWS, bf16_bits, derived_weight, expert_linear, linear
 # the schedule sorted by expert costs ~6 ops per expert. With few experts per choice and enough rows
 # that every expert is busy anyway (hybrid-mini at 32 rows: 8 experts, top 2), dense wins.
 DENSE_MAX_EXPERTS_PER_CHOICE = 4
+# The native kernel computes only the chosen experts' products (the dense schedule E / k times as many),
+# so it is the cheaper one at a 32-row decode pass too (`benchmarks/engine_profile.py` times the pass).
+# Its scratch (T * I floats) lives on the stack: rows are capped.
+NATIVE_MAX_ROWS = 64
 
 
 def grouped_experts(x, topk_weights, topk_ids, up, down, *, first_expert: int = 0):
@@ -30,14 +36,14 @@ def grouped_experts(x, topk_weights, topk_ids, up, down, *, first_expert: int = 
     E = up.shape[0]
     k = topk_ids.shape[1]
     training = torch.is_grad_enabled() and (up.requires_grad or down.requires_grad)
+    bits = _exact_bf16(x, up, down, training) if T <= NATIVE_MAX_ROWS else None
+    if bits is not None:                                # one C call over the chosen experts' bfloat16 bits
+        return native.moe_experts(x, topk_weights, topk_ids, *bits, first_expert).to(x.dtype)
     if T > FEW_ROWS and E <= DENSE_MAX_EXPERTS_PER_CHOICE * k and T * k >= 2 * E and not training:
         return _every_expert(x, topk_weights, topk_ids, up, down, first_expert)
     if T > FEW_ROWS:
         return _sorted_by_expert(x, topk_weights, topk_ids, up, down, first_expert=first_expert,
                                   expert_linear=expert_linear)
-    bits = _exact_bf16(x, up, down, training)
-    if bits is not None:                                # one C call over the chosen experts' bfloat16 bits
-        return native.moe_experts(x, topk_weights, topk_ids, *bits, first_expert).to(x.dtype)
     weight: dict[int, list[float]] = {}                 # local expert -> routing weight of each row
     for t, (ids, ws) in enumerate(zip((topk_ids - first_expert).tolist(), topk_weights.tolist())):
         for e, w in zip(ids, ws):

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.fast import linear as fast_linear
+from kernels.fast import moe as fast_moe
 from kernels.fast import native
+from kernels.reference import moe as ref_moe
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernels not built: {native.why_not()}")
 
@@ -102,3 +104,25 @@ def test_a_weight_made_in_inference_mode_has_no_version_counter_and_still_works(
         x = _nonzero(torch.randn(2, 16, generator=g))
         torch.testing.assert_close(fast_linear.linear(x, w), F.linear(x, w), atol=2e-5, rtol=2e-5)
     assert calls[0] == 1
+
+
+@pytest.mark.parametrize("T,shard", [(1, None), (32, None), (fast_moe.NATIVE_MAX_ROWS, (2, 4)),
+                                     (fast_moe.NATIVE_MAX_ROWS + 1, None)])
+def test_exact_bf16_experts_take_the_native_kernel_up_to_its_row_cap(seed, monkeypatch, T, shard):
+    """A decode pass of 32 sequences (hybrid-mini: 8 experts, top 2) runs only the chosen experts in C, not
+    every expert densely; past the cap (stack scratch) the torch schedules; the reference's numbers either way."""
+    n = [0]
+    real = native.moe_experts
+    monkeypatch.setattr(native, "moe_experts", lambda *a: (n.__setitem__(0, n[0] + 1), real(*a))[1])
+    g = torch.Generator().manual_seed(seed)
+    E, k, D, I = 8, 2, 48, 32
+    first, owned = (0, E) if shard is None else shard
+    up, down = _weight(g, owned, I, D), _weight(g, owned, D, I)
+    x = _nonzero(torch.randn(T, D, generator=g))
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    wts = torch.rand(T, k, generator=g) + 0.1
+    with torch.no_grad():
+        got = fast_moe.grouped_experts(x, wts, ids, up, down, first_expert=first)
+    ref = ref_moe.grouped_experts(x, wts, ids, up, down, first_expert=first)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    assert n[0] == (1 if T <= fast_moe.NATIVE_MAX_ROWS else 0)
