@@ -20,13 +20,15 @@ import math
 import torch
 
 from . import native
-from .linear import FEW_ROWS, ONEDNN, ONEDNN_MIN_ROWS, bf16_bits, weight_key
+from .linear import PACKED_MAX_ROWS, bf16_bits, packed_bf16, weight_key
+from .moe import NATIVE_MAX_ROWS
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
-# The rows the unfused path sends to the bfloat16 few-rows product (from ONEDNN_MIN_ROWS up, oneDNN's
-# product takes them, whose sums differ in order): the fused path takes exactly these, so it is exact.
-MAX_ROWS = min(FEW_ROWS, ONEDNN_MIN_ROWS - 1) if ONEDNN else FEW_ROWS
+# The rows the unfused path sends to the packed bfloat16 product and the native experts kernel (beyond,
+# oneDNN's product and torch's expert schedules take them, whose sums differ in order): the fused path
+# takes exactly these, so it is exact.
+MAX_ROWS = min(PACKED_MAX_ROWS, NATIVE_MAX_ROWS)
 
 
 def weights_key(tensors) -> tuple:
@@ -51,6 +53,12 @@ def _signatures(lib) -> None:
 def _bits(*weights):
     out = [bf16_bits(w) for w in weights]
     return None if any(b is None for b in out) else out
+
+
+def _packed(*weights):
+    """The dense weights' bfloat16 bits packed for the packed product (the unfused path's own copies)."""
+    bits = _bits(*weights)
+    return None if bits is None else [packed_bf16(w, b) for w, b in zip(weights, bits)]
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -88,11 +96,11 @@ def prepare_moe(norm_w, norm_eps: float, router_w, bias, top_k: int, normalize: 
     lib = native.library()
     if lib is None or not all(_plain(t) for t in (norm_w, router_w)) or (bias is not None and not _plain(bias)):
         return None
-    bits = _bits(*[w for w in (fc1, fc2) if w is not None], up, down, shared_up, shared_down)
-    if bits is None:
+    dense = _packed(*[w for w in (fc1, fc2) if w is not None], shared_up, shared_down)
+    experts = _bits(up, down)
+    if dense is None or experts is None:
         return None
-    if fc1 is None:
-        bits = [None, None] + bits
+    bits = ([None, None] if fc1 is None else dense[:2]) + experts + dense[-2:]
     _signatures(lib)
     E, I, L = up.shape
     dims = (norm_w.shape[0], L, I, E, top_k, shared_up.shape[0], first_expert)
@@ -145,7 +153,7 @@ def prepare_mamba(norm_w, norm_eps: float, in_proj, conv_w, conv_b, A, D, dt_bia
     tensors = (norm_w, conv_w, conv_b, A, D, dt_bias, gnorm_w)
     if lib is None or not all(t is None or _plain(t) for t in tensors):
         return None
-    bits = _bits(in_proj, out_proj)
+    bits = _packed(in_proj, out_proj)
     if bits is None:
         return None
     (_, C, W), (_, H, P, N) = cache_shapes
@@ -203,7 +211,7 @@ def prepare_attention(norm_w, norm_eps: float, wq, wk, wv, wo, H: int, Hkv: int,
     lib = native.library()
     if lib is None or not _plain(norm_w) or H % Hkv:
         return None
-    bits = _bits(wq, wk, wv, wo)
+    bits = _packed(wq, wk, wv, wo)
     if bits is None:
         return None
     _signatures(lib)

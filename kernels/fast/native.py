@@ -117,8 +117,8 @@ def _build() -> ctypes.CDLL:
     lib.mamba_verify_f32.restype = None
     lib.mamba_commit_f32.argtypes = [_i64] * 10 + [_ptr] * 8
     lib.mamba_commit_f32.restype = None
-    lib.linear_bf16w_f32.argtypes = [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64]
-    lib.linear_bf16w_f32.restype = None
+    lib.linear_bf16p_f32.argtypes = [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64]
+    lib.linear_bf16p_f32.restype = None
     lib.rms_norm_f32.argtypes = [_i64, _i64, _ptr, _i64, _ptr, _f32, _ptr]
     lib.rms_norm_f32.restype = None
     lib.gated_rms_norm_f32.argtypes = [_i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _f32, _ptr]
@@ -236,13 +236,13 @@ def mamba_verify_(conv, ssm, scratch, slots: list[int], rows0: list[int], T: int
     return True
 
 
-def linear_bf16w(x, bits, out) -> None:
-    """out (R, O) = x (R, I) @ W^T for W (O, I) given as its bfloat16 bits `bits` (int16, contiguous);
-    x float32 with unit stride along I; out float32 with unit stride along O. The caller checks eligibility
-    (kernels/fast/linear.py) and that the library is built."""
+def linear_bf16_packed(x, packed, out) -> None:
+    """out (R, O) = x (R, I) @ W^T for W given packed (ceil(O/16), I, 16) as kernels/fast/linear.py's
+    packed_bf16 makes it; O = out.shape[1]. x float32 with unit stride along I; out float32 with unit
+    stride along O. The caller checks eligibility and that the library is built."""
     R, I = x.shape
-    O = bits.shape[0]
-    library().linear_bf16w_f32(R, O, I, x.data_ptr(), x.stride(0), bits.data_ptr(), out.data_ptr(), out.stride(0))
+    library().linear_bf16p_f32(R, out.shape[1], I, x.data_ptr(), x.stride(0), packed.data_ptr(), out.data_ptr(),
+                               out.stride(0))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor | None:

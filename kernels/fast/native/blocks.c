@@ -4,12 +4,13 @@
    and calling each from Python costs more than it computes (docs/KERNELS.md, "Fused blocks"). These
    functions call the very kernels of the other files in the order model_shards/ runs them, with the
    same inputs, so their outputs are the unfused native path's, bit for bit: each sum below has two
-   operands (no reassociation can change it). Weights are exact bfloat16 bits (kernels/fast/linear.py
-   bf16_bits); activations float32. Scratch is the caller's (sizes in kernels/fast/native.py). */
+   operands (no reassociation can change it). Dense weights are exact bfloat16 bits packed for
+   linear.c's packed kernel (kernels/fast/linear.py packed_bf16), the experts' as they are (bf16_bits);
+   activations float32. Scratch is the caller's (sizes in kernels/fast/native.py). */
 #include <stdint.h>
 
-void linear_bf16w_f32(int64_t R, int64_t O, int64_t I, const float *x, int64_t x_stride,
-                      const uint16_t *W, float *y, int64_t y_stride);
+void linear_bf16p_f32(int64_t R, int64_t O, int64_t I, const float *x, int64_t x_stride,
+                      const uint16_t *Wp, float *y, int64_t y_stride);
 void rms_norm_f32(int64_t R, int64_t D, const float *x, int64_t x_stride, const float *w, float eps, float *out);
 void gated_rms_norm_f32(int64_t R, int64_t D, int64_t gs, const float *x, int64_t x_stride, const float *z,
                         int64_t z_stride, const float *w, float eps, float *out);
@@ -63,21 +64,21 @@ void moe_block_f32(int64_t T, int64_t D, int64_t L, int64_t I, int64_t E, int64_
     moe_route_f32(T, E, D, x, D, Wr, bias, k, normalize, scaling, ids, weights);
     const float *lat = x;
     if (fc1) {
-        linear_bf16w_f32(T, L, D, x, D, fc1, xl, L);
+        linear_bf16p_f32(T, L, D, x, D, fc1, xl, L);
         lat = xl;
     }
     moe_experts_bf16w_f32(T, k, L, I, E, first, lat, L, ids, weights, up, down, routed);
     if (fc2)
-        linear_bf16w_f32(T, D, L, routed, L, fc2, mixed, D);     /* mixed = routed back to width D */
+        linear_bf16p_f32(T, D, L, routed, L, fc2, mixed, D);     /* mixed = routed back to width D */
     else
         for (int64_t i = 0; i < T * D; ++i)
             mixed[i] = routed[i];
-    linear_bf16w_f32(T, Is, D, x, D, su, hs, Is);
+    linear_bf16p_f32(T, Is, D, x, D, su, hs, Is);
     for (int64_t i = 0; i < T * Is; ++i) {
         float v = hs[i] > 0.0f ? hs[i] : 0.0f;
         hs[i] = v * v;
     }
-    linear_bf16w_f32(T, D, Is, hs, Is, sd, out, D);              /* out = shared, for now */
+    linear_bf16p_f32(T, D, Is, hs, Is, sd, out, D);              /* out = shared, for now */
     add_f32(T * D, mixed, out, mixed);                           /* routed + shared */
     add_f32(T * D, h, mixed, out);                               /* h + mixer */
 }
@@ -102,7 +103,7 @@ void mamba_block_f32(int64_t S, int64_t T, int64_t D, int64_t Di, int64_t C, int
     for (int64_t s = 0; s < S; ++s)
         rows[s] = s * T;
     rms_norm_f32(R, D, h, D, norm_w, eps, x);
-    linear_bf16w_f32(R, F, D, x, D, Win, zxbcdt, F);
+    linear_bf16p_f32(R, F, D, x, D, Win, zxbcdt, F);
     if (s_cum)
         mamba_verify_f32(S, T, C, K, H, P, N, G, rows, slots, zxbcdt + Di, F, zxbcdt + Di + C, F, conv, ssm,
                          conv_w, conv_b, A, Dp, dt_bias, dt_lo, dt_hi, clamp, y, Di, s_conv, s_cum, s_dtx, s_B,
@@ -111,7 +112,7 @@ void mamba_block_f32(int64_t S, int64_t T, int64_t D, int64_t Di, int64_t C, int
         mamba_decode_f32(S, C, K, H, P, N, G, rows, slots, zxbcdt + Di, F, zxbcdt + Di + C, F, conv, ssm,
                          conv_w, conv_b, A, Dp, dt_bias, dt_lo, dt_hi, clamp, y, Di);
     gated_rms_norm_f32(R, Di, gs, y, Di, zxbcdt, F, gnorm_w, geps, g);
-    linear_bf16w_f32(R, D, Di, g, Di, Wout, x, D);               /* x = the mixer's output */
+    linear_bf16p_f32(R, D, Di, g, Di, Wout, x, D);               /* x = the mixer's output */
     add_f32(R * D, h, x, out);
 }
 
@@ -129,14 +130,14 @@ int attention_block_f32(int64_t S, int64_t T, int64_t D, int64_t H, int64_t Hkv,
     const int64_t Q = H * Dh, KV = Hkv * Dh;
     float *x = scratch, *q = x + T * D, *k = q + T * Q, *v = k + T * KV, *a = v + T * KV;
     rms_norm_f32(T, D, h, D, norm_w, eps, x);
-    linear_bf16w_f32(T, Q, D, x, D, Wq, q, Q);
-    linear_bf16w_f32(T, KV, D, x, D, Wk, k, KV);
-    linear_bf16w_f32(T, KV, D, x, D, Wv, v, KV);
+    linear_bf16p_f32(T, Q, D, x, D, Wq, q, Q);
+    linear_bf16p_f32(T, KV, D, x, D, Wk, k, KV);
+    linear_bf16p_f32(T, KV, D, x, D, Wv, v, KV);
     int rc = paged_attention_f32(S, H, Hkv, Dh, bs, rows0, lens, starts, tables, q, Q, k, KV, v, KV, k_cache,
                                  v_cache, scale, a, Q);
     if (rc != 0)
         return rc;
-    linear_bf16w_f32(T, D, Q, a, Q, Wo, x, D);                   /* x = the mixer's output */
+    linear_bf16p_f32(T, D, Q, a, Q, Wo, x, D);                   /* x = the mixer's output */
     add_f32(T * D, h, x, out);
     return 0;
 }

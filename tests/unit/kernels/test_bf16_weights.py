@@ -1,7 +1,7 @@
-"""The few-rows product from exact bfloat16 weights (kernels/fast/native/linear.c through
+"""The product from exact bfloat16 weights (kernels/fast/native/linear.c's packed kernel through
 kernels/fast/linear.py): where a float32 weight holds bfloat16 values (a checkpoint stored in bfloat16),
-1 to FEW_ROWS rows read its bfloat16 bits and give F.linear's numbers up to the order of the sums; any
-other weight, and autograd, keep the torch product."""
+1 to PACKED_MAX_ROWS rows read its packed bfloat16 bits and give F.linear's numbers up to the order of the
+sums; more rows, any other weight, and autograd, keep the torch products."""
 from __future__ import annotations
 
 import pytest
@@ -29,16 +29,16 @@ def _weight(g, *shape, exact=True):
 def calls(monkeypatch):
     """How many products went through the native kernel."""
     n = [0]
-    real = native.linear_bf16w
+    real = native.linear_bf16_packed
 
     def counted(*a):
         n[0] += 1
         return real(*a)
-    monkeypatch.setattr(native, "linear_bf16w", counted)
+    monkeypatch.setattr(native, "linear_bf16_packed", counted)
     return n
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, fast_linear.FEW_ROWS - 1])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 17, fast_linear.PACKED_MAX_ROWS])
 @pytest.mark.parametrize("out_features,in_features", [(40, 24), (300, 256), (7, 513)])
 def test_few_rows_from_exact_bf16_weights_are_f_linear(seed, calls, rows, out_features, in_features):
     g = torch.Generator().manual_seed(seed)
@@ -48,6 +48,23 @@ def test_few_rows_from_exact_bf16_weights_are_f_linear(seed, calls, rows, out_fe
     assert calls[0] == 1
     x3 = _nonzero(torch.randn(1, rows, in_features, generator=g))[:, :, :]     # leading dims kept
     assert fast_linear.linear(x3, w).shape == (1, rows, out_features)
+
+
+def test_more_rows_than_the_cap_keep_the_torch_product(seed, calls):
+    g = torch.Generator().manual_seed(seed)
+    w = _weight(g, 40, 24)
+    x = _nonzero(torch.randn(fast_linear.PACKED_MAX_ROWS + 1, 24, generator=g))
+    with torch.no_grad():
+        torch.testing.assert_close(fast_linear.linear(x, w), F.linear(x, w), atol=2e-5, rtol=2e-5)
+    assert calls[0] == 0
+
+
+def test_packing_puts_sixteen_features_last_and_zeros_past_the_end():
+    bits = torch.arange(3 * 20 * 5, dtype=torch.int16).view(3, 20, 5)            # (E, O, I)
+    p = fast_linear.pack16(bits)
+    assert p.shape == (3, 2, 5, 16)
+    assert torch.equal(p[1, 0, 2], bits[1, :16, 2]) and torch.equal(p[1, 1, 2, :4], bits[1, 16:, 2])
+    assert not p[:, 1, :, 4:].any()
 
 
 def test_a_weight_that_is_not_bf16_keeps_the_torch_product(seed, calls):

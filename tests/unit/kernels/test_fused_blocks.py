@@ -31,7 +31,9 @@ CONFIGS = {
     "tiny": get_preset("tiny"),
     "tiny-nolatent-g1": get_preset("tiny").replace(name="tiny-nolatent-g1", moe_latent_size=None, n_groups=1),
 }
-BS, NUM_BLOCKS, SLOTS, PROMPT = 4, 64, 8, 9
+BS, PROMPT = 4, 9
+SLOTS = fused.MAX_ROWS + 1                  # a decode pass of every row count the fused path takes, and one more
+NUM_BLOCKS = 4 * SLOTS
 
 
 def bf16_model(cfg, seed: int) -> HybridModel:
@@ -112,7 +114,7 @@ def kinds(model) -> dict[str, int]:
     return {"moe": pattern.count("E"), "mamba": pattern.count("M"), "attention": pattern.count("*")}
 
 
-@pytest.mark.parametrize("S", [1, 3, fused.MAX_ROWS])
+@pytest.mark.parametrize("S", [1, 3, 8, 32, fused.MAX_ROWS])
 def test_decode_steps_are_the_unfused_path_bit_for_bit(model, seed, taken, S):
     slots = torch.randperm(SLOTS, generator=torch.Generator().manual_seed(seed))[:S].tolist()
     cache, tbl = prefilled(model, seed, slots)
