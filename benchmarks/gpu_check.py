@@ -6,8 +6,10 @@ choice) and the batched torch path (kernels/fast/) at Nemotron-3-Super's real sh
 512 experts of 2688 (22 per token, latent 1024); decode batches of 32 sequences at a 4096-token
 context, verification of k+1 = 4 positions. Per op: the largest error against the reference (and
 whether it is within the dtype's tolerance), median time of the Triton kernel and of the torch path
-over CUDA events, and the kernel's achieved bandwidth (the bytes the op must move / its time) against
-a 1 GiB device-to-device copy timed in the same run. Activations bfloat16, Mamba states float32.
+over CUDA events, the kernel's achieved bandwidth (the bytes the op must move / its time) against a
+1 GiB device-to-device copy, and its achieved compute (the FLOPs the op must do / its time) against an
+8192^3 bfloat16 matmul, both timed in the same run: one table, a row per case, every Triton op (a
+kernel without a row is named under the table). Activations bfloat16, Mamba states float32.
 
 Without a GPU it runs a tiny version under Triton's interpreter (TRITON_INTERPRET=1) and says so: a
 check that the script and the kernels run, not a measurement. Prints a table and writes JSON (--out).
@@ -49,7 +51,8 @@ TOL = {torch.bfloat16: (3e-2, 3e-2), torch.float16: (4e-3, 4e-3), torch.float32:
 
 def _cases(d: dict, dev: str, act: torch.dtype):
     """(op, shape label, make() -> (args, kwargs) on fresh random tensors, indices of args updated in
-    place, bytes the op must move at least)."""
+    place, bytes the op must move at least, FLOPs it must do at least). FLOPs: a multiply-add counts 2,
+    an exp, sigmoid or compare 1; SiLU 4 (exp, add, divide, multiply); 0 for pure data movement."""
     S, H, P, N, G, K, T = d["S"], d["H"], d["P"], d["N"], d["G"], d["K"], d["T"]
     d_inner = H * P
     conv = d_inner + 2 * G * N
@@ -78,6 +81,14 @@ def _cases(d: dict, dev: str, act: torch.dtype):
 
     def conv_step():
         return (r(S, conv, K - 1).float(), r(S, conv), r(conv, K, dtype=f32, scale=0.5), r(conv, dtype=f32)), {}
+
+    def conv_step_new():                                      # conv_step: new windows, the input left alone
+        (states, x, w, b), kw = conv_step()
+        return (x, states, w, b), kw
+
+    def ssd_advance():                                        # the commit: S stacked states play the layers
+        (state, cum, dtx, B, _), _ = ssd_state_at()
+        return (state, cum, dtx, B, T - 1), {}
 
     def conv_update():
         return (r(S, T, conv), r(S, conv, K - 1).float(), r(conv, K, dtype=f32, scale=0.5), r(conv, dtype=f32)), {}
@@ -120,6 +131,17 @@ def _cases(d: dict, dev: str, act: torch.dtype):
     Tp = sum(lens)
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=dev)
 
+    def conv_prefill():
+        return ((r(Tp, conv), r(conv, K, dtype=f32, scale=0.5), r(conv, dtype=f32), cu,
+                 r(len(lens), conv, K - 1).float()), dict(max_seqlen=max(lens)))
+
+    def conv_one():
+        return (r(lens[0], conv), r(conv, K, dtype=f32, scale=0.5), r(conv, dtype=f32), r(conv, K - 1).float()), {}
+
+    def kv_write():                                           # a prompt chunk into a shuffled block table
+        kc, vc, tables = pool(1)
+        return (kc, vc, r(lens[0], Hkv, Dh), r(lens[0], Hkv, Dh), tables[0], ctx - lens[0] // 2), {}
+
     def ssd_prefill():
         A, D, bias = ssd_params()
         return (r(Tp, H, P), r(Tp, H, scale=0.5), A, r(Tp, G, N), r(Tp, G, N), D, bias), dict(
@@ -142,28 +164,50 @@ def _cases(d: dict, dev: str, act: torch.dtype):
 
     state = S * H * P * N * 4
     experts = min(E, Tm * k)                                  # about: distinct experts the batch chooses
+    lens_label = "+".join(map(str, lens))
+    conv_bytes = 2 * S * conv * (K - 1) * 4 + 2 * S * conv * a_sz
+    scan = 5 * S * H * P * N                                  # decay, dt x B, add; C . state
+    verify = 2 * S * T * H * P * N + 2 * S * T * T * G * N + S * T * (T + 1) * H * P
+    commit = S * H * P * N * (2 * T + 1)                      # decayed state + T decayed dt x B outer products
+    silu = 4
+    prefill_ctx = [min(ln, math.ceil(max(lens) * 2 / bs) * bs - ln) for ln in lens]   # as prefill_attn's starts
     return [
-        ("ssd_update_", f"S{S} H{H} P{P} N{N}", ssd_update, (0,), 2 * state + 2 * S * d_inner * a_sz),
-        ("ssd_verify", f"S{S} T{T} H{H} P{P} N{N}", ssd_verify, (), state + S * T * d_inner * (2 * a_sz + 4)),
-        ("ssd_state_at", f"S{S} T{T} H{H} P{P} N{N}", ssd_state_at, (), 2 * state + S * T * d_inner * 4),
-        ("conv_step_", f"S{S} C{conv} K{K}", conv_step, (0,), 2 * S * conv * (K - 1) * 4 + 2 * S * conv * a_sz),
+        ("ssd_update_", f"S{S} H{H} P{P} N{N}", ssd_update, (0,), 2 * state + 2 * S * d_inner * a_sz, scan),
+        ("ssd_step", f"S{S} H{H} P{P} N{N}", ssd_update, (), 2 * state + 2 * S * d_inner * a_sz, scan),
+        ("ssd_verify", f"S{S} T{T} H{H} P{P} N{N}", ssd_verify, (), state + S * T * d_inner * (2 * a_sz + 4), verify),
+        ("ssd_state_at", f"S{S} T{T} H{H} P{P} N{N}", ssd_state_at, (), 2 * state + S * T * d_inner * 4, commit),
+        ("ssd_advance_", f"L{S} T{T} H{H} P{P} N{N}", ssd_advance, (0,),
+         2 * state + S * T * (H + d_inner + G * N) * 4, commit),
+        ("conv_step_", f"S{S} C{conv} K{K}", conv_step, (0,), conv_bytes, S * conv * (2 * K + silu)),
+        ("conv_step", f"S{S} C{conv} K{K}", conv_step_new, (), conv_bytes, S * conv * (2 * K + silu)),
         ("causal_conv1d_update", f"S{S} T{T} C{conv} K{K}", conv_update, (),
-         S * conv * (K - 1) * 4 + S * T * conv * (K - 1 + 2) * a_sz),
-        ("gated_rms_norm", f"rows {S} D{d_inner} G{G}", gated(S), (), 3 * S * d_inner * a_sz),
-        ("gated_rms_norm", f"rows {d['rows']} D{d_inner} G{G}", gated(d["rows"]), (), 3 * d["rows"] * d_inner * a_sz),
-        ("rms_norm", f"rows {S} D{d['hidden']}", rms(S), (), 2 * S * d["hidden"] * a_sz),
-        ("rms_norm", f"rows {d['rows']} D{d['hidden']}", rms(d["rows"]), (), 2 * d["rows"] * d["hidden"] * a_sz),
+         S * conv * (K - 1) * 4 + S * T * conv * (K - 1 + 2) * a_sz, S * T * conv * (2 * K + silu)),
+        ("causal_conv1d_varlen", f"lens {lens_label} C{conv} K{K}", conv_prefill, (),
+         2 * Tp * conv * a_sz + len(lens) * conv * (K - 1) * (4 + a_sz), Tp * conv * (2 * K + silu)),
+        ("causal_conv1d", f"L{lens[0]} C{conv} K{K}", conv_one, (),
+         2 * lens[0] * conv * a_sz + conv * (K - 1) * (4 + a_sz), lens[0] * conv * (2 * K + silu)),
+        ("gated_rms_norm", f"rows {S} D{d_inner} G{G}", gated(S), (), 3 * S * d_inner * a_sz, 9 * S * d_inner),
+        ("gated_rms_norm", f"rows {d['rows']} D{d_inner} G{G}", gated(d["rows"]), (), 3 * d["rows"] * d_inner * a_sz,
+         9 * d["rows"] * d_inner),
+        ("rms_norm", f"rows {S} D{d['hidden']}", rms(S), (), 2 * S * d["hidden"] * a_sz, 4 * S * d["hidden"]),
+        ("rms_norm", f"rows {d['rows']} D{d['hidden']}", rms(d["rows"]), (), 2 * d["rows"] * d["hidden"] * a_sz,
+         4 * d["rows"] * d["hidden"]),
+        ("write_kv", f"T{lens[0]} H{Hkv} Dh{Dh} bs{bs}", kv_write, (0, 1), 4 * lens[0] * Hkv * Dh * a_sz, 0),
         ("decode_attention", f"S{S} ctx~{ctx} H{Hq}/{Hkv} Dh{Dh} bs{bs}", decode_attn, (3, 4),
-         2 * S * ctx * Hkv * Dh * a_sz + 2 * S * Hq * Dh * a_sz),
+         2 * S * ctx * Hkv * Dh * a_sz + 2 * S * Hq * Dh * a_sz, S * Hq * ctx * (4 * Dh + 5)),
         ("paged_attention", f"T{T} ctx{2 * ctx} H{Hq}/{Hkv} Dh{Dh}", verify_attn, (),
-         2 * 2 * ctx * Hkv * Dh * a_sz),
-        ("grouped_experts", f"T{Tm} k{k} E{E} I{inter} latent{lat}", moe, (), experts * 2 * inter * lat * a_sz),
-        ("ssd_chunk_scan_varlen", f"lens {'+'.join(map(str, lens))} H{H} P{P} N{N} chunk{d['chunk']}", ssd_prefill,
-         (), Tp * (2 * d_inner + 2 * G * N + H) * a_sz + 2 * len(lens) * H * P * N * 4),
-        ("prefill_attention", f"lens {'+'.join(map(str, lens))} H{Hq}/{Hkv} Dh{Dh} bs{bs}", prefill_attn, (),
-         2 * Tp * Hq * Dh * a_sz + 2 * sum(2 * ln for ln in lens) * Hkv * Dh * a_sz),
-        ("verify_greedy", f"S{S} k{T - 1} V{V}", lambda: verify_args(False), (), S * T * V * a_sz),
-        ("verify_random", f"S{S} k{T - 1} V{V}", lambda: verify_args(True), (), S * (2 * T - 1) * V * 4),
+         2 * 2 * ctx * Hkv * Dh * a_sz, T * Hq * 2 * ctx * (4 * Dh + 5)),
+        ("grouped_experts", f"T{Tm} k{k} E{E} I{inter} latent{lat}", moe, (), experts * 2 * inter * lat * a_sz,
+         Tm * k * (4 * inter * lat + 2 * inter + 2 * lat)),    # up and down GEMMs, relu², weighted sum
+        ("ssd_chunk_scan_varlen", f"lens {lens_label} H{H} P{P} N{N} chunk{d['chunk']}", ssd_prefill,
+         (), Tp * (2 * d_inner + 2 * G * N + H) * a_sz + 2 * len(lens) * H * P * N * 4,
+         Tp * (6 * H * P * N + d["chunk"] * (2 * G * N + H * P))),   # B x, C . state, state passing; C B, its sum
+        ("prefill_attention", f"lens {lens_label} H{Hq}/{Hkv} Dh{Dh} bs{bs}", prefill_attn, (),
+         2 * Tp * Hq * Dh * a_sz + 2 * sum(2 * ln for ln in lens) * Hkv * Dh * a_sz,
+         sum(Hq * (4 * Dh + 5) * (ln * st + ln * (ln + 1) // 2) for ln, st in zip(lens, prefill_ctx))),
+        ("verify_greedy", f"S{S} k{T - 1} V{V}", lambda: verify_args(False), (), S * T * V * a_sz, S * T),
+        ("verify_random", f"S{S} k{T - 1} V{V}", lambda: verify_args(True), (), S * (2 * T - 1) * V * 4,
+         5 * S * T * V),                                      # p - q, max 0, sum, scale, cumulative sum
     ]
 
 
@@ -251,8 +295,9 @@ def kernel_part(iters: int = 50) -> dict:
     copy = copy_bandwidth_gbs() if CUDA else None
     tflops = matmul_tflops() if CUDA else None
     rows = []
-    for op, shape, make, mutated, nbytes in _cases(dims, dev, act):
-        row = dict(op=op, shape=shape, bytes=nbytes)
+    cases = _cases(dims, dev, act)
+    for op, shape, make, mutated, nbytes, flops in cases:
+        row = dict(op=op, shape=shape, bytes=nbytes, flops=flops)
         try:
             row["max_err"], row["ok"] = _check(op, make, mutated)
             args, kw = make()
@@ -262,17 +307,20 @@ def kernel_part(iters: int = 50) -> dict:
             if CUDA:
                 row["gbs"] = nbytes / row["triton_ms"] / 1e6
                 row["of_copy"] = row["gbs"] / copy
+                row["tflops"] = flops / row["triton_ms"] / 1e9
+                row["of_matmul"] = row["tflops"] / tflops
         except Exception as e:                                   # report and go on to the next op
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         row["target"] = _target(row)
         rows.append(row)
     return dict(device=torch.cuda.get_device_name() if CUDA else f"CPU ({platform.machine()})",
                 interpreter=bool(tk.INTERPRET), activations=str(act), copy_gbs=copy, matmul_tflops=tflops,
-                rows=rows)
+                rows=rows, ops_without_row=sorted(set(tk.OPS) - {c[0] for c in cases}))
 
 
 def _table(result: dict) -> str:
-    head = ["op", "shape", "max err", "ok", "triton ms", "torch ms", "speedup", "GB/s", "of copy", "target"]
+    head = ["op", "shape", "max err", "ok", "triton ms", "torch ms", "speedup", "GB/s", "of copy", "TFLOP/s",
+            "of bf16 matmul", "target"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in result["rows"]:
         if "error" in r:
@@ -281,8 +329,11 @@ def _table(result: dict) -> str:
         cells = [r["op"], r["shape"], f"{r['max_err']:.2e}", "yes" if r["ok"] else "NO",
                  f"{r['triton_ms']:.3f}", f"{r['torch_ms']:.3f}", f"{r['torch_ms'] / r['triton_ms']:.2f}x",
                  f"{r['gbs']:.0f}" if "gbs" in r else "-", f"{r['of_copy']:.0%}" if "of_copy" in r else "-",
-                 r["target"]]
+                 f"{r['tflops']:.2f}" if r.get("flops") and "tflops" in r else "-",
+                 f"{r['of_matmul']:.1%}" if r.get("flops") and "of_matmul" in r else "-", r["target"]]
         lines.append(" | ".join(cells))
+    if result.get("ops_without_row"):
+        lines.append(f"Triton ops without a row: {', '.join(result['ops_without_row'])}")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ Dispatch (docs/KERNELS.md), per call, for the ops in _FAST below:
     "fast": the fast path; "reference": the plain-torch reference (per-sequence loops for the batched
         ops; ssd_verify / ssd_state_at / ssd_advance_, whose contract only the fast path defines, use it)
 The variable is read at every call (tests set it), the other ops (no Triton kernel yet: linear, the
-router, the prefill conv and chunked scan, sampling) are bound directly, with no dispatch at all.
+router, the chunked scan, sampling) are bound directly, with no dispatch at all.
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ from .reference import moe as _ref_moe
 from .reference import norm as _ref_norm
 from .reference import sampling as _ref_sampling
 from .reference import ssd as _ref_ssd
-from .reference.conv1d import causal_conv1d  # noqa: F401
 from .reference.moe import route  # noqa: F401
 from .reference.sampling import probs_from_logits, rejection_sample  # noqa: F401
 from .reference.ssd import ssd_chunk_scan  # noqa: F401
@@ -121,6 +120,22 @@ def conv_step_(states, x, weight, bias, *, activation=True):
 
 def causal_conv1d_update(x, state, weight, bias, *, activation=True):
     return _pick("causal_conv1d_update", x)(x, state, weight, bias, activation=activation)
+
+
+def causal_conv1d(x, weight, bias, initial_state=None, *, activation=True):
+    return _pick("causal_conv1d", x)(x, weight, bias, initial_state, activation=activation)
+
+
+def causal_conv1d_varlen(x, weight, bias, cu_seqlens, initial_states=None, *, activation=True, max_seqlen=None):
+    return _pick("causal_conv1d_varlen", x)(x, weight, bias, cu_seqlens, initial_states, activation=activation,
+                                            max_seqlen=max_seqlen)
+
+
+def prefill_conv_batched(x) -> bool:
+    """Whether causal_conv1d_varlen runs its Triton kernel for x: the model then convolves all its prompt
+    chunks in one call. Otherwise it loops causal_conv1d per sequence (the CPU path: the varlen reference
+    is that same loop plus a gather and a scatter of the windows)."""
+    return _pick("causal_conv1d_varlen", x) is not _FAST["causal_conv1d_varlen"]   # (no triton import on a CPU)
 
 
 def ssd_step(state, x, dt, A, B, C, D, dt_bias, *, dt_limit=(0.0, float("inf"))):
@@ -307,6 +322,8 @@ _FAST = {
     "conv_step": _fast_conv.conv_step,
     "conv_step_": _fast_conv.conv_step_,
     "causal_conv1d_update": _fast_conv.causal_conv1d_update,
+    "causal_conv1d": _ref_conv.causal_conv1d,           # prefill: no CPU fast path, the reference
+    "causal_conv1d_varlen": _ref_conv.causal_conv1d_varlen,
     "ssd_step": _fast_ssd.ssd_step,
     "ssd_update_": _fast_ssd.ssd_update_,
     "ssd_verify": _fast_ssd.ssd_verify,

@@ -58,6 +58,9 @@ class Mamba2Mixer(nn.Module):
         D, dt_bias = self.D.float(), self.dt_bias.float()
         conv_w = self.conv1d.weight[:, 0, :]                                 # (C, K)
         y = torch.empty(h.shape[0], cfg.d_inner, dtype=h.dtype, device=h.device)
+        if batch.slots is not None:                        # a CUDA-graph decode pass: slots on the device
+            self._decode_rows(batch.slots, xBC, dt, A, D, dt_bias, conv_w, cache, y)
+            return self.out_proj(self.norm(y, z))
         steps = [s for s in batch.seqs if s.num_tokens == 1 and not s.keep_states]
         if steps:                                          # decode steps of all sequences at once
             self._decode_steps(steps, xBC, dt, A, D, dt_bias, conv_w, cache, y)
@@ -79,14 +82,19 @@ class Mamba2Mixer(nn.Module):
                  if not s.keep_states and s.num_tokens > 1 and s.num_tokens > self.short_chunk]
         if longs:
             dev, cu, xbcs = h.device, [0], []
-            for s in longs:                                # the conv per sequence (its own window)
-                xbc, conv_state = ops.causal_conv1d(xBC[s.offset:s.end], conv_w, self.conv1d.bias,
-                                                    None if s.start_pos == 0 else cache.conv[s.mamba_slot])
-                cache.conv[s.mamba_slot] = conv_state.float()
-                xbcs.append(xbc)
-                cu.append(cu[-1] + s.num_tokens)
+            if ops.prefill_conv_batched(xBC):              # the Triton kernel: one call for all the chunks
+                for s in longs:
+                    cu.append(cu[-1] + s.num_tokens)
+                xbcs = [self._prefill_conv(longs, cu, xBC, conv_w, cache)]
+            else:
+                for s in longs:                            # the conv per sequence (its own window)
+                    xbc, conv_state = ops.causal_conv1d(xBC[s.offset:s.end], conv_w, self.conv1d.bias,
+                                                        None if s.start_pos == 0 else cache.conv[s.mamba_slot])
+                    cache.conv[s.mamba_slot] = conv_state.float()
+                    xbcs.append(xbc)
+                    cu.append(cu[-1] + s.num_tokens)
             one = len(longs) == 1
-            x, B, C = self._split_xbc(xbcs[0] if one else torch.cat(xbcs))
+            x, B, C = self._split_xbc(xbcs[0] if len(xbcs) == 1 else torch.cat(xbcs))
             dts = dt[longs[0].offset:longs[0].end] if one else torch.cat([dt[s.offset:s.end] for s in longs])
             slots = torch.tensor([s.mamba_slot for s in longs], device=dev)
             fresh = [s.start_pos == 0 for s in longs]
@@ -104,6 +112,26 @@ class Mamba2Mixer(nn.Module):
                 cache.ssm[s.mamba_slot] = ssm_states[i]
                 y[s.offset:s.end] = ys[lo:lo + s.num_tokens]
         return self.out_proj(self.norm(y, z))
+
+    def _prefill_conv(self, seqs, cu, xBC, conv_w, cache: MambaLayerCache) -> torch.Tensor:
+        """The conv of the prompt chunks `seqs` (rows cu[i]:cu[i+1] of the result) in one causal_conv1d_varlen
+        call: windows gathered from the slots (zeros for a fresh sequence), the final ones written back."""
+        dev = xBC.device
+        slots = torch.tensor([s.mamba_slot for s in seqs], device=dev)
+        fresh = [s.start_pos == 0 for s in seqs]
+        conv0 = None                                       # all fresh: zeros
+        if not all(fresh):
+            conv0 = cache.conv.index_select(0, slots)      # (S, C, K-1)
+            if any(fresh):
+                keep = torch.tensor([not f for f in fresh], device=dev)
+                conv0 = torch.where(keep[:, None, None], conv0, 0.0)
+        xbc = (xBC[seqs[0].offset:seqs[0].end] if len(seqs) == 1     # (sum L, C)
+               else torch.cat([xBC[s.offset:s.end] for s in seqs]))
+        y, final = ops.causal_conv1d_varlen(xbc, conv_w, self.conv1d.bias,
+                                            torch.tensor(cu, dtype=torch.int32, device=dev), conv0,
+                                            max_seqlen=max(s.num_tokens for s in seqs))
+        cache.conv.index_copy_(0, slots, final.float())
+        return y
 
     def _decode_steps(self, steps, xBC, dt, A, D, dt_bias, conv_w, cache: MambaLayerCache, y) -> None:
         """One token of each sequence in `steps`: one batched update. The SSM states (the big tensor) are
@@ -142,6 +170,21 @@ class Mamba2Mixer(nn.Module):
             ys = ops.ssd_update_(cache.ssm[lo:hi], spread(x), spread(dts), A, spread(B), spread(C), D, dt_bias,
                                  dt_limit=self.cfg.time_step_limit, live=live).index_select(0, pos)
         y.index_copy_(0, rows, ys.reshape(n, self.cfg.d_inner).to(y.dtype))
+
+    def _decode_rows(self, slots: torch.Tensor, xBC, dt, A, D, dt_bias, conv_w, cache: MambaLayerCache, y) -> None:
+        """Row r: one decode token of the sequence in slot slots[r] (n,) int64 on the device. The same kernels
+        as _decode_steps' gather-and-scatter path, with nothing decided on the host, so that a CUDA graph
+        can record it; rows sharing a slot (cuda_graphs.py's padding, all on its scratch slot) write it in
+        any order."""
+        n = xBC.shape[0]
+        conv = cache.conv.index_select(0, slots)                            # (n, C, K-1)
+        xbc = ops.conv_step_(conv, xBC.contiguous(), conv_w, self.conv1d.bias)
+        cache.conv.index_copy_(0, slots, conv)
+        x, B, C = self._split_xbc(xbc)
+        state = cache.ssm.index_select(0, slots)                            # (n, H, P, N)
+        ys = ops.ssd_update_(state, x, dt.contiguous(), A, B, C, D, dt_bias, dt_limit=self.cfg.time_step_limit)
+        cache.ssm.index_copy_(0, slots, state)
+        y.copy_(ys.reshape(n, self.cfg.d_inner))
 
     def _prefill_short(self, seqs, xBC, dt, A, D, dt_bias, conv_w, cache: MambaLayerCache, y) -> None:
         """Prompt chunks of the same length T <= short_chunk of several sequences at once: the chunk in the

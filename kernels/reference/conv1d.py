@@ -23,6 +23,17 @@ def causal_conv1d(x, weight, bias, initial_state=None, *, activation: bool = Tru
     return y.t(), xs[:, -(K - 1):].clone()
 
 
+def causal_conv1d_varlen(x, weight, bias, cu_seqlens, initial_states=None, *, activation: bool = True,
+                         max_seqlen=None):
+    """S sequences flat in x (L, C), sequence s at rows cu_seqlens[s]:cu_seqlens[s+1]; initial_states
+    (S, C, K-1) or None (all fresh). causal_conv1d per sequence: y (L, C) and final states (S, C, K-1) in
+    x's dtype. max_seqlen is the Triton kernel's hint (kernels/triton/conv1d.py), unused here."""
+    cu = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
+    outs = [causal_conv1d(x[a:b], weight, bias, None if initial_states is None else initial_states[s],
+                          activation=activation) for s, (a, b) in enumerate(zip(cu, cu[1:]))]
+    return torch.cat([y for y, _ in outs]), torch.stack([st for _, st in outs])
+
+
 def causal_conv1d_update(x, state, weight, bias, *, activation: bool = True):
     """T new positions (decode or verification). state (C, K-1) is not modified.
 

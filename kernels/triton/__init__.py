@@ -4,7 +4,7 @@
     ssd.py        selective state update (ssd_step, ssd_update_), verification (ssd_verify) and the
                   commit of a verified position (ssd_state_at, ssd_advance_)
     conv1d.py     causal depthwise conv1d: one-step update (conv_step, conv_step_), T positions
-                  (causal_conv1d_update)
+                  (causal_conv1d_update), whole prompt chunks (causal_conv1d_varlen, causal_conv1d)
     norm.py       rms_norm, gated_rms_norm
     attention.py  paged GQA attention: decode_attention, paged_attention, prefill_attention (varlen,
                   S sequences' queries flat); write_kv
@@ -31,6 +31,8 @@ OPS = {
     "conv_step": conv1d.conv_step,
     "conv_step_": conv1d.conv_step_,
     "causal_conv1d_update": conv1d.causal_conv1d_update,
+    "causal_conv1d": conv1d.causal_conv1d,
+    "causal_conv1d_varlen": conv1d.causal_conv1d_varlen,
     "ssd_step": ssd.ssd_step,
     "ssd_update_": ssd.ssd_update_,
     "ssd_verify": ssd.ssd_verify,

@@ -25,8 +25,12 @@ def test_the_cpu_version_runs_every_step_and_writes_its_json(tmp_path):
     # every kernel family the issue names: scan (prefill and decode/verify), conv, norms, MoE, attention, verify
     assert ops >= {"ssd_chunk_scan_varlen", "ssd_update_", "ssd_verify", "conv_step_", "causal_conv1d_update",
                    "gated_rms_norm", "rms_norm", "grouped_experts", "prefill_attention", "decode_attention",
-                   "paged_attention", "verify_greedy", "verify_random"}
+                   "paged_attention", "verify_greedy", "verify_random", "causal_conv1d_varlen"}
+    assert result["kernels"]["ops_without_row"] == []                   # and a row for every other Triton op
     assert all(r["ok"] for r in result["kernels"]["rows"]), result["kernels"]["rows"]
+    # the roofline columns' numerators: bytes moved, and FLOPs done by all but pure data movement
+    assert all(r["bytes"] > 0 and (r["flops"] > 0) == (r["op"] != "write_kv") for r in result["kernels"]["rows"])
+    assert "TFLOP/s | of bf16 matmul" in run.stdout
     assert result["kernels"]["interpreter"] is True
     fwd = result["model"]["forward"]
     assert fwd["argmax_agree"] == 1.0 and fwd["max_rel_err"] < 1e-4       # float32: Triton = reference

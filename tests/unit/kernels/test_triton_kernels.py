@@ -373,18 +373,32 @@ def test_decode_attention_over_sequences_of_different_lengths(seed, dtype, shape
 @pytest.mark.parametrize("T,routing", [(1, "spread"), (5, "spread"), (20, "skewed")])
 def test_grouped_experts_of_one_shard(seed, dtype, T, routing):
     """A shard owning experts 3..8 of 12 (choices outside add 0). Skewed routing sends every token's first
-    choice to one expert: its 20 pairs span two blocks of 16. I and D_in are not powers of 2."""
+    choice to one expert: its 20 pairs span two blocks of 16. I and D_in are not powers of 2.
+
+    The kernel sums the pairs' rows in a combine buffer it zero-fills itself (pairs of other shards add 0),
+    so the NaN poison reaches only the intermediate (T*k, I) rows; a pair whose down row is never written
+    would just add 0. Hence inputs where no pair adds 0 anywhere: positive down weights and routing
+    weights in [0.5, 1) on relu² >= 0 make every element of every owned pair's term positive, and larger
+    than the tolerance (checked first, per pair, on the reference), so a term left out fails the test."""
     E, inter, Din, k, first, total = 6, 40, 24, 2, 3, 12
     g = torch.Generator().manual_seed(seed)
     x = _rand(g, T, Din, dtype=dtype)
     up = _rand(g, E, inter, Din, scale=0.3, dtype=dtype)
-    down = _rand(g, E, Din, inter, scale=0.3, dtype=dtype)
+    down = (0.05 + 0.1 * torch.rand(E, Din, inter, generator=g)).to(dtype).to(DEVICE)
     ids = torch.stack([torch.randperm(total, generator=g)[:k] for _ in range(T)])
     if routing == "skewed":
         ids[:, 0] = first + 1
         ids[:, 1] = torch.where(ids[:, 1] == first + 1, first + 2, ids[:, 1])
     ids = ids.to(DEVICE)
-    w = torch.rand(T, k, generator=g).to(DEVICE)
+    w = (0.5 + 0.5 * torch.rand(T, k, generator=g)).to(DEVICE)
+    atol, _ = TOL[dtype]
+    for j in range(k):                                 # each choice alone: the other one set to a foreign id
+        alone = ids.clone()
+        alone[:, 1 - j] = -1
+        term = ref_moe.grouped_experts(x, w, alone, up, down, first_expert=first).float()   # (T, D_in)
+        ours = (ids[:, j] >= first) & (ids[:, j] < first + E)
+        assert (term[ours] > 10 * atol).all(), f"choice {j}: a term within the tolerance would go unseen"
+        assert (term[~ours] == 0).all()
     out = tri_moe.grouped_experts(x, w, ids, up, down, first_expert=first)
     _close(out, ref_moe.grouped_experts(x, w, ids, up, down, first_expert=first), dtype, "out")
 
