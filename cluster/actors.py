@@ -73,7 +73,8 @@ class StageActor:
     def __init__(self, folder: str, layers: tuple[int, int], *, shards: list | None,
                  shard_ranges: list[tuple[int, int]] | None, num_blocks: int, block_size: int, num_slots: int,
                  max_verify_positions: int, draft_dtype: str = "auto", draft_vocab: bool = True,
-                 dtype: str = "auto", threads: int = 1, per_layer_calls: bool = True, niceness: int = 0):
+                 dtype: str = "auto", threads: int = 1, per_layer_calls: bool = True, niceness: int = 0,
+                 cuda_graphs: bool = True):
         device = _setup(threads, niceness)
         from model_shards.config import MOE
         from model_shards.weights import load_checkpoint
@@ -91,7 +92,7 @@ class StageActor:
                     block.mixer.experts = RemoteExperts(int(i), block.mixer.experts, shards, shard_ranges[1:])
         self.worker = StageWorker(model, num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                                   max_verify_positions=max_verify_positions, device=device, draft_dtype=draft_dtype,
-                                  draft_vocab=draft_vocab)
+                                  draft_vocab=draft_vocab, cuda_graphs=cuda_graphs)
         self.shard_ranges, self.shards = shard_ranges, shards or []
         self.has_moe = any(block.kind == MOE for block in model.backbone.layers.values())
         self.transport, self.dispatch, self.rank = None, None, 0

@@ -18,7 +18,7 @@ class LocalExecutor:
 
     def __init__(self, folder, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int,
                  torch_threads: int | None = None, draft_dtype: str = "auto",
-                 draft_vocab: bool = True, dtype: str = "auto", device: str = "cpu"):
+                 draft_vocab: bool = True, dtype: str = "auto", device: str = "cpu", cuda_graphs: bool = True):
         """dtype: the weights' and KV cache's (model_shards.weights.resolve_dtype: "auto" is float32 on a
         CPU, the checkpoint's dtype on a GPU); the engine passes the one its plan budgeted."""
         if torch_threads:
@@ -26,7 +26,7 @@ class LocalExecutor:
         self.worker = StageWorker(load_checkpoint(folder, dtype=dtype, device=device), num_blocks=num_blocks,
                                   block_size=block_size, num_slots=num_slots,
                                   max_verify_positions=max_verify_positions, device=device,
-                                  draft_dtype=draft_dtype, draft_vocab=draft_vocab)
+                                  draft_dtype=draft_dtype, draft_vocab=draft_vocab, cuda_graphs=cuda_graphs)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hybridserve-worker")
 
     def submit(self, plan: StepPlan) -> "asyncio.Future[StepResult]":

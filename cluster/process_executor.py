@@ -76,12 +76,13 @@ class ProcessExecutor:
 
     def __init__(self, folder, *, num_blocks: int, block_size: int, num_slots: int, max_verify_positions: int,
                  torch_threads: int | None = None, draft_dtype: str = "auto", draft_vocab: bool = True,
-                 dtype: str = "auto", device: str = "cpu", startup_timeout_s: float = 600.0, niceness: int = 0):
+                 dtype: str = "auto", device: str = "cpu", startup_timeout_s: float = 600.0, niceness: int = 0,
+                 cuda_graphs: bool = True):
         """niceness: the child's nice value where the OS allows it (cluster/os_priority.py; 0: unchanged)."""
         self.folder, self.torch_threads, self.dtype, self.niceness = str(folder), torch_threads, dtype, niceness
         self.worker_kw = dict(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                               max_verify_positions=max_verify_positions, draft_dtype=draft_dtype,
-                              draft_vocab=draft_vocab, device=device)
+                              draft_vocab=draft_vocab, device=device, cuda_graphs=cuda_graphs)
         self.startup_timeout_s = startup_timeout_s
         self.busy_s = 0.0                              # the child's compute time, as of the last result
         self._pending: collections.deque[asyncio.Future] = collections.deque()

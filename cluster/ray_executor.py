@@ -31,7 +31,7 @@ class RayExecutor:
                  max_verify_positions: int, draft_dtype: str = "auto", draft_vocab: bool = True,
                  dtype: str = "auto", actor_num_cpus: float = 0.25,
                  torch_threads: int = 1, placement_strategy: str = "PACK", stage_resources: list[dict] | None = None,
-                 transport: str = "auto", comm_timeout_s: float = 60.0, niceness: int = 0):
+                 transport: str = "auto", comm_timeout_s: float = 60.0, niceness: int = 0, cuda_graphs: bool = True):
         """transport: how hidden states and expert tokens move (cluster/replica_comm.py): "auto", "ray"
         (object store and a Ray call per MoE layer), "gloo", "nccl" or "nccl4py" (collectives).
         comm_timeout_s: how long a collective waits for a peer before it raises (a dead actor)."""
@@ -49,7 +49,7 @@ class RayExecutor:
         self.shard_ranges = plan.parallel.expert_ranges(self.cfg.n_routed_experts) if self.ep > 1 else None
         self.cache_kw = dict(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
                              max_verify_positions=max_verify_positions, draft_dtype=draft_dtype,
-                             draft_vocab=draft_vocab, dtype=dtype)
+                             draft_vocab=draft_vocab, dtype=dtype, cuda_graphs=cuda_graphs)
         self.actor_num_cpus, self.torch_threads = actor_num_cpus, torch_threads
         self.placement_strategy, self.stage_resources = placement_strategy, stage_resources
         self.num_stages = self.pp

@@ -14,6 +14,7 @@ import time
 import torch
 
 from model_shards.batch import BatchLayout, SeqSlice
+from model_shards.cuda_graphs import DecodeGraphs
 from model_shards.drafter import resolve_draft_dtype
 from model_shards.model import HybridModel
 from model_shards.sampling_params import SamplingParams
@@ -26,16 +27,23 @@ log = logging.getLogger("hybridserve.worker")
 class StageWorker:
     def __init__(self, model: HybridModel, *, num_blocks: int, block_size: int, num_slots: int,
                  max_verify_positions: int, device: str = "cpu", draft_dtype: str = "auto",
-                 draft_vocab: bool = True):
+                 draft_vocab: bool = True, cuda_graphs: bool = True):
+        """cuda_graphs: on a CUDA device, run decode passes through CUDA graphs (model_shards/cuda_graphs.py;
+        EngineConfig.cuda_graphs, --enforce-eager turns it off); elsewhere it does nothing."""
         self.model = model
         if model.mtp is not None:
             dtype, max_rows = resolve_draft_dtype(draft_dtype, model, device)
             model.configure_drafting(dtype=dtype, max_rows=max_rows,
                                      vocab=model.checkpoint_draft_vocab if draft_vocab else None)
+        graphs = cuda_graphs and torch.device(device).type == "cuda"
         # KV in the dtype the weights compute in (what the planner budgets per element); Mamba states float32.
-        self.cache = model.make_cache(num_blocks=num_blocks, block_size=block_size, num_slots=num_slots,
+        # With graphs, one Mamba slot more than the engine hands out: the padding rows' scratch slot.
+        self.cache = model.make_cache(num_blocks=num_blocks, block_size=block_size,
+                                      num_slots=num_slots + (1 if graphs else 0),
                                       max_verify_positions=max_verify_positions, device=device,
                                       kv_dtype=model.dtype)
+        self.graphs = (DecodeGraphs(model, self.cache, scratch_slot=num_slots, max_rows=num_slots)
+                       if graphs else None)
         self.store = DraftStore()
         self.device = device
         self._params: dict[int, SamplingParams] = {}   # per running sequence, parsed once
@@ -88,7 +96,9 @@ class StageWorker:
             x = torch.tensor([t for s in plan.seqs for t in s.input_ids], device=self.device)
         else:
             x = hidden.to(self.device)
-        h = self.model(x, layout, self.cache)
+        h = self.graphs.forward(x, layout) if self.graphs is not None else None   # None: not a graph's pass
+        if h is None:
+            h = self.model(x, layout, self.cache)
         out = h
         if self.model.last:
             reqs = [TailRequest(s.seq_id, s.input_ids, s.drafts, s.sample, s.next_token, self._params_of(s),

@@ -37,7 +37,12 @@ class SeqSlice:
 
 @dataclasses.dataclass
 class BatchLayout:
+    """seqs: the sequences, in row order. slots: set only for a CUDA-graph decode pass (cuda_graphs.py):
+    row r is one decode token of the sequence in Mamba slot slots[r] (a device tensor), and seqs is empty,
+    so no Python value steers the pass: a captured graph replays with whatever slots then holds."""
+
     seqs: list[SeqSlice]
+    slots: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -165,7 +165,7 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
     if adjust:
         logits = logits.float()          # penalties in float32 (argmax and sampling use float32 anyway)
     plain = _plain_greedy_tokens(logits, owners, reqs)
-    at = 0
+    at, jobs, verifying = 0, [], []      # sequences with drafts: (index, grammar state, raw logprobs)
     for j, n in owners:
         if j in plain:                   # decided above, with every other plain greedy row
             results[j].new_tokens = [plain[j]]
@@ -185,25 +185,32 @@ def run_tail(model: HybridModel, cache: HybridCache, h: torch.Tensor, batch: Bat
         g = store.grammars.get(r.seq_id) if r.params.grammar else None
         if g is not None:                # each verified row masked by the grammar state after drafts[:i]
             grammar.apply(logits[at:at + n], g.row_masks(r.drafts))
-        if r.drafts:
-            toks, acc = speculative.verify(logits[at:at + n], r.drafts, store.take(r.seq_id), r.params, gen)
-            if acc and r.params.uses_history:    # accepted drafts sit at the positions after this pass's input
-                store.history.accept(r.seq_id, r.drafts[:acc])
-            if acc and g is not None:
-                g.extend(r.drafts[:acc])
+        if r.drafts:                     # verified below, with every other sequence's drafts
+            jobs.append(speculative.VerifyJob(at, r.drafts, store.take(r.seq_id), r.params, gen))
+            verifying.append((j, g, lp))
         else:
             tok, _ = speculative.sample(logits[at], r.params, gen)
-            toks, acc = [tok], 0
-        results[j].new_tokens, results[j].num_accepted = toks, acc
-        if lp is not None:               # emitted tokens only: accepted drafts, then the bonus / corrected one
-            results[j].logprobs = logprobs.entries(lp, toks, r.params.logprobs)
+            _emit(results[j], [tok], 0, lp, r)
         at += n
+    for (j, g, lp), (toks, acc) in zip(verifying, speculative.verify_batch(logits, jobs) if jobs else []):
+        r = reqs[j]
+        if acc and r.params.uses_history:        # accepted drafts sit at the positions after this pass's input
+            store.history.accept(r.seq_id, r.drafts[:acc])
+        if acc and g is not None:
+            g.extend(r.drafts[:acc])
+        _emit(results[j], toks, acc, lp, r)
     if model.mtp is not None:
         t0 = time.perf_counter()
         rows = _mtp_draft(model, cache, h, batch, reqs, results, store)
         if timings is not None:
             timings["draft_s"], timings["draft_rows"] = time.perf_counter() - t0, rows
     return results
+
+
+def _emit(res: TailResult, toks: list[int], acc: int, lp: torch.Tensor | None, r: TailRequest) -> None:
+    res.new_tokens, res.num_accepted = toks, acc
+    if lp is not None:                   # emitted tokens only: accepted drafts, then the bonus / corrected one
+        res.logprobs = logprobs.entries(lp, toks, r.params.logprobs)
 
 
 def _plain_greedy_tokens(logits: torch.Tensor | None, owners: list, reqs: list[TailRequest]) -> dict[int, int]:

@@ -36,7 +36,7 @@ log = logging.getLogger("hybridserve.engine")
 def make_executor(config: EngineConfig, folder, plan, num_blocks: int, num_slots: int) -> Executor:
     kw = dict(num_blocks=num_blocks, block_size=config.block_size, num_slots=num_slots,
               max_verify_positions=config.num_speculative_tokens + 1, draft_dtype=config.draft_dtype,
-              draft_vocab=config.draft_vocab, dtype=config.dtype)
+              draft_vocab=config.draft_vocab, dtype=config.dtype, cuda_graphs=config.cuda_graphs)
     if not config.use_ray:
         kw["device"] = config.local_device()
     if not config.use_ray and config.model_process:

@@ -57,6 +57,8 @@ class EngineConfig:
     stall_timeout_s: float = 60.0          # busy with no pass back for this long: not ready (/ready 503)
     device_memory_gib: float | None = None  # per device; None: the GPU's memory, or a share of host RAM
     device: str = "auto"                   # without Ray: cpu, cuda, or auto (cuda when torch sees a GPU)
+    cuda_graphs: bool = True               # on CUDA, decode passes replay CUDA graphs (model_shards/cuda_graphs.py);
+                                           # no effect on a CPU; --enforce-eager: False
 
     def device_spec(self, count: int, dtype_bytes: int | None = None):
         """The devices the replica plans against: GPUs when the Ray cluster (or this process) has them.

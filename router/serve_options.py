@@ -45,6 +45,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where a single-process replica (-pp 1 -ep 1) runs the model; auto: cuda when torch sees "
                         "a GPU (Ray stage actors use the GPU Ray gives them)")
+    m.add_argument("--enforce-eager", action="store_true",
+                   help="never use CUDA graphs (vLLM's name): by default decode passes on a GPU replay graphs "
+                        "of their Mamba and MLP blocks (model_shards/cuda_graphs.py); no effect on a CPU")
     m.add_argument("--no-draft-vocab", dest="draft_vocab", action="store_false",
                    help="greedy requests draft from the whole vocabulary, not only the checkpoint's draft_vocab.json")
     m.add_argument("--transport", choices=TRANSPORTS, default="auto",
@@ -157,7 +160,7 @@ def serve_args_from_dict(options: dict) -> argparse.Namespace:
         elif isinstance(action, argparse._StoreFalseAction):      # --no-draft-vocab: draft_vocab=False
             if value is False or value is None:
                 argv.append(opt)
-        elif isinstance(action, argparse._StoreTrueAction):       # --enable-auto-tool-choice
+        elif isinstance(action, argparse._StoreTrueAction):       # --enable-auto-tool-choice, --enforce-eager
             if value:
                 argv.append(opt)
         elif isinstance(value, bool):
@@ -193,7 +196,8 @@ def serve_config_from_args(args):
                           num_kv_blocks=args.num_gpu_blocks_override,
                           gpu_memory_utilization=args.gpu_memory_utilization, use_ray=pp * ep > 1, seed=args.seed,
                           model_process=args.model_process, device=args.device, transport=args.transport,
-                          model_niceness=args.model_niceness, async_scheduling=args.async_scheduling)
+                          model_niceness=args.model_niceness, async_scheduling=args.async_scheduling,
+                          cuda_graphs=not args.enforce_eager)
     engine.validate()
     if not 0.0 < args.target_kv_cache_usage <= 1.0:
         raise ValueError(f"--target-kv-cache-usage: must be in (0, 1], got {args.target_kv_cache_usage}")
