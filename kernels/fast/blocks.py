@@ -1,6 +1,6 @@
-"""Whole pre-norm residual blocks in one C call for a few rows (kernels/fast/native/blocks.c).
+"""Whole pre-norm residual blocks in one C call for up to MAX_ROWS rows (kernels/fast/native/blocks.c).
 
-Why: with a few rows (decode steps of a few sequences, one sequence's verification) a block is ~10
+Why: at decode sizes (decode steps of up to 64 sequences, verifications, MTP drafts) a block is ~10
 kernel calls and ~20 torch ops of glue, and their Python dispatch cost about twice what the kernels
 compute (docs/KERNELS.md "Fused blocks" says how that was measured). Here a block is one call whose
 arguments were prepared once: `MoEBlock`, `MambaBlock` and `AttentionBlock` hold the weights' bfloat16 bits and the
