@@ -28,6 +28,20 @@ static inline v16f widen16(const uint16_t *p)
 
 #define PACKED_ROWS 8                                    /* rows sharing one pass over a weight block */
 
+/* acc[r] = sum_i x[r][i] * w[i][0..15] for r < NR: NR a constant at each call site (the switch below), so
+ * the NR accumulators live in registers whatever the batch's remainder is (one row: a decode step). */
+static inline __attribute__((always_inline)) void block_rows(const int NR, int64_t I, const float *xr,
+                                                             int64_t x_stride, const uint16_t *w, v16f *acc)
+{
+    for (int r = 0; r < NR; ++r)
+        acc[r] = (v16f){0};
+    for (int64_t i = 0; i < I; ++i) {
+        const v16f wv = widen16(w + i * 16);
+        for (int r = 0; r < NR; ++r)
+            acc[r] += xr[r * x_stride + i] * wv;
+    }
+}
+
 void linear_bf16p_f32(int64_t R, int64_t O, int64_t I, const float *x, int64_t x_stride,
                       const uint16_t *Wp, float *y, int64_t y_stride)
 {
@@ -38,20 +52,15 @@ void linear_bf16p_f32(int64_t R, int64_t O, int64_t I, const float *x, int64_t x
             const int64_t n = R - r0 < PACKED_ROWS ? R - r0 : PACKED_ROWS;
             const float *xr = x + r0 * x_stride;
             v16f acc[PACKED_ROWS];
-            for (int r = 0; r < PACKED_ROWS; ++r)
-                acc[r] = (v16f){0};
-            if (n == PACKED_ROWS) {                      /* a constant trip count: all in registers */
-                for (int64_t i = 0; i < I; ++i) {
-                    const v16f wv = widen16(w + i * 16);
-                    for (int r = 0; r < PACKED_ROWS; ++r)
-                        acc[r] += xr[r * x_stride + i] * wv;
-                }
-            } else {
-                for (int64_t i = 0; i < I; ++i) {
-                    const v16f wv = widen16(w + i * 16);
-                    for (int64_t r = 0; r < n; ++r)
-                        acc[r] += xr[r * x_stride + i] * wv;
-                }
+            switch (n) {
+            case 1: block_rows(1, I, xr, x_stride, w, acc); break;
+            case 2: block_rows(2, I, xr, x_stride, w, acc); break;
+            case 3: block_rows(3, I, xr, x_stride, w, acc); break;
+            case 4: block_rows(4, I, xr, x_stride, w, acc); break;
+            case 5: block_rows(5, I, xr, x_stride, w, acc); break;
+            case 6: block_rows(6, I, xr, x_stride, w, acc); break;
+            case 7: block_rows(7, I, xr, x_stride, w, acc); break;
+            default: block_rows(8, I, xr, x_stride, w, acc); break;
             }
             for (int64_t r = 0; r < n; ++r)
                 memcpy(y + (r0 + r) * y_stride + ob * 16, &acc[r], (size_t)width * sizeof(float));
