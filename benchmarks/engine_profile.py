@@ -7,8 +7,9 @@ figures include what a real pass pays: weights evicted by the rest of the model,
 Python around each piece. Per pass = total over the run / passes (a request's prefill is one of them).
 It only wraps methods by name, so it also runs on earlier commits of this repo (copy the file there).
 The batch table times every kernel entry point the model calls (kernels/ops.py; the outermost call
-only, so nested ones are not counted twice) in the decode passes of --batch sequences decoding together,
-MTP off; what the pass spends outside them is Python and torch glue.
+only, so nested ones are not counted twice) and every fused block (one C call) in the decode passes of
+--batch sequences decoding together, MTP off, with the fused blocks and without them; what a pass spends
+outside them is Python and torch glue.
 Prints tables and writes docs/BENCHMARKS.md (section "engine-profile"). Not a test.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import functools
 import logging
 import time
 
+from kernels.fast import blocks as fused
 from model_shards import fused_blocks
 from model_shards.sampling_params import SamplingParams
 from router.engine import AsyncEngine
@@ -72,14 +74,17 @@ def _timed_op(name: str, fn, depth=[0]):
     return wrapper
 
 
-async def run_batch_profile(args) -> tuple[list[list], int, float]:
-    """ms per decode pass of `args.batch` sequences, by kernel entry point (rows), passes, tokens/s."""
+async def run_batch_profile(args, fused_on: bool = True) -> tuple[list[list], int, float]:
+    """ms per decode pass of `args.batch` sequences, by kernel entry point (rows), passes, tokens/s; with
+    the fused blocks (each block one C call: a row of its own) or without them (the modules' ops)."""
     from kernels import ops
     folder = resolve_checkpoint(args.model)
     prompts = heldout_prompts(folder, args.batch, args.prompt_len)
     engine = AsyncEngine(EngineConfig(model=str(folder), num_speculative_tokens=0, max_model_len=1024,
                                       max_num_seqs=args.batch, max_num_batched_tokens=4096, torch_threads=1))
     await engine.start()
+    fused_blocks.ENABLED = fused_on
+    blocks: dict = {}
     saved = {n: getattr(ops, n) for n in dir(ops) if not n.startswith("_") and callable(getattr(ops, n))
              and getattr(getattr(ops, n), "__module__", "").startswith("kernels.")}   # re-exports too (linear)
     try:
@@ -87,6 +92,9 @@ async def run_batch_profile(args) -> tuple[list[list], int, float]:
         await run_batch(engine, prompts, SamplingParams(max_tokens=4, ignore_eos=True), 0, "warm-")
         for n, fn in saved.items():
             setattr(ops, n, _timed_op(f"ops.{n}", fn))
+        blocks = {cls: cls.__call__ for cls in (fused.MoEBlock, fused.MambaBlock, fused.AttentionBlock)}
+        for cls, fn in blocks.items():                # a fused block is one C call: its own row
+            cls.__call__ = _timed_op(f"fused block: {cls.__name__} (one C call)", fn)
         worker, counted = engine.executor.worker, [0]
         inner = worker.execute
 
@@ -108,6 +116,9 @@ async def run_batch_profile(args) -> tuple[list[list], int, float]:
     finally:
         for name, fn in saved.items():
             setattr(ops, name, fn)
+        for cls, fn in blocks.items():
+            cls.__call__ = fn
+        fused_blocks.ENABLED = True
         await engine.shutdown()
     passes = max(1, counted[0])
     whole = 1e3 * TOTAL.pop("whole pass (worker)", 0.0) / passes
@@ -176,6 +187,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     rows, ratios = asyncio.run(run(args))
     batch_rows, batch_passes, batch_tok_s = asyncio.run(run_batch_profile(args))
+    unfused_rows, _, unfused_tok_s = asyncio.run(run_batch_profile(args, fused_on=False))
+    batch_rows = ([[f"fused blocks: {r[0]}", *r[1:]] for r in batch_rows]
+                  + [[f"without them: {r[0]}", *r[1:]] for r in unfused_rows])
     body = (f"## Inside an engine pass (`python -m benchmarks.engine_profile --model {args.model}`)\n\n"
             f"Machine: {machine()}; one sequence at a time, {args.prompts} held-out prompts of {args.prompt_len} "
             f"tokens, {args.max_tokens} new tokens, greedy; ms per pass (a request's prefill is one of its "
@@ -190,11 +204,13 @@ def main() -> None:
             "catch-up over the settled tokens and k-1 recursive steps.\n\n"
             f"Op by op, {args.batch} sequences decoding together (MTP off, {args.batch} held-out prompts at once, "
             f"{args.max_tokens} new tokens each; {batch_passes} decode passes of all {args.batch} timed, prefill passes "
-            f"left out; {batch_tok_s:.0f} output tok/s over the whole run with the timers on). A kernel entry "
-            "point is a function of kernels/ops.py (`linear`: the dense products, MoE experts' included where "
-            "they go through it; `mamba_decode_`: conv + SSM state update of every sequence, one native call "
-            "per layer; `paged_attention_`: KV write + attention); one torch thread.\n\n"
-            + table(["piece", "ms per pass", "share of the pass"], batch_rows) + "\n")
+            f"left out; {batch_tok_s:.0f} output tok/s over the whole run with the timers on); one torch thread. "
+            "With the fused blocks (the default) each block is one C call, its own row; \"without them\" is a "
+            f"second run ({unfused_tok_s:.0f} tok/s) with `HYBRIDSERVE_FUSED_BLOCKS=0`, where the modules call "
+            "kernels/ops.py's entry points (`linear`: the dense products; `grouped_experts`: the routed experts; "
+            "`mamba_decode_`: conv + SSM state update of every sequence, one native call per layer; "
+            "`paged_attention_`: KV write + attention), the kernels the fused blocks call from C.\n\n"
+            + table(["piece", "ms per pass", "share of that run's pass"], batch_rows) + "\n")
     publish("engine-profile", body, write=not args.no_write)
 
 

@@ -1,8 +1,9 @@
 """A block as one C call when its rows are few (kernels/fast/blocks.py): the Block's fast path.
 
 Which blocks, at up to MAX_ROWS rows: a latent-MoE block (its math does not depend on the batch layout:
-decode steps, verification, MTP catch-ups alike); a Mamba block whose pass is S sequences of T tokens in
-rows s*T.. (decode steps, T = 1; or verifications), none its sequence's first; an attention block whose
+decode steps, verification, MTP catch-ups alike); a Mamba block whose pass is decode steps (T = 1) and
+verifications (T > 1), none its sequence's first: one call per length (rows gathered when the pass mixes
+them); an attention block whose
 chunks are all short (what one paged-attention call takes). Anything else, and any call the C
 path cannot take (no compiler, HYBRIDSERVE_KERNELS other than auto/fast, autograd, weights that are not
 exact bfloat16, a GPU tensor), runs the modules as written: the fused path computes the same numbers
@@ -48,21 +49,21 @@ def forward(block, h: torch.Tensor, batch, cache) -> torch.Tensor | None:
         call = _prepared(block, _moe_tensors, _prepare_moe)
         return None if call is None else call(h)
     if kind == MAMBA:
-        layout = _mamba_layout(batch, h.shape[0])
-        if layout is None or not _plain(cache.conv, cache.ssm):
+        groups = _mamba_layout(batch, h.shape[0])
+        if groups is None or not _plain(cache.conv, cache.ssm):
             return None
-        T, slots = layout
-        scratch = None
-        if T > 1:                                           # verification: the commit's scratch too
-            scratch = cache.scratch
-            if not (_plain(*scratch) and T <= scratch[1].shape[2]):
+        if any(T > 1 for T, _, _ in groups):                # verification: the commit's scratch too
+            if not (_plain(*cache.scratch) and max(T for T, _, _ in groups) <= cache.scratch[1].shape[2]):
                 return None
         call = _prepared(block, _mamba_tensors, lambda b: _prepare_mamba(b, cache.conv, cache.ssm))
         if call is None:
             return None
-        out = call(h, T, slots, cache.conv, cache.ssm, scratch)
-        if T > 1:
-            cache.mark_kept(slots, T)
+        if len(groups) == 1 and groups[0][2] is None:       # the whole pass is one layout, in order
+            T, slots, _ = groups[0]
+            return _mamba_call(call, h, T, slots, cache)
+        out = torch.empty_like(h)
+        for T, slots, rows in groups:                       # e.g. decode steps and a few verifications
+            out.index_copy_(0, rows, _mamba_call(call, h.index_select(0, rows), T, slots, cache))
         return out
     if kind == ATTENTION:
         if not _plain(cache.k, cache.v):
@@ -107,19 +108,34 @@ def _memo(batch, name: str, make):
     return None if memo is _NOT_FUSABLE else memo
 
 
+def _mamba_call(call, h: torch.Tensor, T: int, slots: list[int], cache) -> torch.Tensor:
+    out = call(h, T, slots, cache.conv, cache.ssm, cache.scratch if T > 1 else None)
+    if T > 1:
+        cache.mark_kept(slots, T)
+    return out
+
+
 def _mamba_layout(batch, rows: int):
-    """(T, slots) when the pass is S sequences of T tokens in rows s*T.., none its sequence's first: decode
-    steps (T = 1) or verifications (T > 1, keep_states); None otherwise."""
+    """[(T, slots, rows)]: the pass's sequences grouped by T, each group S sequences of T tokens, none its
+    sequence's first: decode steps (T = 1) or verifications (T > 1, keep_states); rows (int64) of the pass
+    each group's rows are, or None for one group in rows s*T... None when any sequence is neither (a
+    prompt chunk). Each row's numbers do not depend on the rows beside it (the kernels compute rows
+    independently), so a group of a mixed pass is the unfused path's, bit for bit."""
     def make(b):
         seqs = b.seqs
-        T = seqs[0].num_tokens if seqs else 0
-        if not seqs or T * len(seqs) != rows:
+        if not seqs or sum(s.num_tokens for s in seqs) != rows:
             return None
-        verify = T > 1
-        if not all(s.num_tokens == T and s.keep_states == verify and s.start_pos > 0 and s.offset == i * T
-                   for i, s in enumerate(seqs)):
+        if not all(s.start_pos > 0 and s.keep_states == (s.num_tokens > 1) for s in seqs):
             return None
-        return T, [s.mamba_slot for s in seqs]
+        T0 = seqs[0].num_tokens
+        if all(s.num_tokens == T0 and s.offset == i * T0 for i, s in enumerate(seqs)):
+            return [(T0, [s.mamba_slot for s in seqs], None)]
+        groups: dict[int, list] = {}
+        for s in seqs:
+            groups.setdefault(s.num_tokens, []).append(s)
+        return [(T, [s.mamba_slot for s in g],
+                 torch.cat([torch.arange(s.offset, s.offset + T) for s in g]))
+                for T, g in groups.items()]
     return _memo(batch, f"_fused_mamba_{rows}", make)
 
 

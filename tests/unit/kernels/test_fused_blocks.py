@@ -140,6 +140,23 @@ def test_verification_passes_are_the_unfused_path_bit_for_bit(model, seed, taken
     assert taken == kinds(model)
 
 
+def test_a_pass_of_decode_steps_and_verifications_fuses_each_length_bit_for_bit(model, seed, taken):
+    """What an adaptive MTP step plans: most sequences decode, a few verify 1 or 2 drafts, interleaved.
+    Mamba runs one fused call per length (rows gathered), with the unfused path's numbers and scratch."""
+    slots = torch.randperm(SLOTS, generator=torch.Generator().manual_seed(seed))[:6].tolist()
+    lengths = [1, 2, 1, 3, 1, 2]
+    cache, tbl = prefilled(model, seed, slots)
+    ids = torch.randint(3, model.cfg.vocab_size, (sum(lengths),), generator=torch.Generator().manual_seed(seed + 1))
+    offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+    layout = BatchLayout([SeqSlice(o, n, PROMPT, slot, tbl[slot], keep_states=n > 1)
+                          for o, n, slot in zip(offsets, lengths, slots)])
+    (on, c_on), (off, c_off) = both_ways(model, cache, ids, layout)
+    assert torch.equal(on, off)
+    assert_same_caches(c_on, c_off)
+    assert all(c_on.mamba[i].store.kept[s] == n for i in c_on.mamba for s, n in zip(slots, lengths) if n > 1)
+    assert taken == dict(kinds(model), mamba=3 * kinds(model)["mamba"])     # three lengths: three calls a layer
+
+
 def test_a_ragged_batch_fuses_its_attention_and_moe_but_not_its_mamba(model, seed, taken):
     """Chunks of 3, 1 and 2 tokens (a continued prompt, a decode step, a short chunk): attention takes them
     in one call, MoE does not care, Mamba runs the modules (not one layout)."""
